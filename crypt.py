@@ -1,0 +1,428 @@
+"""QSocket 2 cryptographic core: hybrid KEM, identities, key schedule, records.
+
+Sans-I/O: no sockets, no files, no clock.  Every primitive comes from
+`cryptography` (or, optionally, liboqs for ML-KEM); nothing here is home-made.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes.util
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa, mlkem
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from protocol import (
+    ECDSA_SIG,
+    HASH_SIZE,
+    IV_SIZE,
+    MAC_SIZE,
+    MAX_FRAME,
+    MLKEM1024_CT,
+    MLKEM1024_EK,
+    P256_POINT,
+    PROTOCOL_LABEL,
+    AuthError,
+    IdentityPublic,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Signatures,
+)
+
+KEY_SIZE = 32
+# Records per direction before the connection closes (no rekeying in v1).
+MAX_RECORDS = 1 << 32
+DIRECTION_C2S = 0x01
+DIRECTION_S2C = 0x02
+AUTH_FAILED = "failed to decrypt and authenticate record"
+
+
+# --- ML-KEM-1024 providers ------------------------------------------------------
+class CryptographyKEM:
+    """ML-KEM-1024 (FIPS 203) from `cryptography` / OpenSSL: the default."""
+
+    name = "cryptography"
+
+    def generate(self, seed: bytes | None = None):
+        if seed is None:
+            key = mlkem.MLKEM1024PrivateKey.generate()
+        else:
+            key = mlkem.MLKEM1024PrivateKey.from_seed_bytes(seed)
+        return key, key.public_key().public_bytes_raw()
+
+    def encapsulate(self, ek: bytes) -> tuple[bytes, bytes]:
+        """Return (shared_secret, ciphertext); ek must pass the FIPS 203 check."""
+        public = _mlkem_public(ek)
+        return public.encapsulate()
+
+    def decapsulate(self, private, ct: bytes) -> bytes:
+        if len(ct) != MLKEM1024_CT:
+            raise RemoteProtocolError("ML-KEM ciphertext has the wrong length")
+        return private.decapsulate(ct)
+
+
+def _mlkem_public(ek: bytes) -> mlkem.MLKEM1024PublicKey:
+    if len(ek) != MLKEM1024_EK:
+        raise RemoteProtocolError("ML-KEM encapsulation key has the wrong length")
+    try:
+        # from_public_bytes performs FIPS 203's modulus check on the key
+        return mlkem.MLKEM1024PublicKey.from_public_bytes(ek)
+    except ValueError as e:
+        raise RemoteProtocolError("invalid ML-KEM-1024 encapsulation key") from e
+
+
+def liboqs_library() -> str | None:
+    """Path of the liboqs shared library if one is installed, else None.
+
+    Checked *before* importing `oqs`, whose import tries to git-clone and build
+    liboqs when the library is missing.
+    """
+    install = os.environ.get("OQS_INSTALL_PATH")
+    roots = [Path(install)] if install else [Path.home() / "_oqs"]
+    for root in roots:
+        for sub in ("lib", "lib64"):
+            for name in ("liboqs.so", "liboqs.dylib"):
+                if (root / sub / name).exists():
+                    return str(root / sub / name)
+    return ctypes.util.find_library("oqs")
+
+
+class LiboqsKEM:
+    """ML-KEM-1024 from liboqs (optional); speaks the same FIPS 203 bytes."""
+
+    name = "liboqs"
+
+    def __init__(self) -> None:
+        if liboqs_library() is None:
+            raise LocalProtocolError(
+                "liboqs is not installed (no liboqs shared library found; "
+                "set OQS_INSTALL_PATH or use --kem-provider cryptography)"
+            )
+        import oqs  # noqa: PLC0415 - only safe once the library is known to exist
+
+        self._oqs = oqs
+
+    def generate(self, seed: bytes | None = None):
+        kem = self._oqs.KeyEncapsulation("ML-KEM-1024")
+        ek = kem.generate_keypair() if seed is None else kem.generate_keypair_seed(seed)
+        return kem, ek
+
+    def encapsulate(self, ek: bytes) -> tuple[bytes, bytes]:
+        _mlkem_public(ek)  # liboqs does not run the FIPS 203 input check itself
+        with self._oqs.KeyEncapsulation("ML-KEM-1024") as kem:
+            ct, ss = kem.encap_secret(ek)
+        return ss, ct
+
+    def decapsulate(self, private, ct: bytes) -> bytes:
+        if len(ct) != MLKEM1024_CT:
+            raise RemoteProtocolError("ML-KEM ciphertext has the wrong length")
+        return private.decap_secret(ct)
+
+
+def kem_provider(name: str = "auto"):
+    """`cryptography`, `liboqs`, or `auto` (liboqs where its library exists)."""
+    if name == "cryptography":
+        return CryptographyKEM()
+    if name == "liboqs":
+        return LiboqsKEM()
+    if name == "auto":
+        return LiboqsKEM() if liboqs_library() else CryptographyKEM()
+    raise LocalProtocolError(f"unknown KEM provider {name!r}")
+
+
+# --- ECDH P-256 ------------------------------------------------------------------
+def ecdh_generate(scalar: int | None = None) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    if scalar is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = ec.derive_private_key(scalar, ec.SECP256R1())
+    return key, _point(key.public_key())
+
+
+def _point(public: ec.EllipticCurvePublicKey) -> bytes:
+    return public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+
+
+def _p256_public(point: bytes) -> ec.EllipticCurvePublicKey:
+    if len(point) != P256_POINT or point[0] != 0x04:
+        raise RemoteProtocolError("P-256 share must be a 65-byte uncompressed point")
+    try:
+        # from_encoded_point rejects points that are not on the curve
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError as e:
+        raise RemoteProtocolError("invalid P-256 point") from e
+
+
+def ecdh_shared(private: ec.EllipticCurvePrivateKey, peer_point: bytes) -> bytes:
+    """The 32-byte x-coordinate of the shared point."""
+    return private.exchange(ec.ECDH(), _p256_public(peer_point))
+
+
+# --- long-term identities -----------------------------------------------------
+SIGNATURE_CONTEXT = {
+    "server": b"QSocket2 v1 server signature",
+    "client": b"QSocket2 v1 client signature",
+}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A long-term hybrid identity: ECDSA P-256 plus ML-DSA-65."""
+
+    ecdsa: ec.EllipticCurvePrivateKey
+    mldsa: mldsa.MLDSA65PrivateKey
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(ec.generate_private_key(ec.SECP256R1()), mldsa.MLDSA65PrivateKey.generate())
+
+    @classmethod
+    def from_seeds(cls, ecdsa_scalar: int, mldsa_seed: bytes) -> Identity:
+        return cls(
+            ec.derive_private_key(ecdsa_scalar, ec.SECP256R1()),
+            mldsa.MLDSA65PrivateKey.from_seed_bytes(mldsa_seed),
+        )
+
+    @property
+    def public(self) -> IdentityPublic:
+        return IdentityPublic(
+            _point(self.ecdsa.public_key()), self.mldsa.public_key().public_bytes_raw()
+        )
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.public)
+
+    def sign(self, role: str, transcript_hash: bytes) -> Signatures:
+        context = SIGNATURE_CONTEXT[role]
+        der = self.ecdsa.sign(context + b"\x00" + transcript_hash, ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        return Signatures(r.to_bytes(32, "big") + s.to_bytes(32, "big"),
+                          self.mldsa.sign(transcript_hash, context))
+
+    # On-disk form: PKCS#8 PEM, one file per algorithm (the shell writes them).
+    def to_pem(self) -> tuple[bytes, bytes]:
+        enc = serialization.Encoding.PEM
+        fmt = serialization.PrivateFormat.PKCS8
+        none = serialization.NoEncryption()
+        return (self.ecdsa.private_bytes(enc, fmt, none), self.mldsa.private_bytes(enc, fmt, none))
+
+    @classmethod
+    def from_pem(cls, ecdsa_pem: bytes, mldsa_pem: bytes) -> Identity:
+        """Load both keys; any corruption or wrong algorithm is a ValueError."""
+        try:
+            e = serialization.load_pem_private_key(ecdsa_pem, password=None)
+            m = serialization.load_pem_private_key(mldsa_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a valid unencrypted PKCS#8 key ({exc})") from exc
+        if not isinstance(e, ec.EllipticCurvePrivateKey) or not isinstance(e.curve, ec.SECP256R1):
+            raise ValueError("ECDSA key is not a P-256 key")
+        if not isinstance(m, mldsa.MLDSA65PrivateKey):
+            raise ValueError("ML-DSA key is not an ML-DSA-65 key")
+        return cls(e, m)
+
+
+def fingerprint(public: IdentityPublic) -> str:
+    """`SHA256:` + unpadded base64 of SHA-256(ECDSA point || ML-DSA-65 public key)."""
+    digest = hashlib.sha256(public.encode()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def verify_signatures(role: str, public: IdentityPublic, sigs: Signatures,
+                      transcript_hash: bytes) -> None:
+    """Both signatures must verify; any failure is the same AuthError."""
+    context = SIGNATURE_CONTEXT[role]
+    try:
+        ecdsa_key = _p256_public(public.ecdsa)
+        r = int.from_bytes(sigs.ecdsa[:32], "big")
+        s = int.from_bytes(sigs.ecdsa[32:ECDSA_SIG], "big")
+        ecdsa_key.verify(encode_dss_signature(r, s), context + b"\x00" + transcript_hash,
+                         ec.ECDSA(hashes.SHA256()))
+        mldsa_key = mldsa.MLDSA65PublicKey.from_public_bytes(public.mldsa)
+        mldsa_key.verify(sigs.mldsa, transcript_hash, context)
+    except (InvalidSignature, ValueError, RemoteProtocolError) as e:
+        raise AuthError(f"the {role}'s signature does not verify") from e
+
+
+# --- transcript and key schedule --------------------------------------------------
+class Transcript:
+    """Running SHA-256 over the protocol label and every handshake message."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(PROTOCOL_LABEL)
+
+    def add(self, message: bytes) -> bytes:
+        self._h.update(message)
+        return self._h.digest()
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+LABELS = {
+    "c2s enc": b"QSocket2 v1 c2s enc",
+    "c2s mac": b"QSocket2 v1 c2s mac",
+    "s2c enc": b"QSocket2 v1 s2c enc",
+    "s2c mac": b"QSocket2 v1 s2c mac",
+    "s2c iv": b"QSocket2 v1 s2c iv",
+    "c2s iv": b"QSocket2 v1 c2s iv",
+    "server finished": b"QSocket2 v1 server finished",
+    "client finished": b"QSocket2 v1 client finished",
+    "verification code": b"QSocket2 v1 verification code",
+}
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    c2s_enc: bytes
+    c2s_mac: bytes
+    c2s_iv: bytes
+    s2c_enc: bytes
+    s2c_mac: bytes
+    s2c_iv: bytes
+    server_finished: bytes
+    client_finished: bytes
+    verification: bytes
+
+
+def derive_keys(ecdh_secret: bytes, mlkem_secret: bytes, transcript_hash: bytes) -> SessionKeys:
+    """HKDF-SHA-256: Extract(salt=transcript hash, IKM = ECDH x || ML-KEM secret), then
+    one Expand per labelled key."""
+    if len(ecdh_secret) != 32 or len(mlkem_secret) != 32 or len(transcript_hash) != HASH_SIZE:
+        raise LocalProtocolError("key schedule inputs have the wrong length")
+    prk = HKDF.extract(hashes.SHA256(), transcript_hash, ecdh_secret + mlkem_secret)
+
+    def expand(label: str, length: int = KEY_SIZE) -> bytes:
+        return HKDFExpand(hashes.SHA256(), length, LABELS[label]).derive(prk)
+
+    return SessionKeys(
+        c2s_enc=expand("c2s enc"), c2s_mac=expand("c2s mac"), c2s_iv=expand("c2s iv", 8),
+        s2c_enc=expand("s2c enc"), s2c_mac=expand("s2c mac"), s2c_iv=expand("s2c iv", 8),
+        server_finished=expand("server finished"),
+        client_finished=expand("client finished"),
+        verification=expand("verification code", 8),
+    )
+
+
+def finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
+    return hmac.new(key, transcript_hash, hashlib.sha256).digest()
+
+
+def check_finished(key: bytes, transcript_hash: bytes, received: bytes, who: str) -> None:
+    if not hmac.compare_digest(finished_mac(key, transcript_hash), received):
+        raise AuthError(f"the {who}'s Finished MAC does not verify")
+
+
+def verification_code(keys: SessionKeys) -> str:
+    """12 decimal digits in three groups, equal on both sides of one session."""
+    n = int.from_bytes(keys.verification, "big") % 10**12
+    digits = f"{n:012d}"
+    return "-".join(digits[i : i + 4] for i in range(0, 12, 4))
+
+
+def keylog_lines(client_random: bytes, keys: SessionKeys) -> str:
+    """Lines in the QSOCKET_KEYLOGFILE format (see docs/PROTOCOL.md)."""
+    cr = client_random.hex()
+    rows = [
+        ("CLIENT_TRAFFIC_ENC", keys.c2s_enc), ("CLIENT_TRAFFIC_MAC", keys.c2s_mac),
+        ("CLIENT_TRAFFIC_IV", keys.c2s_iv),
+        ("SERVER_TRAFFIC_ENC", keys.s2c_enc), ("SERVER_TRAFFIC_MAC", keys.s2c_mac),
+        ("SERVER_TRAFFIC_IV", keys.s2c_iv),
+    ]
+    return "".join(f"QSOCKET2_{label} {cr} {key.hex()}\n" for label, key in rows)
+
+
+# --- records ---------------------------------------------------------------------
+_MAC_HEADER = struct.Struct(">BQ")  # direction, sequence number
+_FRAME_LEN = struct.Struct(">I")
+
+
+def record_iv(iv_mask: bytes, seq: int) -> bytes:
+    """The IV of record `seq`: (mask XOR seq) as the high 64 bits, zero low 64 bits.
+
+    AES-CTR increments the whole 128-bit block, and a record is far below 2^64
+    blocks, so the counter ranges of two records can never overlap.
+    """
+    high = int.from_bytes(iv_mask, "big") ^ seq
+    return high.to_bytes(8, "big") + bytes(8)
+
+
+class _RecordLayer:
+    def __init__(self, direction: int, enc_key: bytes, mac_key: bytes, iv_mask: bytes) -> None:
+        if len(enc_key) != KEY_SIZE or len(mac_key) != KEY_SIZE or len(iv_mask) != 8:
+            raise LocalProtocolError("record keys have the wrong length")
+        self._direction = direction
+        self._aes = algorithms.AES(enc_key)
+        self._mac = hmac.new(mac_key, digestmod=hashlib.sha256)
+        self._iv_mask = iv_mask
+        self.seq = 0
+
+    def _next(self) -> tuple[int, bytes, hmac.HMAC]:
+        if self.seq >= MAX_RECORDS:
+            raise LocalProtocolError("record sequence number exhausted; reconnect")
+        seq = self.seq
+        self.seq += 1
+        mac = self._mac.copy()
+        mac.update(_MAC_HEADER.pack(self._direction, seq))
+        return seq, record_iv(self._iv_mask, seq), mac
+
+
+class RecordSender(_RecordLayer):
+    """Seals records: IV || AES-256-CTR(type || payload) || HMAC-SHA-256."""
+
+    def seal(self, msg_type: int, payload: bytes | memoryview = b"") -> list[bytes]:
+        """Return one frame as pieces (length, IV, ciphertext..., tag) for a gathered send."""
+        n = 1 + len(payload)
+        if IV_SIZE + n + MAC_SIZE > MAX_FRAME:
+            raise LocalProtocolError("record too large")
+        _, iv, mac = self._next()
+        # CTR is a stream: the type byte and the payload are encrypted in one
+        # keystream without first copying them into one buffer.
+        enc = Cipher(self._aes, modes.CTR(iv)).encryptor()
+        pieces = [enc.update(bytes([msg_type]))]
+        if payload:
+            pieces.append(enc.update(payload))
+        mac.update(iv)
+        for piece in pieces:
+            mac.update(piece)
+        return [_FRAME_LEN.pack(IV_SIZE + n + MAC_SIZE), iv, *pieces, mac.digest()]
+
+
+class RecordReceiver(_RecordLayer):
+    """Opens records in order; any failure is fatal to the connection."""
+
+    def open(self, body: bytes | memoryview) -> tuple[int, bytes]:
+        if len(body) < IV_SIZE + 1 + MAC_SIZE:
+            raise AuthError(AUTH_FAILED)
+        body = memoryview(body)
+        iv, ct, tag = body[:IV_SIZE], body[IV_SIZE:-MAC_SIZE], body[-MAC_SIZE:]
+        _, expected_iv, mac = self._next()
+        # verify first: MAC over direction, sequence number, IV and ciphertext
+        mac.update(iv)
+        mac.update(ct)
+        if not hmac.compare_digest(mac.digest(), tag) or iv != expected_iv:
+            raise AuthError(AUTH_FAILED)
+        plain = Cipher(self._aes, modes.CTR(expected_iv)).decryptor().update(ct)
+        return plain[0], plain[1:]
+
+
+def record_pair(keys: SessionKeys, role: str) -> tuple[RecordSender, RecordReceiver]:
+    c2s = (DIRECTION_C2S, keys.c2s_enc, keys.c2s_mac, keys.c2s_iv)
+    s2c = (DIRECTION_S2C, keys.s2c_enc, keys.s2c_mac, keys.s2c_iv)
+    if role == "client":
+        return RecordSender(*c2s), RecordReceiver(*s2c)
+    return RecordSender(*s2c), RecordReceiver(*c2s)

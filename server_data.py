@@ -1,0 +1,165 @@
+"""The server's half of the QSocket 2 handshake, and its client-trust rules.
+
+Sans-I/O: messages in and out are frame bodies (bytes); the authorised-clients
+list is parsed from text.  server.py moves the bytes and owns the files.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+import crypt
+from protocol import (
+    RANDOM_SIZE,
+    ClientAuth,
+    ClientHello,
+    IdentityPublic,
+    LocalProtocolError,
+    ProtocolError,
+    ServerHello,
+)
+
+
+class ServerState(enum.Enum):
+    WAIT_CLIENT_HELLO = "WAIT_CLIENT_HELLO"
+    HELLO_READY = "HELLO_READY"
+    WAIT_CLIENT_AUTH = "WAIT_CLIENT_AUTH"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    identity: IdentityPublic
+    fingerprint: str
+
+
+class ServerHandshake:
+    """(ClientHello) -> ServerHello -> (ClientAuth).  Any failure is final (FAILED)."""
+
+    def __init__(self, identity: crypt.Identity, kem=None, *, random: bytes | None = None,
+                 ecdh_scalar: int | None = None) -> None:
+        self.state = ServerState.WAIT_CLIENT_HELLO
+        self._identity = identity
+        self._kem = kem or crypt.CryptographyKEM()
+        self.random = random if random is not None else os.urandom(RANDOM_SIZE)
+        self._ecdh_scalar = ecdh_scalar
+        self._transcript = crypt.Transcript()
+        self._hello: ClientHello | None = None
+        self._server_hello: bytes | None = None
+        self.keys: crypt.SessionKeys | None = None
+        self.client: ClientInfo | None = None
+        self.client_random: bytes | None = None
+
+    def _expect(self, state: ServerState) -> None:
+        if self.state is not state:
+            failed, self.state = self.state, ServerState.FAILED
+            raise LocalProtocolError(f"server handshake is {failed.name}, expected {state.name}")
+
+    def _guard(self, step, *args):
+        try:
+            return step(*args)
+        except ProtocolError:
+            self.state = ServerState.FAILED
+            raise
+
+    def consume_client_hello(self, body: bytes, *, mlkem_encapsulation=None) -> None:
+        """Check the hello, run both key exchanges and prepare the ServerHello.
+
+        `mlkem_encapsulation` = (secret, ciphertext) replaces the random
+        encapsulation only to reproduce the documented test vector.
+        """
+        self._expect(ServerState.WAIT_CLIENT_HELLO)
+        self._guard(self._consume_client_hello, body, mlkem_encapsulation)
+        self.state = ServerState.HELLO_READY
+
+    def _consume_client_hello(self, body: bytes, fixed) -> None:
+        hello = ClientHello.decode(body)
+        self._transcript.add(body)
+        self.client_random = hello.random
+
+        # both key exchanges; invalid shares are rejected here
+        ecdh, ecdh_share = crypt.ecdh_generate(self._ecdh_scalar)
+        ecdh_secret = crypt.ecdh_shared(ecdh, hello.ecdh_share)
+        crypt._mlkem_public(hello.mlkem_ek)  # FIPS 203 check even for a fixed vector
+        mlkem_secret, ct = fixed or self._kem.encapsulate(hello.mlkem_ek)
+
+        # keys from both secrets and the transcript through our identity
+        core = ServerHello.encode_core(self.random, ecdh_share, ct, self._identity.public)
+        core_hash = self._transcript.add(core)
+        self.keys = crypt.derive_keys(ecdh_secret, mlkem_secret, core_hash)
+
+        # sign, then confirm the keys
+        sigs = self._identity.sign("server", core_hash)
+        signed_hash = self._transcript.add(sigs.encode())
+        finished = crypt.finished_mac(self.keys.server_finished, signed_hash)
+        self._transcript.add(finished)
+        self._hello = hello
+        self._server_hello = core + sigs.encode() + finished
+
+    def create_server_hello(self) -> bytes:
+        self._expect(ServerState.HELLO_READY)
+        self.state = ServerState.WAIT_CLIENT_AUTH
+        return self._server_hello
+
+    def consume_client_auth(self, body: bytes) -> ClientInfo:
+        self._expect(ServerState.WAIT_CLIENT_AUTH)
+        info = self._guard(self._consume_client_auth, body)
+        self.state = ServerState.DONE
+        return info
+
+    def _consume_client_auth(self, body: bytes) -> ClientInfo:
+        auth = ClientAuth.decode(body)
+
+        # verify the client's signatures over the transcript through our Finished
+        crypt.verify_signatures("client", self._hello.identity, auth.signatures,
+                                self._transcript.digest())
+
+        # verify the client's Finished
+        signed_hash = self._transcript.add(auth.signed_part())
+        crypt.check_finished(self.keys.client_finished, signed_hash, auth.finished, "client")
+        self._transcript.add(auth.finished)
+
+        self.client = ClientInfo(self._hello.identity, crypt.fingerprint(self._hello.identity))
+        return self.client
+
+    def fail(self) -> None:
+        self.state = ServerState.FAILED
+
+    def records(self):
+        self._expect(ServerState.DONE)
+        return crypt.record_pair(self.keys, "server")
+
+    @property
+    def transcript_hash(self) -> bytes:
+        return self._transcript.digest()
+
+
+# --- client admission ------------------------------------------------------------
+def parse_authorized_clients(text: str) -> dict[str, str]:
+    """One `SHA256:...` fingerprint per line, an optional name after it.
+
+    `#` starts a comment; blank lines are ignored.  Returns {fingerprint: name}.
+    """
+    allowed: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fp, _, name = line.partition(" ")
+        if not fp.startswith("SHA256:") or len(fp) != len("SHA256:") + 43:
+            raise ValueError(f"line {number}: {fp[:60]!r} is not a SHA256: fingerprint")
+        allowed[fp] = name.strip()
+    return allowed
+
+
+def known_clients_line(fp: str, peer: str, when: str) -> str:
+    """One line of the server's known_clients record: fingerprint, first seen, address."""
+    return f"{fp} {when} {peer}\n"
+
+
+def parse_known_clients(text: str) -> set[str]:
+    return {line.split()[0] for line in text.splitlines()
+            if line.strip() and not line.startswith("#")}
