@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import unicodedata
 from dataclasses import dataclass
 
 # --- identity of the protocol -------------------------------------------------
@@ -364,6 +365,7 @@ class MsgType(enum.IntEnum):
     FILE_END = 0x24
     FILE_SAVED = 0x25
     FILE_FAILED = 0x26
+    FILE_CANCEL = 0x27
     BYE = 0x30
     ERROR = 0x31
 
@@ -451,6 +453,13 @@ class FileReject(_Reasoned):
 @dataclass(frozen=True, slots=True)
 class FileFailed(_Reasoned):
     TYPE = MsgType.FILE_FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class FileCancel(_Reasoned):
+    """Sender -> receiver: the stream ends here and nothing is to be saved."""
+
+    TYPE = MsgType.FILE_CANCEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,7 +608,7 @@ class Error:
 MESSAGES = {
     cls.TYPE: cls
     for cls in (Welcome, Refused, Text, Delivered, FileOffer, FileAccept, FileReject,
-                FileData, FileEnd, FileSaved, FileFailed, Bye, Error)
+                FileData, FileEnd, FileSaved, FileFailed, FileCancel, Bye, Error)
 }
 
 
@@ -610,3 +619,20 @@ def decode_message(msg_type: int, payload: bytes):
     except ValueError as e:
         raise RemoteProtocolError(f"unknown message type {msg_type}") from e
     return cls.decode(payload)
+
+
+# --- text from the peer on our terminal --------------------------------------
+_UNSAFE = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")  # controls, bidi/format, separators
+
+
+def neutralise(text: str) -> str:
+    """Peer text made safe to print on one line: every control, format (bidi
+    override) or line-separator character, ESC of an ANSI sequence included,
+    is shown as a visible escape instead of acting on the terminal."""
+    def escape(ch: str) -> str:
+        if ch == "\t" or unicodedata.category(ch) not in _UNSAFE:
+            return ch
+        code = ord(ch)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return "".join(escape(ch) for ch in text)

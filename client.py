@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""QSocket 2 client: quantum-safe, end-to-end encrypted chat and JPG transfer.
+
+Interactive menu by default; batch mode with --send-text / --send-file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import crypt
+import keystore
+import session
+import transfer
+from client_data import (
+    ClientHandshake,
+    Trust,
+    check_host,
+    known_hosts_line,
+    normalise_fingerprint,
+)
+from protocol import (
+    Alert,
+    AlertCode,
+    AuthError,
+    PeerAlert,
+    ProtocolError,
+    Reason,
+    Refused,
+    RemoteProtocolError,
+    Welcome,
+    decode_message,
+    neutralise,
+)
+
+__version__ = "2.0.0"
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_AUTH, EXIT_UNDELIVERED = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 30.0
+
+
+class Fatal(Exception):
+    """An error that ends the client with a given exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- command line -------------------------------------------------------------------
+class Ordered(argparse.Action):
+    """--send-text and --send-file keep their relative order in one list."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = list(getattr(namespace, "batch", None) or [])
+        items.append(("text" if option_string == "--send-text" else "file", value))
+        namespace.batch = items
+
+
+def build_parser() -> session.Parser:
+    p = session.Parser(
+        prog="client.py",
+        description="QSocket 2 client: end-to-end encrypted chat and JPG transfer with a "
+                    "hybrid ECDH P-256 + ML-KEM-1024 key exchange and ECDSA + ML-DSA-65 "
+                    "identities.  Without --send-text/--send-file it opens an interactive menu.",
+        epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 cannot connect or server busy, "
+               "4 authentication failed (bad proof, unknown or changed host key, not authorised), "
+               "5 a text or file was not delivered, 130 interrupted",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--port", type=session.port_number, default=5555,
+                   help="server port (default 5555)")
+    p.add_argument("--send-text", action=Ordered, metavar="TEXT", dest="batch_text",
+                   help="batch mode: send TEXT and wait for delivery (repeatable)")
+    p.add_argument("--send-file", action=Ordered, metavar="PATH", dest="batch_file",
+                   help="batch mode: send the JPG at PATH and wait until the server has saved "
+                        "it with a matching SHA-256 (repeatable, in order with --send-text)")
+    p.add_argument("--accept-new-host", action="store_true",
+                   help="trust and record an unknown server (first contact) without asking")
+    p.add_argument("--fingerprint", metavar="FP",
+                   help="expect this server fingerprint (SHA256:...); recorded when it matches")
+    session.add_common_arguments(p, "client", __version__)
+    return p
+
+
+# --- the user's side of events -----------------------------------------------------------
+class ClientEvents(session.Events):
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+
+    def text(self, conn, text):
+        self.out(f"[server] {neutralise(text)}")
+
+    def closed(self, conn, why):
+        self.out(f"server: {why}" if why != "peer disconnected" else "server disconnected")
+
+
+# --- connecting and the handshake ---------------------------------------------------------
+def connect(args) -> socket.socket:
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        raise Fatal(EXIT_CONNECT, f"cannot connect to {args.host}:{args.port}: "
+                                  f"{e.strerror or e}") from e
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
+    """Run the handshake; returns (ClientHandshake, records).  Fatal on any failure."""
+    hs = ClientHandshake(identity, kem)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    try:
+        session.send_frame(sock, hs.create_client_hello())
+        info = hs.consume_server_hello(bytes(session.read_frame(sock, deadline)))
+        try:
+            decide_trust(args, home, info.fingerprint, ask)
+        except Fatal:
+            tell_server(sock, Alert(AlertCode.AUTH_FAILED, "client does not trust this server"))
+            raise
+        session.send_frame(sock, hs.create_client_auth())
+        records = hs.records()
+        first = records[1].open(session.read_frame(sock, deadline))
+        sock.settimeout(None)
+        welcome = decode_message(*first)
+    except PeerAlert as e:
+        code = EXIT_CONNECT if e.alert.code == AlertCode.BUSY else EXIT_AUTH
+        if e.alert.code in (AlertCode.BAD_VERSION, AlertCode.BAD_MESSAGE):
+            code = EXIT_ERROR
+        raise Fatal(code, f"server refused the connection: {neutralise(str(e.alert.reason))}")
+    except AuthError as e:
+        raise Fatal(EXIT_AUTH, f"authentication failed: {e}") from e
+    except RemoteProtocolError as e:
+        raise Fatal(EXIT_AUTH, f"handshake failed: {e}") from e
+    except session.ConnectionLost as e:
+        raise Fatal(EXIT_CONNECT, f"handshake with {args.host}:{args.port} failed: {e}") from e
+    if isinstance(welcome, Refused):
+        code = EXIT_CONNECT if welcome.reason == Reason.BUSY else EXIT_AUTH
+        raise Fatal(code, f"server refused this client: {neutralise(welcome.detail)}")
+    if not isinstance(welcome, Welcome):
+        raise Fatal(EXIT_ERROR, f"expected Welcome, got {type(welcome).__name__}")
+    session.write_keylog(hs.random, hs.keys)
+    return hs, records
+
+
+CHANGED_WARNING = """\
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: SERVER IDENTIFICATION HAS CHANGED!             @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!
+Someone could be eavesdropping on you right now (man-in-the-middle attack)!
+It is also possible that the server's identity has just been changed.
+The server {key} offered:
+    {offered}
+but {path}:{line} pins:
+    {expected}
+If you are sure the change is legitimate, remove line {line} of {path}
+and connect again (or pin the new key with --fingerprint)."""
+
+
+def tell_server(sock, alert: Alert) -> None:
+    try:
+        session.send_frame(sock, alert.encode())
+    except session.ConnectionLost:
+        pass
+
+
+def decide_trust(args, home: Path, offered: str, ask) -> None:
+    """known_hosts TOFU as ssh: known -> go; changed -> refuse; unknown -> flag/ask."""
+    path = home / keystore.KNOWN_HOSTS
+    result = check_host(keystore.read_text(path), args.host, args.port, offered)
+    if result.trust is Trust.KNOWN:
+        return
+    key = f"[{args.host}]:{args.port}"
+    if result.trust is Trust.CHANGED:
+        print(CHANGED_WARNING.format(key=key, offered=offered, path=path, line=result.line,
+                                     expected=result.expected), file=sys.stderr)
+        raise Fatal(EXIT_AUTH, f"server identity for {key} has changed: expected "
+                               f"{result.expected}, offered {offered}")
+    if args.fingerprint:
+        if normalise_fingerprint(args.fingerprint) != offered:
+            raise Fatal(EXIT_AUTH, f"server {key} offered {offered}, not the expected "
+                                   f"{normalise_fingerprint(args.fingerprint)}")
+    elif not args.accept_new_host:
+        if ask is None:
+            raise Fatal(EXIT_AUTH, f"unknown server {key} with fingerprint {offered}; "
+                                   f"verify it, then use --fingerprint {offered} "
+                                   f"(or --accept-new-host)")
+        if not ask(key, offered):
+            raise Fatal(EXIT_AUTH, "server not trusted; nothing recorded")
+    keystore.append_line(path, known_hosts_line(args.host, args.port, offered))
+    print(f"recorded {key} {offered} in {path}", file=sys.stderr)
+
+
+def ask_user(key: str, offered: str) -> bool:
+    """Interactive first contact, as ssh: yes / no / paste the expected fingerprint."""
+    print(f"The authenticity of server {key} can't be established.\n"
+          f"Its fingerprint is {offered}.")
+    while True:
+        try:
+            answer = input("Are you sure you want to trust it (yes/no/[fingerprint])? ").strip()
+        except EOFError:
+            return False
+        if answer.lower() == "yes":
+            return True
+        if answer.lower() in ("no", ""):
+            return False
+        if answer.startswith("SHA256:") or len(answer) == 43:
+            if normalise_fingerprint(answer) == offered:
+                return True
+            print("The fingerprint you pasted does not match the server's.")
+            return False
+        print("Please type 'yes', 'no' or the fingerprint.")
+
+
+def connect_and_handshake(args, identity, kem, home: Path, ask):
+    """Connect and authenticate.  If the user took longer to answer the first-contact
+    question than the server waits for a handshake, connect once more: the answer
+    is recorded by then, so the second attempt needs no question."""
+    asked = []
+
+    def ask_once(key, offered):
+        asked.append(key)
+        return ask(key, offered)
+
+    for attempt in (1, 2):
+        sock = connect(args)
+        try:
+            hs, records = handshake(args, sock, identity, kem, home,
+                                    ask_once if ask else None)
+            return hs, sock, records
+        except Fatal as e:
+            sock.close()
+            if not (attempt == 1 and asked and e.code == EXIT_CONNECT):
+                raise
+            print("the server closed the connection while you decided; reconnecting",
+                  file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+# --- batch and interactive modes --------------------------------------------------------------
+def run_batch(conn: session.Connection, batch, max_size: int) -> int:
+    for kind, value in batch:
+        try:
+            if kind == "text":
+                conn.send_text(value)
+                print(f"delivered: {neutralise(value)}", flush=True)
+            else:
+                result = conn.send_file(value, max_size)
+                print(result.summary("sent"), flush=True)
+        except transfer.Rejected as e:
+            print(f"error: {kind} not delivered: {neutralise(e.detail)}", file=sys.stderr)
+            return EXIT_UNDELIVERED
+        except session.ConnectionLost as e:
+            print(f"error: {kind} not delivered: {e}", file=sys.stderr)
+            return EXIT_UNDELIVERED
+    return EXIT_OK
+
+
+MENU = "1) send text  2) send a JPG  3) quit"
+
+
+def run_interactive(conn: session.Connection, args, events: ClientEvents) -> int:
+    if not sys.stdin.isatty():
+        return menu_loop(conn, args, make_prompt(conn))
+    from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
+
+    with patch_stdout(raw=True):
+        return menu_loop(conn, args, make_prompt(conn))
+
+
+def menu_loop(conn: session.Connection, args, prompt) -> int:
+    print(MENU)
+    while not conn.closed.is_set():
+        choice = prompt("> ").strip()
+        if conn.closed.is_set():
+            break
+        if choice in ("1", "text"):
+            text = prompt("text: ")
+            if text:
+                try:
+                    conn.send_text(text)
+                    print("delivered")
+                except session.ConnectionLost as e:
+                    print(f"not delivered: {e}")
+        elif choice in ("2", "jpg", "file"):
+            send_jpg_menu(conn, args, prompt)
+        elif choice in ("3", "q", "quit", "exit"):
+            return EXIT_OK
+        elif choice:
+            print(MENU)
+    return EXIT_OK if conn.close_reason.startswith("peer said goodbye") else EXIT_ERROR
+
+
+def send_jpg_menu(conn, args, prompt) -> None:
+    assets = transfer.list_assets(args.assets_dir)
+    for i, (path, size) in enumerate(assets, 1):
+        print(f"  {i}) {neutralise(path.name)} ({session.human_size(size)})")
+    if not assets:
+        print(f"  (no JPGs in {args.assets_dir}; type a path)")
+    choice = prompt("number or path: ").strip()
+    if not choice:
+        return
+    path = assets[int(choice) - 1][0] if choice.isdigit() and 0 < int(choice) <= len(assets) \
+        else Path(choice).expanduser()
+    try:
+        print(conn.send_file(str(path), args.max_file_size).summary("sent"))
+    except transfer.Rejected as e:
+        print(f"not sent: {neutralise(e.detail)}")
+    except session.ConnectionLost as e:
+        print(f"not sent: {e}")
+
+
+def make_prompt(conn: session.Connection):
+    """prompt_toolkit keeps incoming lines above the prompt; a peer hang-up ends it."""
+    if not sys.stdin.isatty():
+        def plain(message: str) -> str:
+            try:
+                return input(message)
+            except EOFError:
+                return "quit"
+        return plain
+    from prompt_toolkit import PromptSession  # noqa: PLC0415
+
+    ps = PromptSession()
+
+    def on_close() -> None:
+        conn.closed.wait()
+        app = ps.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(result=""))
+
+    import threading  # noqa: PLC0415
+
+    threading.Thread(target=on_close, daemon=True).start()
+
+    def pt(message: str) -> str:
+        try:
+            return ps.prompt(message)
+        except EOFError:
+            return "quit"
+    return pt
+
+
+# --- main -------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except Fatal as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except keystore.HomeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run(args) -> int:
+    home = keystore.open_home(args.home or keystore.default_home())
+    identity, created = keystore.load_identity(home)
+    if args.show_identity:
+        print(identity.fingerprint())
+        return EXIT_OK
+    if created:
+        print(f"created identity {identity.fingerprint()} in {home}", file=sys.stderr)
+    try:
+        kem = crypt.kem_provider(args.kem_provider)
+    except ProtocolError as e:
+        raise Fatal(EXIT_USAGE, str(e)) from e
+    batch = getattr(args, "batch", None) or []
+    interactive = not batch
+    ask = ask_user if interactive and sys.stdin.isatty() else None
+    if batch:
+        for kind, value in batch:  # refuse locally before connecting
+            if kind == "file":
+                try:
+                    transfer.check_outgoing(value, args.max_file_size)
+                except transfer.Rejected as e:
+                    raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
+    try:
+        Path(args.received_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Fatal(EXIT_ERROR, f"cannot create {args.received_dir}: {e.strerror}") from e
+
+    hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
+    if args.verbose or interactive:
+        print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
+        print(f"verification code: {crypt.verification_code(hs.keys)}  (compare with the "
+              f"server's to rule out a man in the middle)")
+    events = ClientEvents(interactive)
+    conn = session.Connection(sock, records, label="server", events=events,
+                              received_dir=str(args.received_dir),
+                              max_file_size=args.max_file_size).start()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code = EXIT_INTERRUPTED
+    try:
+        if batch:
+            code = run_batch(conn, batch, args.max_file_size)
+        else:
+            code = run_interactive(conn, args, events)
+    except KeyboardInterrupt:
+        print("interrupted: saying goodbye", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except ProtocolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_ERROR
+    finally:
+        conn.close("client quit" if code == EXIT_OK else "client interrupted")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

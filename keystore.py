@@ -1,0 +1,121 @@
+"""The files under --home that both scripts share: the identity key pair,
+known_hosts (client) and known_clients (server), kept with ssh's hygiene."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import crypt
+
+ECDSA_FILE = "identity_ecdsa_p256.pem"
+MLDSA_FILE = "identity_mldsa65.pem"
+KNOWN_HOSTS = "known_hosts"
+KNOWN_CLIENTS = "known_clients"
+
+
+class HomeError(Exception):
+    """A problem with the files under --home; the message says how to fix it."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("QSOCKET_HOME") or Path.home() / ".qsocket")
+
+
+def open_home(home: str | os.PathLike) -> Path:
+    """Create the home dir 0700 if missing; refuse one others could write to."""
+    path = Path(home).expanduser()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as e:
+        raise HomeError(f"cannot use home directory {path}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise HomeError(f"home {path} is not a directory")
+    if st.st_mode & 0o022:
+        raise HomeError(f"home directory {path} is writable by group or others; "
+                        f"fix it with: chmod 700 {path}")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise HomeError(f"home directory {path} is not readable and writable by you")
+    return path
+
+
+def _read_private(path: Path) -> bytes:
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise HomeError(f"cannot read {path}: {e.strerror}") from e
+    if st.st_mode & 0o077:
+        raise HomeError(f"private key {path} is accessible by group or others "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise HomeError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create a file that must not exist yet, written whole before it is visible."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # fails rather than replace an existing key
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_identity(home: Path) -> tuple[crypt.Identity, bool]:
+    """Load the hybrid identity, creating it on first run.  Returns (identity, created).
+
+    A corrupt key is an error and is left untouched, never silently replaced:
+    replacing it would change the fingerprint every peer has pinned.
+    """
+    ecdsa_path, mldsa_path = home / ECDSA_FILE, home / MLDSA_FILE
+    have_ecdsa, have_mldsa = ecdsa_path.exists(), mldsa_path.exists()
+    if not have_ecdsa and not have_mldsa:
+        identity = crypt.Identity.generate()
+        ecdsa_pem, mldsa_pem = identity.to_pem()
+        try:
+            _write_new(ecdsa_path, ecdsa_pem)
+            _write_new(mldsa_path, mldsa_pem)
+        except OSError as e:
+            raise HomeError(f"cannot create identity in {home}: {e.strerror}") from e
+        return identity, True
+    if have_ecdsa and not have_mldsa:
+        raise HomeError(
+            f"{ecdsa_path} is an ECDSA-only identity (from an older QSocket 2); identities are "
+            f"now ECDSA P-256 + ML-DSA-65. Move {ecdsa_path} away to create a new hybrid "
+            f"identity (its fingerprint will change and peers must re-pin it)")
+    if not have_ecdsa:
+        raise HomeError(f"{ecdsa_path} is missing but {mldsa_path} exists; "
+                        f"restore it or move {mldsa_path} away to create a new identity")
+    ecdsa_pem, mldsa_pem = _read_private(ecdsa_path), _read_private(mldsa_path)
+    try:
+        return crypt.Identity.from_pem(ecdsa_pem, mldsa_pem), False
+    except ValueError as e:
+        raise HomeError(f"identity in {home} is corrupt: {e}; the files are left as they are "
+                        f"(restore them, or move both away to create a new identity)") from e
+
+
+def read_text(path: Path) -> str:
+    """A trust file's text; a missing file is empty."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise HomeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def append_line(path: Path, line: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError as e:
+        raise HomeError(f"cannot write {path}: {e.strerror}") from e

@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""QSocket 2 server: accepts clients (one thread each), authenticates them, and
+exchanges end-to-end encrypted texts and JPGs.  Console by default; --headless
+runs until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import crypt
+import keystore
+import session
+import transfer
+from protocol import (
+    Alert,
+    AlertCode,
+    AuthError,
+    PeerAlert,
+    ProtocolError,
+    Reason,
+    Refused,
+    RemoteProtocolError,
+    VersionMismatch,
+    Welcome,
+    neutralise,
+)
+from server_data import (
+    ServerHandshake,
+    known_clients_line,
+    parse_authorized_clients,
+    parse_known_clients,
+)
+
+__version__ = "2.0.0"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+SHUTDOWN_GRACE = 4.0
+
+
+def build_parser() -> session.Parser:
+    p = session.Parser(
+        prog="server.py",
+        description="QSocket 2 server: end-to-end encrypted chat and JPG transfer with a hybrid "
+                    "ECDH P-256 + ML-KEM-1024 key exchange and ECDSA + ML-DSA-65 identities.  "
+                    "Prints 'listening on HOST:PORT' and 'identity SHA256:...' at start-up.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=session.listen_port, default=5555,
+                   help="port to listen on (default 5555; 0 picks a free port)")
+    p.add_argument("--headless", action="store_true",
+                   help="no console; run until SIGINT/SIGTERM (implied when stdin is not a "
+                        "terminal)")
+    p.add_argument("--max-clients", type=int, default=64, metavar="N",
+                   help="connections at once, handshaking ones included (default 64); "
+                        "one more gets a 'server busy' refusal")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a connection has to finish the handshake (default 10)")
+    p.add_argument("--authorized-clients", type=Path, metavar="FILE",
+                   help="admit only the client fingerprints listed in FILE "
+                        "(one per line, optional name after it, # comments)")
+    session.add_common_arguments(p, "server", __version__)
+    return p
+
+
+class ServerEvents(session.Events):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def text(self, conn, text):
+        self.out(f"[{conn.label}] {neutralise(text)}")
+
+    def file_saved(self, conn, path, result):
+        self.out(f"[{conn.label}] {result.summary('received')}, saved at {neutralise(path)}")
+
+    def closed(self, conn, why):
+        self.out(f"[{conn.label}] {'disconnected' if why == 'peer disconnected' else why}")
+
+
+class Client:
+    """A connected, authenticated client as the console sees it."""
+
+    def __init__(self, conn: session.Connection, fp: str, name: str, addr: str) -> None:
+        self.conn, self.fingerprint, self.name, self.addr = conn, fp, name, addr
+
+    def __str__(self) -> str:
+        return f"{self.name + ' ' if self.name else ''}{self.fingerprint} ({self.addr})"
+
+
+class Server:
+    def __init__(self, args, identity: crypt.Identity, home: Path, kem,
+                 authorized: dict[str, str] | None) -> None:
+        self.args = args
+        self.identity = identity
+        self.home = home
+        self.kem = kem
+        self.authorized = authorized
+        self.events = ServerEvents(self)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.clients: dict[int, Client] = {}
+        self.threads: set[threading.Thread] = set()
+        self.slots = threading.BoundedSemaphore(args.max_clients)
+        self.listener: socket.socket | None = None
+        self._next = 0
+
+    def log(self, line: str) -> None:
+        self.events.out(line)
+
+    # listening -------------------------------------------------------------------------
+    def listen(self) -> tuple[str, int]:
+        try:
+            family = socket.AF_INET6 if ":" in self.args.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.args.host, self.args.port))
+            sock.listen(128)
+        except (OSError, OverflowError) as e:
+            raise keystore.HomeError(f"cannot listen on {self.args.host}:{self.args.port}: "
+                                     f"{getattr(e, 'strerror', None) or e}") from e
+        self.listener = sock
+        return sock.getsockname()[:2]
+
+    def accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, addr = self.listener.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            if not self.slots.acquire(blocking=False):
+                # polite and cheap: a plaintext alert, never a thread
+                self.log(f"connection from {peer} refused: server busy "
+                         f"({self.args.max_clients} connections)")
+                refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
+                continue
+            t = threading.Thread(target=self.serve, args=(sock, peer), daemon=True,
+                                 name=f"client {peer}")
+            with self.lock:
+                self.threads.add(t)
+            t.start()
+
+    # one connection ------------------------------------------------------------------------
+    def serve(self, sock: socket.socket, peer: str) -> None:
+        try:
+            self._serve(sock, peer)
+        except Exception as e:  # a bad peer must never take the server down
+            self.log(f"connection from {peer} closed: internal error: {e!r}")
+        finally:
+            sock.close()
+            self.slots.release()
+            with self.lock:
+                self.threads.discard(threading.current_thread())
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        result = self.handshake(sock, peer)
+        if result is None:
+            return
+        hs, fp = result
+        name = (self.authorized or {}).get(fp, "")
+        label = f"{name} {fp}" if name else fp
+        records = hs.records()
+        sender = records[0]
+
+        # admission: authorised list, then welcome
+        if self.authorized is not None and fp not in self.authorized:
+            self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
+            session.send_pieces(sock, sender.seal(Refused.TYPE, Refused(
+                Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
+            ).encode()))
+            sock.shutdown(socket.SHUT_WR)
+            return
+        self.record_client(fp, peer)
+        session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
+        sock.settimeout(None)
+        session.write_keylog(hs.client_random, hs.keys)
+        self.log(f"client {label} connected from {peer}")
+        if self.args.verbose or not self.args.headless:
+            self.log(f"[{label}] verification code: {crypt.verification_code(hs.keys)}")
+
+        conn = session.Connection(sock, records, label=label, events=self.events,
+                                  received_dir=str(self.args.received_dir),
+                                  max_file_size=self.args.max_file_size)
+        with self.lock:
+            self._next += 1
+            key = self._next
+            self.clients[key] = Client(conn, fp, name, peer)
+        conn.start()
+        conn.closed.wait()
+        with self.lock:
+            self.clients.pop(key, None)
+        conn.close()
+
+    def handshake(self, sock: socket.socket, peer: str):
+        """Returns (ServerHandshake, client fingerprint), or None after logging why."""
+        hs = ServerHandshake(self.identity, self.kem)
+        deadline = time.monotonic() + self.args.handshake_timeout
+        try:
+            hs.consume_client_hello(bytes(session.read_frame(sock, deadline)))
+            session.send_frame(sock, hs.create_server_hello())
+            info = hs.consume_client_auth(bytes(session.read_frame(sock, deadline)))
+            return hs, info.fingerprint
+        except VersionMismatch as e:
+            why, alert = str(e), Alert(AlertCode.BAD_VERSION, str(e))
+        except AuthError as e:
+            why, alert = f"authentication failed: {e}", Alert(AlertCode.AUTH_FAILED, str(e))
+        except session.HandshakeTimeout:
+            why = f"handshake not finished within {self.args.handshake_timeout:g} s"
+            alert = Alert(AlertCode.TIMEOUT, "handshake timed out")
+        except (session.ConnectionLost, PeerAlert) as e:
+            why, alert = str(e), None
+        except ProtocolError as e:
+            kind = "" if isinstance(e, RemoteProtocolError) else "protocol error: "
+            why, alert = f"{kind}{e}", Alert(AlertCode.BAD_MESSAGE, str(e)[:200])
+        hs.fail()
+        self.log(f"connection from {peer} closed: {neutralise(why)}")
+        if alert is not None:
+            refuse(sock, alert)
+        return None
+
+    def record_client(self, fp: str, peer: str) -> None:
+        path = self.home / keystore.KNOWN_CLIENTS
+        with self.lock:
+            if fp in parse_known_clients(keystore.read_text(path)):
+                return
+            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            keystore.append_line(path, known_clients_line(fp, peer, when))
+        self.log(f"new client {fp} recorded in {path}")
+
+    # shutting down ---------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.stopping.set()
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
+        with self.lock:
+            clients = list(self.clients.values())
+            threads = list(self.threads)
+        for client in clients:
+            client.conn.close("server shutting down", timeout=1.0)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def snapshot(self) -> list[Client]:
+        with self.lock:
+            return list(self.clients.values())
+
+
+def refuse(sock: socket.socket, alert: Alert) -> None:
+    """Best-effort plaintext alert, then close; never blocks the caller for long."""
+    try:
+        sock.settimeout(1.0)
+        session.send_frame(sock, alert.encode())
+        sock.shutdown(socket.SHUT_WR)
+    except (OSError, session.ConnectionLost):
+        pass
+    finally:
+        sock.close()
+
+
+# --- console ----------------------------------------------------------------------------------
+MENU = "1) send text  2) send a JPG  3) list clients  4) quit"
+
+
+def console(server: Server) -> None:
+    from prompt_toolkit import PromptSession  # noqa: PLC0415
+    from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
+
+    ps = PromptSession()
+    with patch_stdout(raw=True):
+        print(MENU)
+        while True:
+            try:
+                choice = ps.prompt("> ").strip()
+            except EOFError:
+                return
+            if choice in ("4", "q", "quit", "exit"):
+                return
+            if choice == "3":
+                list_clients(server)
+            elif choice in ("1", "2"):
+                client = pick_client(server, ps)
+                if client is not None:
+                    (reply_text if choice == "1" else reply_jpg)(server, client, ps)
+            elif choice:
+                print(MENU)
+
+
+def list_clients(server: Server) -> list[Client]:
+    clients = server.snapshot()
+    if not clients:
+        print("no clients connected")
+    for i, c in enumerate(clients, 1):
+        print(f"  {i}) {c}")
+    return clients
+
+
+def pick_client(server: Server, ps) -> Client | None:
+    clients = server.snapshot()
+    if len(clients) == 1:
+        return clients[0]
+    clients = list_clients(server)
+    if not clients:
+        return None
+    answer = ps.prompt("client number: ").strip()
+    if answer.isdigit() and 0 < int(answer) <= len(clients):
+        return clients[int(answer) - 1]
+    print("no such client")
+    return None
+
+
+def reply_text(server: Server, client: Client, ps) -> None:
+    text = ps.prompt("text: ")
+    if not text:
+        return
+    try:
+        client.conn.send_text(text)
+        print("delivered")
+    except (session.ConnectionLost, ProtocolError) as e:
+        print(f"not delivered: {e}")
+
+
+def reply_jpg(server: Server, client: Client, ps) -> None:
+    assets = transfer.list_assets(server.args.assets_dir)
+    for i, (path, size) in enumerate(assets, 1):
+        print(f"  {i}) {neutralise(path.name)} ({session.human_size(size)})")
+    if not assets:
+        print(f"  (no JPGs in {server.args.assets_dir}; type a path)")
+    choice = ps.prompt("number or path: ").strip()
+    if not choice:
+        return
+    path = assets[int(choice) - 1][0] if choice.isdigit() and 0 < int(choice) <= len(assets) \
+        else Path(choice).expanduser()
+    try:
+        print(client.conn.send_file(str(path), server.args.max_file_size).summary("sent"))
+    except transfer.Rejected as e:
+        print(f"not sent: {neutralise(e.detail)}")
+    except (session.ConnectionLost, ProtocolError) as e:
+        print(f"not sent: {e}")
+
+
+# --- main -----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_clients < 1:
+        build_parser().error("--max-clients must be at least 1")
+    if args.handshake_timeout <= 0:
+        build_parser().error("--handshake-timeout must be positive")
+    try:
+        return run(args)
+    except keystore.HomeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ProtocolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def load_authorized(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise keystore.HomeError(f"cannot read authorized clients file {path}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from e
+    try:
+        return parse_authorized_clients(text)
+    except ValueError as e:
+        raise keystore.HomeError(f"{path}: {e}") from e
+
+
+def run(args) -> int:
+    home = keystore.open_home(args.home or keystore.default_home())
+    identity, created = keystore.load_identity(home)
+    if args.show_identity:
+        print(identity.fingerprint())
+        return EXIT_OK
+    authorized = load_authorized(args.authorized_clients)
+    kem = crypt.kem_provider(args.kem_provider)
+    try:
+        Path(args.received_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise keystore.HomeError(f"cannot create {args.received_dir}: {e.strerror}") from e
+    headless = args.headless or not sys.stdin.isatty()
+    args.headless = headless
+
+    server = Server(args, identity, home, kem, authorized)
+    host, port = server.listen()
+    if created:
+        print(f"created identity in {home}", flush=True)
+    print(f"listening on {host}:{port}", flush=True)
+    print(f"identity {identity.fingerprint()}", flush=True)
+    if authorized is not None:
+        print(f"admitting only the {len(authorized)} client(s) in {args.authorized_clients}",
+              flush=True)
+    threading.Thread(target=server.accept_loop, daemon=True, name="accept").start()
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        if not headless:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if headless:
+            while not stop.wait(0.5):
+                pass
+        else:
+            console(server)
+    except KeyboardInterrupt:
+        pass
+    print("shutting down", flush=True)
+    server.shutdown()
+    print("bye", flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,512 @@
+"""The socket side shared by client.py and server.py: frames on a TCP socket, the
+encrypted session after the handshake (a reader and a writer thread), sending
+and receiving texts and files, the key log."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import crypt
+import transfer
+from protocol import (
+    CHUNK_SIZE,
+    FRAME_HEADER,
+    AuthError,
+    Bye,
+    Delivered,
+    Error,
+    FileAccept,
+    FileCancel,
+    FileData,
+    FileEnd,
+    FileFailed,
+    FileOffer,
+    FileReject,
+    FileSaved,
+    ProtocolError,
+    Reason,
+    RemoteProtocolError,
+    Text,
+    decode_message,
+    encode_frame,
+    frame_length,
+    neutralise,
+)
+
+KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
+DATA_IN_FLIGHT = 4  # file records queued for the writer at most
+
+
+class ConnectionLost(Exception):
+    """the connection was lost"""
+
+
+class HandshakeTimeout(ConnectionLost):
+    """the handshake did not finish in time"""
+
+
+# --- command line shared by both scripts ---------------------------------------------
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (usage)
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def port_number(text: str, lowest: int = 1) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not lowest <= port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is outside {lowest}-65535")
+    return port
+
+
+def listen_port(text: str) -> int:
+    """A port to listen on; 0 lets the system pick a free one."""
+    return port_number(text, lowest=0)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, role: str, version: str) -> None:
+    """The flags both scripts share (DESIGN.md section 5)."""
+    p.add_argument("--home", type=Path, default=None,
+                   help=f"identity and {'known_hosts' if role == 'client' else 'known_clients'}"
+                        " directory (default $QSOCKET_HOME or ~/.qsocket)")
+    p.add_argument("--assets-dir", type=Path, default=Path("assets"),
+                   help="where the menu looks for JPGs to send (default ./assets)")
+    p.add_argument("--received-dir", type=Path, default=Path("received_assets"),
+                   help="where received files are saved (default ./received_assets)")
+    p.add_argument("--max-file-size", type=byte_count, default=transfer.DEFAULT_MAX_FILE_SIZE,
+                   metavar="BYTES", help="largest file accepted or sent (default 4 GiB)")
+    p.add_argument("--kem-provider", choices=("auto", "cryptography", "liboqs"), default="auto",
+                   help="ML-KEM-1024 implementation (default auto: liboqs where its library "
+                        "is installed, else cryptography)")
+    p.add_argument("--show-identity", action="store_true",
+                   help=f"print this {role}'s fingerprint (creating the identity) and exit")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show handshake details and each session's verification code")
+    p.add_argument("--version", action="version", version=f"QSocket 2 {role} {version}")
+
+
+def byte_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("size must not be negative")
+    return value
+
+
+
+# --- frames on a socket --------------------------------------------------------------
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+    """Read exactly n bytes; EOF mid-way is ConnectionLost.  With a deadline the
+    whole read must finish by then (a byte a second does not keep it alive)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HandshakeTimeout("handshake timed out")
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:])
+        except TimeoutError as e:
+            raise HandshakeTimeout("handshake timed out") from e
+        except OSError as e:
+            raise ConnectionLost(f"connection lost: {e.strerror or e}") from e
+        if k == 0:
+            raise ConnectionLost("connection closed by peer" if got == 0 and n == FRAME_HEADER.size
+                                 else "connection closed in the middle of a frame")
+        got += k
+    return buf
+
+
+def read_frame(sock: socket.socket, deadline: float | None = None) -> bytearray:
+    length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size, deadline)))
+    return recv_exact(sock, length, deadline)
+
+
+def send_frame(sock: socket.socket, body: bytes) -> None:
+    try:
+        sock.sendall(encode_frame(body))
+    except OSError as e:
+        raise ConnectionLost(f"connection lost: {e.strerror or e}") from e
+
+
+def send_pieces(sock: socket.socket, pieces: list) -> None:
+    """Gathered send of one sealed record without joining its pieces."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def write_keylog(client_random: bytes, keys: crypt.SessionKeys) -> None:
+    """Append this session's traffic keys when QSOCKET_KEYLOGFILE is set (debugging)."""
+    path = os.environ.get(KEYLOG_ENV)
+    if not path:
+        return
+    print(f"warning: {KEYLOG_ENV} is set: writing this session's traffic keys to {path}; "
+          f"anyone with that file can read the traffic", file=sys.stderr, flush=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(crypt.keylog_lines(client_random, keys))
+
+
+# --- what the user sees ------------------------------------------------------------
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class FileResult:
+    name: str  # as saved by the receiver (neutralised for display by the caller)
+    size: int
+    sha256: bytes
+    seconds: float
+
+    def summary(self, verb: str) -> str:
+        rate = self.size / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        return (f"{verb} {neutralise(self.name)!r}: {self.size} bytes, "
+                f"SHA-256 {self.sha256.hex()}, {self.seconds:.2f} s, {rate:.1f} MB/s")
+
+
+class Events:
+    """How a session reports to its user; client.py and server.py override these."""
+
+    def out(self, line: str) -> None:
+        print(line, flush=True)
+
+    def text(self, conn: Connection, text: str) -> None:
+        self.out(f"[{conn.label}] {neutralise(text)}")
+
+    def file_offered(self, conn: Connection, name: str, size: int) -> None:
+        self.out(f"[{conn.label}] receiving {neutralise(name)!r} ({human_size(size)})")
+
+    def file_saved(self, conn: Connection, path: str, result: FileResult) -> None:
+        self.out(f"[{conn.label}] {result.summary('saved')} at {neutralise(path)}")
+
+    def file_failed(self, conn: Connection, name: str, why: str) -> None:
+        self.out(f"[{conn.label}] file {neutralise(name)!r} not saved: {neutralise(why)}")
+
+    def closed(self, conn: Connection, why: str) -> None:
+        self.out(f"[{conn.label}] {why}")
+
+    def progress(self, total: int, desc: str):
+        from tqdm import tqdm  # noqa: PLC0415 - only needed when a file moves
+
+        return tqdm(total=total, desc=desc, file=sys.stderr, unit="B", unit_scale=True,
+                    dynamic_ncols=True, disable=not sys.stdout.isatty(), leave=False)
+
+
+# --- the encrypted session ------------------------------------------------------------
+class Connection:
+    """One authenticated session: a reader thread that handles what the peer sends,
+    a writer thread that owns the socket's send side, and blocking operations
+    (send_text, send_file) for the caller, one at a time."""
+
+    def __init__(self, sock: socket.socket, records, *, label: str, events: Events,
+                 received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE) -> None:
+        self.sock = sock
+        self.label = label
+        self.events = events
+        self.received_dir = received_dir
+        self.max_file_size = max_file_size
+        self._sender, self._receiver = records
+        self._seal_lock = threading.Lock()
+        self._out: queue.Queue = queue.Queue()
+        self._data_slots = threading.Semaphore(DATA_IN_FLIGHT)
+        self._replies: queue.Queue = queue.Queue()
+        self._op_lock = threading.Lock()
+        self._next_id = 0
+        self._incoming: transfer.IncomingFile | None = None
+        self._incoming_started = 0.0
+        self._discarding = False
+        self.closed = threading.Event()
+        self.close_reason = ""
+        self._closing = False  # we ended it: no "peer disconnected" report
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name=f"reader {label}")
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name=f"writer {label}")
+
+    def start(self) -> Connection:
+        self._writer.start()
+        self._reader.start()
+        return self
+
+    # sending side ------------------------------------------------------------------
+    def send(self, msg, *, data_slot: bool = False) -> None:
+        if self.closed.is_set():
+            raise ConnectionLost(self.close_reason or "connection closed")
+        with self._seal_lock:
+            pieces = self._sender.seal(msg.TYPE, msg.encode())
+            self._out.put((pieces, data_slot))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._out.get()
+            if item is None:
+                break
+            pieces, data_slot = item
+            try:
+                send_pieces(self.sock, pieces)
+            except OSError as e:
+                self._end(f"connection lost: {e.strerror or e}")
+            finally:
+                if data_slot:
+                    self._data_slots.release()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    # receiving side ----------------------------------------------------------------
+    def _read_loop(self) -> None:
+        why = "connection closed"
+        try:
+            while True:
+                body = read_frame(self.sock)
+                msg_type, payload = self._receiver.open(body)
+                if self._dispatch(decode_message(msg_type, payload)):
+                    why = self.close_reason or why
+                    break
+        except AuthError as e:
+            why = f"connection closed: {e}"
+            self._send_quietly(Error(str(e)))
+        except ProtocolError as e:
+            why = f"connection closed: protocol error: {e}"
+            self._send_quietly(Error(f"protocol error: {e}"))
+        except ConnectionLost as e:
+            why = "peer disconnected" if "closed by peer" in str(e) else str(e)
+        finally:
+            self._abort_incoming()
+            self._end(why)
+
+    def _send_quietly(self, msg) -> None:
+        try:
+            self.send(msg)
+        except (ConnectionLost, ProtocolError):
+            pass
+
+    def _dispatch(self, msg) -> bool:
+        """Handle one message from the peer; True when the session is over."""
+        if isinstance(msg, Text):
+            self.events.text(self, msg.text)
+            self.send(Delivered(msg.msg_id))
+        elif isinstance(msg, FileOffer):
+            self._on_offer(msg)
+        elif isinstance(msg, FileData):
+            self._on_data(msg.data)
+        elif isinstance(msg, FileEnd):
+            self._on_end(msg.sha256)
+        elif isinstance(msg, FileCancel):
+            if self._incoming is None and not self._discarding:
+                raise RemoteProtocolError("FileCancel without a transfer")
+            name = self._incoming.name if self._incoming else ""
+            self._abort_incoming()
+            self._discarding = False
+            if name:
+                self.events.file_failed(self, name, f"sender cancelled: {msg.detail}")
+        elif isinstance(msg, (Delivered, FileAccept, FileReject, FileSaved, FileFailed)):
+            self._replies.put(msg)
+        elif isinstance(msg, Bye):
+            self.close_reason = "peer said goodbye" + (f" ({neutralise(msg.reason)})"
+                                                       if msg.reason else "")
+            return True
+        elif isinstance(msg, Error):
+            self.close_reason = f"peer reported an error: {neutralise(msg.reason)}"
+            return True
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} in a session")
+        return False
+
+    # receiving a file: offer -> data... -> end -------------------------------------
+    def _on_offer(self, offer: FileOffer) -> None:
+        if self._incoming is not None or self._discarding:
+            raise RemoteProtocolError("a second file offer while a transfer is running")
+        try:
+            self._incoming = transfer.IncomingFile(self.received_dir, offer.name, offer.size,
+                                                   self.max_file_size)
+        except transfer.Rejected as r:
+            self.events.file_failed(self, offer.name, f"rejected: {r.detail}")
+            self.send(FileReject(r.reason, r.detail))
+            return
+        self._incoming_started = time.monotonic()
+        self._bar = self.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
+        self.events.file_offered(self, offer.name, offer.size)
+        self.send(FileAccept())
+
+    def _on_data(self, data: bytes) -> None:
+        if self._discarding:
+            return  # the receiver already failed; the sender will end the stream
+        if self._incoming is None:
+            raise RemoteProtocolError("file data without an accepted offer")
+        try:
+            self._incoming.write(data)
+        except transfer.Rejected as r:
+            self._fail_incoming(r)
+            return
+        self._bar.update(len(data))
+
+    def _on_end(self, sha256: bytes) -> None:
+        if self._discarding:
+            self._discarding = False
+            return
+        if self._incoming is None:
+            raise RemoteProtocolError("file end without an accepted offer")
+        incoming = self._incoming
+        try:
+            saved, digest = incoming.finish(sha256)
+        except transfer.Rejected as r:
+            self._fail_incoming(r, discard=False)
+            return
+        self._close_bar()
+        self._incoming = None
+        result = FileResult(saved, incoming.size, digest,
+                            time.monotonic() - self._incoming_started)
+        self.send(FileSaved(digest, saved))
+        self.events.file_saved(self, str(incoming.directory / saved), result)
+
+    def _fail_incoming(self, r: transfer.Rejected, *, discard: bool = True) -> None:
+        name = self._incoming.name
+        self._abort_incoming()
+        self._discarding = discard
+        self.send(FileFailed(r.reason, r.detail))
+        self.events.file_failed(self, name, r.detail)
+
+    def _abort_incoming(self) -> None:
+        if self._incoming is not None:
+            self._incoming.abort()
+            self._incoming = None
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.close()
+            self._bar = None
+
+    # operations for the caller -------------------------------------------------------
+    def _reply(self, timeout: float | None = None):
+        try:
+            msg = self._replies.get(timeout=timeout)
+        except queue.Empty as e:
+            raise ConnectionLost("no answer from the peer") from e
+        if msg is None:
+            self._replies.put(None)  # keep waking later waiters
+            raise ConnectionLost(self.close_reason or "connection closed")
+        return msg
+
+    def send_text(self, text: str, timeout: float | None = 30.0) -> None:
+        """Send one text and wait until the peer acknowledges it."""
+        with self._op_lock:
+            self._next_id += 1
+            msg_id = self._next_id
+            self.send(Text(msg_id, text))
+            reply = self._reply(timeout)
+            if not isinstance(reply, Delivered) or reply.msg_id != msg_id:
+                raise RemoteProtocolError(f"expected Delivered({msg_id}), got {reply}")
+
+    def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE) -> FileResult:
+        """Offer, stream and confirm one JPG; raises transfer.Rejected when refused
+        (locally or by the peer) or when the peer's SHA-256 differs."""
+        out = transfer.check_outgoing(path, max_size)
+        with self._op_lock:
+            started = time.monotonic()
+            self.send(FileOffer(out.size, out.name))
+            reply = self._reply()
+            if isinstance(reply, FileReject):
+                raise transfer.Rejected(reply.reason, f"rejected by peer: {reply.detail}")
+            if not isinstance(reply, FileAccept):
+                raise RemoteProtocolError(f"expected FileAccept, got {type(reply).__name__}")
+            digest = self._stream(out)
+            reply = self._reply()
+            if isinstance(reply, FileFailed):
+                raise transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
+            if not isinstance(reply, FileSaved):
+                raise RemoteProtocolError(f"expected FileSaved, got {type(reply).__name__}")
+            if reply.sha256 != digest:
+                raise transfer.Rejected(Reason.HASH_MISMATCH, "peer's SHA-256 differs from ours")
+            return FileResult(reply.name, out.size, digest, time.monotonic() - started)
+
+    def _stream(self, out: transfer.Outgoing) -> bytes:
+        h = hashlib.sha256()
+        sent = 0
+        with open(out.path, "rb") as f, \
+                self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
+            while sent < out.size:
+                failure = self._early_failure()
+                if failure is not None:
+                    self.send(FileCancel(Reason.CANCELLED, "receiver failed"))
+                    raise transfer.Rejected(failure.reason,
+                                            f"peer could not save it: {failure.detail}")
+                chunk = f.read(min(CHUNK_SIZE, out.size - sent))
+                if not chunk:
+                    self.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
+                    raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
+                h.update(chunk)
+                self._data_slots.acquire()
+                self.send(FileData(chunk), data_slot=True)
+                sent += len(chunk)
+                bar.update(len(chunk))
+        self.send(FileEnd(h.digest()))
+        return h.digest()
+
+    def _early_failure(self) -> FileFailed | None:
+        try:
+            msg = self._replies.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(msg, FileFailed):
+            return msg
+        if msg is None:
+            self._replies.put(None)
+            raise ConnectionLost(self.close_reason or "connection closed")
+        raise RemoteProtocolError(f"unexpected {type(msg).__name__} during a transfer")
+
+    # closing ---------------------------------------------------------------------------
+    def _end(self, why: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = self.close_reason or why
+        self.closed.set()
+        self._replies.put(None)
+        self._out.put(None)
+        if not self._closing:
+            self.events.closed(self, self.close_reason)
+
+    def close(self, reason: str = "", timeout: float = 5.0) -> None:
+        """Say goodbye (if still connected), flush and close the socket."""
+        self._closing = True
+        if not self.closed.is_set():
+            self._send_quietly(Bye(reason))
+        self._out.put(None)
+        self._writer.join(timeout)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._reader.join(timeout)
+        self.sock.close()

@@ -1,0 +1,246 @@
+"""File-transfer rules shared by both sides: what may be sent, how a peer's name
+becomes a safe local name, and how a received file reaches the disk whole or
+not at all (temp file -> fsync -> verify -> link into place)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import MAX_NAME, Reason, RemoteProtocolError, TransferRejected
+
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+DEFAULT_MAX_FILE_SIZE = 4 << 30
+FALLBACK_NAME = "received.jpg"
+TEMP_PREFIX = ".qsocket-"
+TEMP_SUFFIX = ".part"
+RECEIVED_MODE = 0o644
+
+
+class Rejected(TransferRejected):
+    """A transfer refused with a protocol reason code and a human text."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_jpeg_name(name: str) -> bool:
+    return name.lower().endswith(JPEG_SUFFIXES)
+
+
+# --- sending -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Outgoing:
+    path: Path
+    name: str
+    size: int
+
+
+def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZE) -> Outgoing:
+    """The sender's checks: exists, regular file, a JPEG by name and content, fits."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError as e:
+        raise Rejected(Reason.UNSPECIFIED, f"{p}: no such file") from e
+    except OSError as e:
+        raise Rejected(Reason.UNSPECIFIED, f"{p}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise Rejected(Reason.UNSPECIFIED, f"{p}: not a regular file")
+    if not is_jpeg_name(p.name):
+        raise Rejected(Reason.NOT_JPEG, f"{p}: not a .jpg/.jpeg file")
+    if st.st_size > max_size:
+        raise Rejected(Reason.TOO_LARGE, f"{p}: {st.st_size} bytes exceeds the limit of {max_size}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(JPEG_SOI))
+    except OSError as e:
+        raise Rejected(Reason.UNSPECIFIED, f"{p}: {e.strerror}") from e
+    if head != JPEG_SOI:
+        raise Rejected(Reason.NOT_JPEG, f"{p}: not a JPEG (no FF D8 FF start-of-image marker)")
+    return Outgoing(p, p.name, st.st_size)
+
+
+def list_assets(directory: str | os.PathLike) -> list[tuple[Path, int]]:
+    """JPGs in a directory (by name, any case), sorted, with their sizes."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    out = []
+    for entry in sorted(d.iterdir(), key=lambda e: e.name.lower()):
+        if is_jpeg_name(entry.name) and entry.is_file():
+            out.append((entry, entry.stat().st_size))
+    return out
+
+
+# --- names from the peer ----------------------------------------------------------
+def _clean_char(ch: str) -> str:
+    # controls, bidi overrides and other format characters, separators
+    return "" if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") else ch
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    data = text.encode("utf-8")[:limit]
+    return data.decode("utf-8", "ignore")
+
+
+def sanitise_name(name: str) -> str:
+    """A peer's file name made safe to create in the received dir.
+
+    Basename only; no control, bidi or format characters; no leading dot; ends
+    in .jpg/.jpeg (anything else gets .jpg, with its own dots made inert); at
+    most MAX_NAME bytes with the extension kept; unusable -> received.jpg.
+    """
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(_clean_char(ch) for ch in name)
+    name = name.strip().lstrip(".").strip()
+    lower = name.lower()
+    suffix = next((s for s in JPEG_SUFFIXES if lower.endswith(s)), None)
+    if suffix:
+        stem, ext = name[: -len(suffix)], name[-len(suffix):]
+    else:
+        stem, ext = name.replace(".", "_"), ".jpg"
+    stem = stem.rstrip(" .")
+    if not stem:
+        return FALLBACK_NAME
+    return _truncate_utf8(stem, MAX_NAME - len(ext.encode("utf-8"))).rstrip(" .") + ext
+
+
+def numbered(name: str, n: int) -> str:
+    """photo.jpg, photo (1).jpg, photo (2).jpg ... within MAX_NAME bytes."""
+    if n == 0:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    tag = f" ({n})"
+    room = MAX_NAME - len(tag.encode()) - len(dot + ext)
+    return _truncate_utf8(stem, room) + tag + dot + ext
+
+
+# --- receiving ---------------------------------------------------------------------
+def _disk_reason(e: OSError) -> Rejected:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Rejected(Reason.NO_SPACE, "not enough disk space on the receiver")
+    return Rejected(Reason.WRITE_FAILED, f"receiver cannot write the file: {e.strerror}")
+
+
+class IncomingFile:
+    """One file being received: the chain decide name -> check offer -> temp file
+    -> write -> verify -> link into place.  Any failure removes the temp file."""
+
+    def __init__(self, directory: str | os.PathLike, offered_name: str, size: int,
+                 max_size: int = DEFAULT_MAX_FILE_SIZE) -> None:
+        self.directory = Path(directory)
+        self.name = sanitise_name(offered_name)
+        self.size = size
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self._head = b""
+        self._fd: int | None = None
+        self.temp: Path | None = None
+        self._check_offer(max_size)
+        self._open_temp()
+
+    # check the offer
+    def _check_offer(self, max_size: int) -> None:
+        if self.size > max_size:
+            raise Rejected(Reason.TOO_LARGE,
+                           f"{self.size} bytes exceeds the receiver's limit of {max_size}")
+        if self.size < len(JPEG_SOI):
+            raise Rejected(Reason.NOT_JPEG, "not a JPEG (too short)")
+        try:
+            fs = os.statvfs(self.directory)
+        except OSError as e:
+            raise _disk_reason(e) from e
+        if fs.f_bavail * fs.f_frsize < self.size:
+            raise Rejected(Reason.NO_SPACE, "not enough disk space on the receiver")
+
+    # write to a temporary file created exclusively (0600)
+    def _open_temp(self) -> None:
+        try:
+            fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX,
+                                        dir=self.directory)
+        except OSError as e:
+            raise _disk_reason(e) from e
+        self._fd, self.temp = fd, Path(path)
+        # mkstemp makes 0600; a received picture is an ordinary file
+        os.fchmod(fd, RECEIVED_MODE)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self.received + len(chunk) > self.size:
+            raise RemoteProtocolError("file data beyond the announced size")
+        if len(self._head) < len(JPEG_SOI):
+            self._head += bytes(chunk[: len(JPEG_SOI) - len(self._head)])
+            if len(self._head) == len(JPEG_SOI) and self._head != JPEG_SOI:
+                raise Rejected(Reason.NOT_JPEG, "not a JPEG (no FF D8 FF start-of-image marker)")
+        self._hash.update(chunk)
+        try:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            raise _disk_reason(e) from e
+        self.received += len(chunk)
+
+    def finish(self, sender_sha256: bytes) -> tuple[str, bytes]:
+        """Flush, verify and move into place; returns (saved name, SHA-256)."""
+        if self.received != self.size:
+            raise RemoteProtocolError(
+                f"file ended after {self.received} of {self.size} announced bytes")
+        digest = self._hash.digest()
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise _disk_reason(e) from e
+        os.close(self._fd)
+        self._fd = None
+        if digest != sender_sha256:
+            raise Rejected(Reason.HASH_MISMATCH, "SHA-256 of the received data does not match")
+        try:
+            saved = self._link_into_place()
+            _fsync_dir(self.directory)
+        except OSError as e:
+            raise _disk_reason(e) from e
+        finally:
+            self.abort()
+        return saved, digest
+
+    def _link_into_place(self) -> str:
+        # link() never replaces an existing file, so two receivers racing for
+        # photo.jpg get photo.jpg and photo (1).jpg, and nothing is clobbered
+        for n in range(10_000):
+            candidate = numbered(self.name, n)
+            try:
+                os.link(self.temp, self.directory / candidate)
+                return candidate
+            except FileExistsError:
+                continue
+        raise OSError(errno.EEXIST, "too many files with this name")
+
+    def abort(self) -> None:
+        """Drop the temporary file (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.temp is not None:
+            try:
+                os.unlink(self.temp)
+            except FileNotFoundError:
+                pass
+            self.temp = None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
