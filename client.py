@@ -127,9 +127,8 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
             raise
         session.send_frame(sock, hs.create_client_auth())
         records = hs.records()
-        first = records[1].open(session.read_frame(sock, deadline))
+        welcome = first_record(records[1], session.read_frame(sock, deadline))
         sock.settimeout(None)
-        welcome = decode_message(*first)
     except PeerAlert as e:
         code = EXIT_CONNECT if e.alert.code == AlertCode.BUSY else EXIT_AUTH
         if e.alert.code in (AlertCode.BAD_VERSION, AlertCode.BAD_MESSAGE):
@@ -165,6 +164,20 @@ If you are sure the change is legitimate, remove line {line} of {path}
 and connect again (or pin the new key with --fingerprint)."""
 
 
+def first_record(receiver, body: bytes):
+    """Welcome or Refused, sealed; or the server's plaintext Alert when it rejected
+    our ClientAuth.  A genuine record always verifies, so trying the record first
+    and the alert second is unambiguous."""
+    try:
+        return decode_message(*receiver.open(body))
+    except AuthError:
+        try:
+            alert = Alert.decode(bytes(body))
+        except RemoteProtocolError:
+            raise AuthError("the server's first record does not verify") from None
+        raise PeerAlert(alert) from None
+
+
 def tell_server(sock, alert: Alert) -> None:
     try:
         session.send_frame(sock, alert.encode())
@@ -175,7 +188,10 @@ def tell_server(sock, alert: Alert) -> None:
 def decide_trust(args, home: Path, offered: str, ask) -> None:
     """known_hosts TOFU as ssh: known -> go; changed -> refuse; unknown -> flag/ask."""
     path = home / keystore.KNOWN_HOSTS
-    result = check_host(keystore.read_text(path), args.host, args.port, offered)
+    try:
+        result = check_host(keystore.read_text(path), args.host, args.port, offered)
+    except ValueError as e:
+        raise Fatal(EXIT_AUTH, f"{path}: {e}; fix or remove that line") from e
     if result.trust is Trust.KNOWN:
         return
     key = f"[{args.host}]:{args.port}"
@@ -365,6 +381,11 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
+def interrupt(signum, frame):
+    """SIGTERM ends the client like Ctrl-C: goodbye to the server, exit 130."""
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     home = keystore.open_home(args.home or keystore.default_home())
     identity, created = keystore.load_identity(home)
@@ -401,7 +422,7 @@ def run(args) -> int:
     conn = session.Connection(sock, records, label="server", events=events,
                               received_dir=str(args.received_dir),
                               max_file_size=args.max_file_size).start()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupt)
     code = EXIT_INTERRUPTED
     try:
         if batch:

@@ -242,6 +242,7 @@ class Connection:
         self._next_id = 0
         self._incoming: transfer.IncomingFile | None = None
         self._incoming_started = 0.0
+        self._bar = None
         self._discarding = False
         self.closed = threading.Event()
         self.close_reason = ""
@@ -300,6 +301,9 @@ class Connection:
             self._send_quietly(Error(f"protocol error: {e}"))
         except ConnectionLost as e:
             why = "peer disconnected" if "closed by peer" in str(e) else str(e)
+        except Exception as e:  # a bug must end this session only, with one line
+            why = f"connection closed: internal error: {e!r}"
+            self._send_quietly(Error("internal error"))
         finally:
             self._abort_incoming()
             self._end(why)
@@ -403,9 +407,8 @@ class Connection:
             self._close_bar()
 
     def _close_bar(self) -> None:
-        bar = getattr(self, "_bar", None)
-        if bar is not None:
-            bar.close()
+        if self._bar is not None:
+            self._bar.close()
             self._bar = None
 
     # operations for the caller -------------------------------------------------------
