@@ -25,6 +25,7 @@ from client_data import (
     normalise_fingerprint,
 )
 from protocol import (
+    MAX_TEXT,
     Alert,
     AlertCode,
     AuthError,
@@ -304,7 +305,7 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
                 try:
                     conn.send_text(text)
                     print("delivered")
-                except session.ConnectionLost as e:
+                except (session.ConnectionLost, ProtocolError) as e:
                     print(f"not delivered: {e}")
         elif choice in ("2", "jpg", "file"):
             send_jpg_menu(conn, args, prompt)
@@ -401,13 +402,14 @@ def run(args) -> int:
     batch = getattr(args, "batch", None) or []
     interactive = not batch
     ask = ask_user if interactive and sys.stdin.isatty() else None
-    if batch:
-        for kind, value in batch:  # refuse locally before connecting
-            if kind == "file":
-                try:
-                    transfer.check_outgoing(value, args.max_file_size)
-                except transfer.Rejected as e:
-                    raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
+    for kind, value in batch:  # refuse locally before connecting
+        if kind == "text" and len(value.encode("utf-8")) > MAX_TEXT:
+            raise Fatal(EXIT_UNDELIVERED, f"text not sent: longer than {MAX_TEXT} bytes")
+        if kind == "file":
+            try:
+                transfer.check_outgoing(value, args.max_file_size)
+            except transfer.Rejected as e:
+                raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
     try:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -246,9 +246,12 @@ class Server:
         with self.lock:
             clients = list(self.clients.values())
             threads = list(self.threads)
+        # goodbye to everyone first, then wait for all of them within one deadline
         for client in clients:
-            client.conn.close("server shutting down", timeout=1.0)
+            client.conn.begin_close("server shutting down")
         deadline = time.monotonic() + SHUTDOWN_GRACE
+        for client in clients:
+            client.conn.finish_close(deadline)
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
 

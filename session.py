@@ -500,16 +500,28 @@ class Connection:
         if not self._closing:
             self.events.closed(self, self.close_reason)
 
-    def close(self, reason: str = "", timeout: float = 5.0) -> None:
-        """Say goodbye (if still connected), flush and close the socket."""
+    def begin_close(self, reason: str = "") -> None:
+        """Say goodbye (if still connected) and stop sending; returns at once."""
         self._closing = True
         if not self.closed.is_set():
             self._send_quietly(Bye(reason))
         self._out.put(None)
-        self._writer.join(timeout)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._reader.join(timeout)
+
+    def finish_close(self, deadline: float) -> None:
+        """Wait for the goodbye to go out and the peer to hang up, then close.
+
+        Waiting for the peer's EOF (rather than closing at once) keeps the kernel
+        from answering late data with a reset that could destroy our goodbye."""
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        self._reader.join(max(0.0, deadline - time.monotonic()))
+        if self._reader.is_alive():
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._reader.join(1.0)
         self.sock.close()
+
+    def close(self, reason: str = "", timeout: float = 3.0) -> None:
+        self.begin_close(reason)
+        self.finish_close(time.monotonic() + timeout)
