@@ -27,10 +27,10 @@ demo: $(STAMP)
 	@set -eu
 	tmp=$$(mktemp -d)
 	trap 'kill $$pid 2>/dev/null || true; rm -rf "$$tmp"' EXIT
-	$(PY) -u server.py --headless --port 0 --home "$$tmp/server-home" \
+	$(PY) -u server.py --headless -v --port 0 --home "$$tmp/server-home" \
 	    --received-dir "$$tmp/server-received" > "$$tmp/server.log" 2>&1 &
 	pid=$$!
-	for i in $$(seq 100); do grep -q '^identity ' "$$tmp/server.log" && break; sleep 0.1; done
+	for i in $$(seq 100); do grep -qs '^identity ' "$$tmp/server.log" && break; sleep 0.1; done
 	port=$$(sed -n 's/^listening on .*:\([0-9]*\)$$/\1/p' "$$tmp/server.log")
 	fp=$$(sed -n 's/^identity //p' "$$tmp/server.log")
 	echo "== client: python client.py --port $$port --fingerprint $$fp --send-text ..."

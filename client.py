@@ -45,6 +45,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_AUTH, EXIT_UNDELIVERED = 0, 
 EXIT_INTERRUPTED = 130
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 30.0
+ALERT_EXIT = {AlertCode.BUSY: EXIT_CONNECT, AlertCode.TIMEOUT: EXIT_CONNECT,
+              AlertCode.AUTH_FAILED: EXIT_AUTH}
 
 
 class Fatal(Exception):
@@ -126,14 +128,13 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
         except Fatal:
             tell_server(sock, Alert(AlertCode.AUTH_FAILED, "client does not trust this server"))
             raise
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT  # a person may have been asked
         session.send_frame(sock, hs.create_client_auth())
         records = hs.records()
         welcome = first_record(records[1], session.read_frame(sock, deadline))
         sock.settimeout(None)
     except PeerAlert as e:
-        code = EXIT_CONNECT if e.alert.code == AlertCode.BUSY else EXIT_AUTH
-        if e.alert.code in (AlertCode.BAD_VERSION, AlertCode.BAD_MESSAGE):
-            code = EXIT_ERROR
+        code = ALERT_EXIT.get(e.alert.code, EXIT_ERROR)
         raise Fatal(code, f"server refused the connection: {neutralise(str(e.alert.reason))}")
     except AuthError as e:
         raise Fatal(EXIT_AUTH, f"authentication failed: {e}") from e
@@ -162,7 +163,7 @@ The server {key} offered:
 but {path}:{line} pins:
     {expected}
 If you are sure the change is legitimate, remove line {line} of {path}
-and connect again (or pin the new key with --fingerprint)."""
+and connect again to pin the new identity."""
 
 
 def first_record(receiver, body: bytes):
@@ -438,7 +439,8 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_ERROR
     finally:
-        conn.close("client quit" if code == EXIT_OK else "client interrupted")
+        conn.close({EXIT_OK: "client done", EXIT_INTERRUPTED: "client interrupted"}
+                   .get(code, "client gave up"))
     return code
 
 

@@ -111,8 +111,11 @@ class LiboqsKEM:
                 "liboqs is not installed (no liboqs shared library found; "
                 "set OQS_INSTALL_PATH or use --kem-provider cryptography)"
             )
-        import oqs  # noqa: PLC0415 - only safe once the library is known to exist
-
+        try:
+            import oqs  # noqa: PLC0415 - only safe once the library is known to exist
+        except Exception as e:  # ImportError, or liboqs-python's own SystemExit-free errors
+            raise LocalProtocolError(f"liboqs found but its Python module cannot be used: {e} "
+                                     f"(pip install liboqs-python)") from e
         self._oqs = oqs
 
     def generate(self, seed: bytes | None = None):
@@ -139,7 +142,10 @@ def kem_provider(name: str = "auto"):
     if name == "liboqs":
         return LiboqsKEM()
     if name == "auto":
-        return LiboqsKEM() if liboqs_library() else CryptographyKEM()
+        try:
+            return LiboqsKEM() if liboqs_library() else CryptographyKEM()
+        except LocalProtocolError:  # library present, Python module missing or broken
+            return CryptographyKEM()
     raise LocalProtocolError(f"unknown KEM provider {name!r}")
 
 

@@ -48,6 +48,8 @@ def build_parser() -> session.Parser:
         description="QSocket 2 server: end-to-end encrypted chat and JPG transfer with a hybrid "
                     "ECDH P-256 + ML-KEM-1024 key exchange and ECDSA + ML-DSA-65 identities.  "
                     "Prints 'listening on HOST:PORT' and 'identity SHA256:...' at start-up.",
+        epilog="exit codes: 0 stopped by SIGINT/SIGTERM or the console's quit, 1 start-up "
+               "error (home, keys, --authorized-clients, cannot listen), 2 usage",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=session.listen_port, default=5555,
@@ -170,6 +172,7 @@ class Server:
         sender = records[0]
 
         # admission: authorised list, then welcome
+        self.record_client(fp, peer)  # refused ones too: the operator may add them
         if self.authorized is not None and fp not in self.authorized:
             self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
             session.send_pieces(sock, sender.seal(Refused.TYPE, Refused(
@@ -177,14 +180,9 @@ class Server:
             ).encode()))
             sock.shutdown(socket.SHUT_WR)
             return
-        self.record_client(fp, peer)
         session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
         sock.settimeout(None)
         session.write_keylog(hs.client_random, hs.keys)
-        self.log(f"client {label} connected from {peer}")
-        if self.args.verbose or not self.args.headless:
-            self.log(f"[{label}] verification code: {crypt.verification_code(hs.keys)}")
-
         conn = session.Connection(sock, records, label=label, events=self.events,
                                   received_dir=str(self.args.received_dir),
                                   max_file_size=self.args.max_file_size)
@@ -192,6 +190,10 @@ class Server:
             self._next += 1
             key = self._next
             self.clients[key] = Client(conn, fp, name, peer)
+        # announced only once the console can pick it (and shutdown can say goodbye to it)
+        self.log(f"client {label} connected from {peer}")
+        if self.args.verbose or not self.args.headless:
+            self.log(f"[{label}] verification code: {crypt.verification_code(hs.keys)}")
         conn.start()
         conn.closed.wait()
         with self.lock:

@@ -148,7 +148,8 @@ def parse_authorized_clients(text: str) -> dict[str, str]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        fp, _, name = line.partition(" ")
+        fp, *rest = line.split(None, 1)
+        name = rest[0] if rest else ""
         if not fp.startswith("SHA256:") or len(fp) != len("SHA256:") + 43:
             raise ValueError(f"line {number}: {fp[:60]!r} is not a SHA256: fingerprint")
         allowed[fp] = name.strip()
