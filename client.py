@@ -137,8 +137,10 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
         code = ALERT_EXIT.get(e.alert.code, EXIT_ERROR)
         raise Fatal(code, f"server refused the connection: {neutralise(str(e.alert.reason))}")
     except AuthError as e:
+        tell_server(sock, Alert(AlertCode.AUTH_FAILED, str(e)))
         raise Fatal(EXIT_AUTH, f"authentication failed: {e}") from e
     except RemoteProtocolError as e:
+        tell_server(sock, Alert(AlertCode.BAD_MESSAGE, str(e)))
         raise Fatal(EXIT_AUTH, f"handshake failed: {e}") from e
     except session.ConnectionLost as e:
         raise Fatal(EXIT_CONNECT, f"handshake with {args.host}:{args.port} failed: {e}") from e

@@ -211,19 +211,24 @@ class ClientHello:
     def decode(cls, body: bytes) -> ClientHello:
         # magic and version first, so a peer of another version gets BAD_VERSION
         expect_type(body, HandshakeType.CLIENT_HELLO)
-        if len(body) < 1 + _VERSION.size:
-            raise RemoteProtocolError("ClientHello: truncated")
-        magic, version = _VERSION.unpack_from(body, 1)
-        if magic != MAGIC:
-            raise RemoteProtocolError("ClientHello: not a QSocket 2 peer (bad magic)")
-        if version != VERSION:
-            raise VersionMismatch(version)
+        _check_version("ClientHello", body)
         _check_size("ClientHello", body, cls.SIZE)
         rnd, ecdh, ek, ident = _split(
             body[1 + _VERSION.size :],
             (RANDOM_SIZE, P256_POINT, MLKEM1024_EK, IdentityPublic.SIZE),
         )
         return cls(rnd, ecdh, ek, IdentityPublic.decode(ident))
+
+
+def _check_version(kind: str, body: bytes) -> None:
+    """Magic and version first, so a peer of another version learns that, not a size error."""
+    if len(body) < 1 + _VERSION.size:
+        raise RemoteProtocolError(f"{kind}: truncated")
+    magic, version = _VERSION.unpack_from(body, 1)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"{kind}: not a QSocket 2 peer (bad magic)")
+    if version != VERSION:
+        raise VersionMismatch(version)
 
 
 class VersionMismatch(RemoteProtocolError):
@@ -274,12 +279,8 @@ class ServerHello:
     @classmethod
     def decode(cls, body: bytes) -> ServerHello:
         expect_type(body, HandshakeType.SERVER_HELLO)
+        _check_version("ServerHello", body)
         _check_size("ServerHello", body, cls.SIZE)
-        magic, version = _VERSION.unpack_from(body, 1)
-        if magic != MAGIC:
-            raise RemoteProtocolError("ServerHello: not a QSocket 2 peer (bad magic)")
-        if version != VERSION:
-            raise VersionMismatch(version)
         rnd, ecdh, ct, ident, sigs, fin = _split(
             body[1 + _VERSION.size :],
             (RANDOM_SIZE, P256_POINT, MLKEM1024_CT, IdentityPublic.SIZE,
@@ -319,8 +320,7 @@ class Alert:
     reason: str
 
     def encode(self) -> bytes:
-        text = self.reason.encode("utf-8")[:MAX_NAME]
-        return bytes([HandshakeType.ALERT, self.code]) + text
+        return bytes([HandshakeType.ALERT, self.code]) + utf8_prefix(self.reason, MAX_NAME)
 
     @classmethod
     def decode(cls, body: bytes) -> Alert:
@@ -387,6 +387,11 @@ class Reason(enum.IntEnum):
 
 _U64 = struct.Struct(">Q")
 _REASON = struct.Struct(">B")
+
+
+def utf8_prefix(text: str, limit: int) -> bytes:
+    """At most `limit` bytes of UTF-8, cut on a character boundary."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 def _utf8(data: bytes, what: str, limit: int) -> str:
@@ -585,7 +590,7 @@ class Bye:
     reason: str = ""
 
     def encode(self) -> bytes:
-        return self.reason.encode("utf-8")[:MAX_NAME]
+        return utf8_prefix(self.reason, MAX_NAME)
 
     @classmethod
     def decode(cls, payload: bytes) -> Bye:
@@ -598,7 +603,7 @@ class Error:
     reason: str = ""
 
     def encode(self) -> bytes:
-        return self.reason.encode("utf-8")[:MAX_NAME]
+        return utf8_prefix(self.reason, MAX_NAME)
 
     @classmethod
     def decode(cls, payload: bytes) -> Error:
