@@ -5,6 +5,7 @@ and receiving texts and files, the key log."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import queue
@@ -48,6 +49,10 @@ DATA_IN_FLIGHT = 4  # file records queued for the writer at most
 
 class ConnectionLost(Exception):
     """the connection was lost"""
+
+
+class NoAnswer(ConnectionLost):
+    """the peer did not answer in time"""
 
 
 class HandshakeTimeout(ConnectionLost):
@@ -196,7 +201,10 @@ class Events:
     """How a session reports to its user; client.py and server.py override these."""
 
     def out(self, line: str) -> None:
-        print(line, flush=True)
+        # one write per line: print() writes the text and the newline separately, so
+        # lines from concurrent connection threads could be glued together
+        sys.stdout.write(f"{line}\n")
+        sys.stdout.flush()
 
     def text(self, conn: Connection, text: str) -> None:
         self.out(f"[{conn.label}] {neutralise(text)}")
@@ -239,6 +247,7 @@ class Connection:
         self._data_slots = threading.Semaphore(DATA_IN_FLIGHT)
         self._replies: queue.Queue = queue.Queue()
         self._op_lock = threading.Lock()
+        self._op_active = False
         self._next_id = 0
         self._incoming: transfer.IncomingFile | None = None
         self._incoming_started = 0.0
@@ -334,6 +343,9 @@ class Connection:
             if name:
                 self.events.file_failed(self, name, f"sender cancelled: {msg.detail}")
         elif isinstance(msg, (Delivered, FileAccept, FileReject, FileSaved, FileFailed)):
+            if not self._op_active:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
+                                          f"for a reply")
             self._replies.put(msg)
         elif isinstance(msg, Bye):
             self.close_reason = "peer said goodbye" + (f" ({neutralise(msg.reason)})"
@@ -358,8 +370,10 @@ class Connection:
             self.send(FileReject(r.reason, r.detail))
             return
         self._incoming_started = time.monotonic()
-        self._bar = self.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
+        # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
+        # to the front of the announcement line on a terminal
         self.events.file_offered(self, offer.name, offer.size)
+        self._bar = self.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
         self.send(FileAccept())
 
     def _on_data(self, data: bytes) -> None:
@@ -412,11 +426,29 @@ class Connection:
             self._bar = None
 
     # operations for the caller -------------------------------------------------------
+    @contextlib.contextmanager
+    def _operation(self):
+        """One caller operation at a time.  A peer that breaks the exchange or never
+        answers loses the session: any violation closes, as in the reader."""
+        with self._op_lock:
+            self._op_active = True
+            try:
+                yield
+            except RemoteProtocolError as e:
+                self._send_quietly(Error(f"protocol error: {e}"))
+                self.begin_close()
+                raise
+            except NoAnswer:
+                self.begin_close("no answer")
+                raise
+            finally:
+                self._op_active = False
+
     def _reply(self, timeout: float | None = None):
         try:
             msg = self._replies.get(timeout=timeout)
         except queue.Empty as e:
-            raise ConnectionLost("no answer from the peer") from e
+            raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
         if msg is None:
             self._replies.put(None)  # keep waking later waiters
             raise ConnectionLost(self.close_reason or "connection closed")
@@ -424,7 +456,7 @@ class Connection:
 
     def send_text(self, text: str, timeout: float | None = 30.0) -> None:
         """Send one text and wait until the peer acknowledges it."""
-        with self._op_lock:
+        with self._operation():
             self._next_id += 1
             msg_id = self._next_id
             self.send(Text(msg_id, text))
@@ -436,7 +468,7 @@ class Connection:
         """Offer, stream and confirm one JPG; raises transfer.Rejected when refused
         (locally or by the peer) or when the peer's SHA-256 differs."""
         out = transfer.check_outgoing(path, max_size)
-        with self._op_lock:
+        with self._operation():
             started = time.monotonic()
             self.send(FileOffer(out.size, out.name))
             reply = self._reply()

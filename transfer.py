@@ -102,7 +102,9 @@ def sanitise_name(name: str) -> str:
     """
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(_clean_char(ch) for ch in name)
-    name = name.strip().lstrip(".").strip()
+    name = name.strip()
+    while name.startswith("."):  # ". .x.jpg" must not become ".x.jpg"
+        name = name.lstrip(".").strip()
     lower = name.lower()
     suffix = next((s for s in JPEG_SUFFIXES if lower.endswith(s)), None)
     if suffix:
@@ -176,10 +178,12 @@ class IncomingFile:
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self.received + len(chunk) > self.size:
+            self.abort()
             raise RemoteProtocolError("file data beyond the announced size")
         if len(self._head) < len(JPEG_SOI):
             self._head += bytes(chunk[: len(JPEG_SOI) - len(self._head)])
             if len(self._head) == len(JPEG_SOI) and self._head != JPEG_SOI:
+                self.abort()
                 raise Rejected(Reason.NOT_JPEG, "not a JPEG (no FF D8 FF start-of-image marker)")
         self._hash.update(chunk)
         try:
@@ -187,22 +191,26 @@ class IncomingFile:
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as e:
+            self.abort()
             raise _disk_reason(e) from e
         self.received += len(chunk)
 
     def finish(self, sender_sha256: bytes) -> tuple[str, bytes]:
         """Flush, verify and move into place; returns (saved name, SHA-256)."""
         if self.received != self.size:
+            self.abort()
             raise RemoteProtocolError(
                 f"file ended after {self.received} of {self.size} announced bytes")
         digest = self._hash.digest()
         try:
             os.fsync(self._fd)
         except OSError as e:
+            self.abort()
             raise _disk_reason(e) from e
         os.close(self._fd)
         self._fd = None
         if digest != sender_sha256:
+            self.abort()
             raise Rejected(Reason.HASH_MISMATCH, "SHA-256 of the received data does not match")
         try:
             saved = self._link_into_place()
