@@ -1,0 +1,562 @@
+"""The menus of client.py and server.py driven through a real pseudo-terminal
+(pexpect), as a user would: type at the prompt, read what the terminal shows.
+
+prompt_toolkit paints its prompts with cursor movements and erases them to print
+incoming lines above, so the raw pty stream is not a list of lines.  `Screen` is
+a one-line-at-a-time terminal model: it turns the stream into the lines a user
+would see scroll by, plus a "prompt shown" event whenever prompt_toolkit finishes
+a paint (it shows the cursor again).  Tests wait on those, never on sleeps.
+
+The children get TERM=xterm (under TERM=dumb or none prompt_toolkit would fall back
+to another UI than users get) and, from conftest.child_env, PROMPT_TOOLKIT_NO_CPR=1:
+pexpect is no terminal emulator and never answers the cursor position request
+ESC[6n, so prompt_toolkit would wait for it and then print "WARNING: your terminal
+doesn't support cursor position requests (CPR)".  wcwidth comes with prompt_toolkit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import PY, ROOT, Env, child_env, files_in, make_jpeg
+from wcwidth import wcwidth
+
+TIMEOUT = 20.0
+CLIENT_MENU = "1) send text  2) send a JPG  3) quit"
+SERVER_MENU = "1) send text  2) send a JPG  3) list clients  4) quit"
+TRUST_QUESTION = "Are you sure you want to trust it (yes/no/[fingerprint])?"
+FP = r"SHA256:[A-Za-z0-9+/]{43}"
+CODE = r"\d{4}-\d{4}-\d{4}"
+
+_CSI = re.compile(r"\x1b\[([0-?]*)([ -/]*)([@-~])")
+_ESC = re.compile(r"\x1b(?:\][^\x07\x1b]*(?:\x07|\x1b\\)|[()][0-9A-Za-z]|[=>78DEHMc])")
+_PARTIAL_ESC = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[()])?")
+
+
+class Screen:
+    """The lines a terminal shows, from the raw bytes a program wrote to its pty.
+
+    Models one line at a time (enough at 200 columns): printable characters by
+    cell width, CR, LF, BS, cursor left/right/column, erase to the end. Events are
+    ("line", text) when a line is finished and ("shown", text) when prompt_toolkit
+    shows the cursor after painting (the prompt the user now sees)."""
+
+    def __init__(self) -> None:
+        self.cells: list[str] = []
+        self.col = 0
+        self.pending = ""
+        self.events: list[tuple[str, str]] = []
+
+    def current(self) -> str:
+        return "".join(self.cells).rstrip()
+
+    def feed(self, data: str) -> None:
+        data, self.pending = self.pending + data, ""
+        i = 0
+        while i < len(data):
+            ch = data[i]
+            if ch == "\x1b":
+                m = _CSI.match(data, i)
+                if m:
+                    self._csi(*m.groups())
+                    i = m.end()
+                    continue
+                m = _ESC.match(data, i)
+                if m:
+                    i = m.end()
+                    continue
+                if _PARTIAL_ESC.fullmatch(data, i):  # split across reads: wait for the rest
+                    self.pending = data[i:]
+                    return
+                i += 1
+                continue
+            self._char(ch)
+            i += 1
+
+    def _csi(self, params: str, _inter: str, final: str) -> None:
+        n = int(params) if params.isdigit() else 1
+        if final == "C":
+            self.col += n
+        elif final == "D":
+            self.col = max(0, self.col - n)
+        elif final == "G":
+            self.col = max(0, n - 1)
+        elif final in "JK" and params in ("", "0"):
+            del self.cells[self.col:]
+        elif final == "h" and params == "?25":
+            text = self.current()
+            if text and self.events[-1:] != [("shown", text)]:
+                self.events.append(("shown", text))
+
+    def _char(self, ch: str) -> None:
+        if ch == "\n":
+            self.events.append(("line", self.current()))
+            self.cells, self.col = [], 0
+        elif ch == "\r":
+            self.col = 0
+        elif ch == "\b":
+            self.col = max(0, self.col - 1)
+        elif ch >= " ":
+            width = wcwidth(ch)
+            if width == 0 and self.col > 0:  # combining mark joins the previous cell
+                self.cells[self.col - 1] += ch
+                return
+            width = max(width, 1)
+            while len(self.cells) < self.col + width:
+                self.cells.append(" ")
+            self.cells[self.col] = ch
+            for k in range(1, width):
+                self.cells[self.col + k] = ""
+            self.col += width
+
+
+class Tty:
+    """One program in a pseudo-terminal, 24x200, with a cursor over what it showed."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        env = child_env(TERM="xterm", LANG="C.UTF-8")
+        for var in ("COLUMNS", "LINES", "LC_ALL", "NO_COLOR"):
+            env.pop(var, None)
+        self.child = pexpect.spawn(PY, [script, *args], cwd=str(ROOT), env=env,
+                                   dimensions=(24, 200), timeout=TIMEOUT, encoding="utf-8",
+                                   codec_errors="replace")
+        self.screen = Screen()
+        self.seen = 0
+        self.eof = False
+
+    # reading ----------------------------------------------------------------------
+    def _read(self, timeout: float) -> None:
+        try:
+            self.screen.feed(self.child.read_nonblocking(65536, timeout=max(timeout, 0.01)))
+        except pexpect.TIMEOUT:
+            pass
+        except pexpect.EOF:
+            self.eof = True
+            if self.screen.current():  # a last line without a newline
+                self.screen.feed("\n")
+
+    def _wait(self, what: str, found, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            hit = found()
+            if hit is not None:
+                return hit
+            left = deadline - time.monotonic()
+            if left <= 0 or self.eof:
+                raise AssertionError(f"{what} not seen within {timeout:g} s"
+                                     f"{' (program ended)' if self.eof else ''}; "
+                                     f"the terminal showed:\n{self.text()}")
+            self._read(min(left, 1.0))
+
+    def expect_line(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
+        """The first finished line after the cursor that matches `pattern`."""
+        rx = re.compile(pattern)
+
+        def found():
+            for i in range(self.seen, len(self.screen.events)):
+                kind, text = self.screen.events[i]
+                m = rx.search(text) if kind == "line" else None
+                if m:
+                    self.seen = i + 1
+                    return m
+            return None
+        return self._wait(f"a line matching {pattern!r}", found, timeout)
+
+    def expect_prompt(self, prompt: str, timeout: float = TIMEOUT) -> None:
+        """Wait until the terminal shows `prompt` with nothing typed after it."""
+        want = prompt.rstrip()
+
+        def found():
+            for i in range(self.seen, len(self.screen.events)):
+                if self.screen.events[i] == ("shown", want):
+                    self.seen = i + 1
+                    return True
+            if self.screen.current() == want and not self.screen.pending:
+                self.seen = len(self.screen.events)  # e.g. input() in cooked mode
+                return True
+            return None
+        self._wait(f"the prompt {prompt!r}", found, timeout)
+
+    def lines(self, pattern: str) -> list[re.Match]:
+        """Every finished line so far matching `pattern` (does not move the cursor)."""
+        rx = re.compile(pattern)
+        return [m for kind, text in self.screen.events if kind == "line"
+                for m in [rx.search(text)] if m]
+
+    def text(self) -> str:
+        lines = [text for kind, text in self.screen.events if kind == "line"]
+        return "\n".join(lines + [self.screen.current()])
+
+    # typing and ending --------------------------------------------------------------------
+    def type(self, text: str) -> None:
+        """Type a line and press Enter (a terminal sends CR)."""
+        self.child.send(text + "\r")
+
+    def answer(self, prompt: str, text: str) -> None:
+        self.expect_prompt(prompt)
+        self.type(text)
+
+    def ctrl_c(self) -> None:
+        self.wait_idle()
+        self.child.sendcontrol("c")
+
+    def wait_idle(self, timeout: float = TIMEOUT) -> None:
+        """Wait until the program's main thread sleeps, i.e. waits for the user.
+
+        A prompt on the screen is not enough for ^C at a cooked-mode input(): CPython
+        raises KeyboardInterrupt there only when the signal interrupts the read, so a
+        SIGINT that lands between printing the prompt and blocking in read() waits
+        for the next Enter.  No person is that fast; a loaded test machine is."""
+        stat = Path(f"/proc/{self.child.pid}/stat")
+        if not stat.exists():  # no procfs: fall back to the prompt alone
+            return
+        deadline = time.monotonic() + timeout
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "S":
+            assert time.monotonic() < deadline, f"never idle:\n{self.text()}"
+            time.sleep(0.005)  # polling a state, not waiting a fixed time
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        """Read to the end of output; the exit status (negative: killed by that signal)."""
+        self._wait("the end of output", lambda: True if self.eof else None, timeout)
+        deadline = time.monotonic() + timeout
+        while self.child.isalive():
+            assert time.monotonic() < deadline, f"still running after EOF:\n{self.text()}"
+            time.sleep(0.02)  # the pty is closed; reap the process
+        if self.child.signalstatus is not None:
+            return -self.child.signalstatus
+        return self.child.exitstatus
+
+    def kill(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+        self.child.close(force=True)
+
+
+def assert_clean(tty: Tty) -> None:
+    out = tty.text()
+    assert "Traceback" not in out, out
+    assert "cursor position" not in out.lower(), out  # prompt_toolkit's CPR warning
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- fixtures ------------------------------------------------------------------------------
+class Terminals:
+    """Per-test terminals over the conftest Env directories."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.server_assets = env.root / "server-assets"
+        self.server_assets.mkdir()
+        self.ttys: list[Tty] = []
+
+    def spawn(self, script: str, *args: str) -> Tty:
+        tty = Tty(script, *args)
+        self.ttys.append(tty)
+        return tty
+
+    def console(self) -> tuple[Tty, int, str]:
+        """server.py with its console (stdin is the pty, so not headless)."""
+        e = self.env
+        srv = self.spawn("server.py", "--port", "0", "--home", str(e.server_home),
+                         "--assets-dir", str(self.server_assets),
+                         "--received-dir", str(e.server_received))
+        port = int(srv.expect_line(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
+        fingerprint = srv.expect_line(rf"^identity ({FP})$").group(1)
+        srv.expect_line(f"^{re.escape(SERVER_MENU)}$")
+        srv.expect_prompt(">")
+        return srv, port, fingerprint
+
+    def client(self, port: int, *extra: str, home: Path | None = None,
+               received: Path | None = None) -> Tty:
+        e = self.env
+        return self.spawn("client.py", "--port", str(port), "--home", str(home or e.client_home),
+                          "--assets-dir", str(e.assets),
+                          "--received-dir", str(received or e.client_received), *extra)
+
+    def connected_client(self, port: int, *extra: str, **kw) -> tuple[Tty, str]:
+        """A client that trusts the server on first use; returns it and its code."""
+        cli = self.client(port, "--accept-new-host", *extra, **kw)
+        code = cli.expect_line(rf"^verification code: ({CODE})  \(compare").group(1)
+        cli.expect_line(f"^{re.escape(CLIENT_MENU)}$")
+        cli.expect_prompt(">")
+        return cli, code
+
+    def client_fingerprint(self, home: Path | None = None) -> str:
+        r = self.env.client("--show-identity", home=home)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+
+@pytest.fixture
+def terms(env: Env):
+    terminals = Terminals(env)
+    yield terminals
+    for tty in terminals.ttys:
+        tty.kill()
+
+
+def assets_listed(tty: Tty, count: int) -> dict[str, str]:
+    """The numbered JPG list a menu prints: {name: number}."""
+    listed = {}
+    for _ in range(count):
+        m = tty.expect_line(r"^  (\d+)\) (.+) \((\d+(?:\.\d)? (?:B|KiB|MiB))\)$")
+        listed[m.group(2)] = m.group(1)
+    return listed
+
+
+# --- 1. text both ways ------------------------------------------------------------------------
+def test_text_from_client_menu_and_reply_from_server_console(terms: Terminals):
+    srv, port, _ = terms.console()
+    client_fp = terms.client_fingerprint()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(rf"^client {re.escape(client_fp)} connected from 127\.0\.0\.1:\d+$")
+
+    # the user sends a text from the client menu
+    cli.type("1")
+    cli.answer("text: ", "hello from the client — ünïcode ✓")
+    cli.expect_line("^delivered$")
+    srv.expect_line(rf"^\[{re.escape(client_fp)}\] hello from the client — ünïcode ✓$")
+
+    # the operator replies from the console: 1 = send text (one client: no pick)
+    srv.type("1")
+    srv.answer("text: ", "hi back, from the operator")
+    srv.expect_line("^delivered$")
+    cli.expect_line(r"^\[server\] hi back, from the operator$")
+
+    cli.expect_prompt(">")
+    cli.type("3")
+    assert cli.wait_exit() == 0
+    srv.expect_line(rf"^\[{re.escape(client_fp)}\] peer said goodbye \(client done\)$")
+    for tty in (cli, srv):
+        assert_clean(tty)
+
+
+# --- 2. JPGs through the menus ---------------------------------------------------------------
+def test_jpgs_both_ways_through_the_menus_are_bit_exact(terms: Terminals, tmp_path: Path):
+    env = terms.env
+    # server assets: a multi-chunk photo with a Unicode name and spaces, and a .JPG
+    big = make_jpeg(terms.server_assets / "Ünïcode café ☕ photo.jpg", (1200, 900), noise=True,
+                    quality=95)
+    assert big.stat().st_size > (1 << 20)  # more than one 1 MiB chunk
+    shout = make_jpeg(terms.server_assets / "ZEBRA.JPG", (64, 48), exif=True)
+    (terms.server_assets / "notes.txt").write_text("not a JPG")
+    # client assets, and one file elsewhere that the user types the path of
+    holiday = make_jpeg(env.assets / "my holiday ñ 写真.jpeg", (320, 200), noise=True)
+    plain = make_jpeg(env.assets / "plain.jpg", progressive=True)
+    elsewhere = make_jpeg(tmp_path / "other dir" / "Straße Ω.JPG", (200, 150), noise=True)
+
+    srv, port, _ = terms.console()
+    client_fp = terms.client_fingerprint()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+
+    # server -> client: console option 2, pick each asset by its number
+    for source in (big, shout):
+        srv.expect_prompt(">")
+        srv.type("2")
+        listed = assets_listed(srv, 2)
+        assert set(listed) == {big.name, shout.name}
+        srv.answer("number or path: ", listed[source.name])
+        digest = sha256(source)
+        sent = srv.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), ")
+        assert sent.groups() == (source.name, str(source.stat().st_size), digest)
+        cli.expect_line(rf"^\[server\] receiving {re.escape(repr(source.name))} \(")
+        saved = cli.expect_line(r"^\[server\] saved '(.+)': (\d+) bytes, "
+                                r"SHA-256 ([0-9a-f]{64}), .* at (.+)$")
+        assert saved.group(1, 2, 3) == (source.name, str(source.stat().st_size), digest)
+        received = Path(saved.group(4))
+        assert received == env.client_received / source.name
+        assert sha256(received) == digest
+    assert files_in(env.client_received) == sorted([big.name, shout.name])
+
+    # client -> server: client option 2, by number from assets/, then by typed path
+    for source, pick in ((holiday, "number"), (plain, "number"), (elsewhere, "path")):
+        cli.expect_prompt(">")
+        cli.type("2")
+        listed = assets_listed(cli, 2)
+        assert set(listed) == {holiday.name, plain.name}
+        cli.answer("number or path: ", listed[source.name] if pick == "number" else str(source))
+        digest = sha256(source)
+        sent = cli.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), ")
+        assert sent.groups() == (source.name, str(source.stat().st_size), digest)
+        got = srv.expect_line(rf"^\[{re.escape(client_fp)}\] received '(.+)': (\d+) bytes, "
+                              rf"SHA-256 ([0-9a-f]{{64}}), .*, saved at (.+)$")
+        assert got.group(1, 2, 3) == (source.name, str(source.stat().st_size), digest)
+        received = Path(got.group(4))
+        assert received == env.server_received / source.name
+        assert sha256(received) == digest
+    assert files_in(env.server_received) == sorted([holiday.name, plain.name, elsewhere.name])
+
+    # a typed path that is not a JPEG is refused locally, and the menu carries on
+    cli.expect_prompt(">")
+    cli.type("2")
+    assets_listed(cli, 2)
+    cli.answer("number or path: ", str(terms.server_assets / "notes.txt"))
+    cli.expect_line(r"^not sent: .*notes\.txt: not a \.jpg/\.jpeg file$")
+    cli.expect_prompt(">")
+    cli.type("3")
+    assert cli.wait_exit() == 0
+    assert files_in(env.server_received) == sorted([holiday.name, plain.name, elsewhere.name])
+    for tty in (cli, srv):
+        assert_clean(tty)
+
+
+# --- 3. Ctrl-C on either side -------------------------------------------------------------------
+def test_ctrl_c_on_the_client_menu_says_goodbye(terms: Terminals):
+    srv, port, _ = terms.console()
+    client_fp = terms.client_fingerprint()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+
+    cli.ctrl_c()
+    assert cli.wait_exit() == 130
+    assert cli.lines("^interrupted: saying goodbye$")
+    assert_clean(cli)
+    srv.expect_line(rf"^\[{re.escape(client_fp)}\] peer said goodbye \(client interrupted\)$")
+    # the console is still usable and the client is gone from it
+    srv.expect_prompt(">")
+    srv.type("3")
+    srv.expect_line("^no clients connected$")
+    srv.expect_prompt(">")
+    srv.type("4")
+    assert srv.wait_exit() == 0
+    assert_clean(srv)
+
+
+def test_ctrl_c_on_the_server_console_tells_the_client(terms: Terminals):
+    srv, port, _ = terms.console()
+    client_fp = terms.client_fingerprint()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+    srv.expect_prompt(">")
+
+    srv.ctrl_c()
+    srv.expect_line("^shutting down$")
+    srv.expect_line("^bye$")
+    assert srv.wait_exit() == 0
+    assert_clean(srv)
+    cli.expect_line(r"^server: peer said goodbye \(server shutting down\)$")
+    assert cli.wait_exit() == 0
+    assert_clean(cli)
+
+
+def test_ctrl_c_on_the_server_while_the_client_is_typing(terms: Terminals):
+    """The client sits in its "text:" prompt: the goodbye still ends it cleanly."""
+    srv, port, _ = terms.console()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(r"^client .* connected")
+    cli.type("1")
+    cli.expect_prompt("text: ")
+    srv.expect_prompt(">")
+    srv.ctrl_c()
+    assert srv.wait_exit() == 0
+    cli.expect_line(r"^server: peer said goodbye \(server shutting down\)$")
+    assert cli.wait_exit() == 0
+    for tty in (cli, srv):
+        assert_clean(tty)
+
+
+# --- 4. trust on first use, answered at the terminal ------------------------------------------
+def other_fingerprint(terms: Terminals) -> str:
+    return terms.client_fingerprint(home=terms.env.root / "someone-else")
+
+
+@pytest.mark.parametrize("answer", ["no", "yes", "right fingerprint", "wrong fingerprint",
+                                    "ctrl-c"])
+def test_first_contact_question(terms: Terminals, answer: str):
+    env = terms.env
+    srv = env.server("--assets-dir", str(terms.server_assets))  # headless (stdin not a tty)
+    key = f"[127.0.0.1]:{srv.port}"
+    known_hosts = env.client_home / "known_hosts"
+    typed = {"no": "no", "yes": "yes", "right fingerprint": srv.fingerprint,
+             "wrong fingerprint": other_fingerprint(terms), "ctrl-c": None}[answer]
+    assert typed != srv.fingerprint or answer == "right fingerprint"
+
+    cli = terms.client(srv.port)
+    cli.expect_line(rf"^The authenticity of server {re.escape(key)} can't be established\.$")
+    cli.expect_line(rf"^Its fingerprint is {re.escape(srv.fingerprint)}\.$")
+    cli.expect_prompt(TRUST_QUESTION)
+    if typed is None:
+        cli.ctrl_c()  # the question is a plain input(): the tty turns ^C into SIGINT
+    else:
+        cli.type(typed)
+
+    if answer == "ctrl-c":
+        cli.expect_line(rf"^{re.escape(TRUST_QUESTION)} \^Cinterrupted$")  # the tty echoes ^C
+        assert cli.wait_exit() == 130
+        assert not known_hosts.exists() or known_hosts.read_text() == ""
+        srv.wait_for(r"^connection from 127\.0\.0\.1:\d+ closed: ")
+        assert "connected from" not in srv.output()
+    elif answer in ("no", "wrong fingerprint"):
+        if answer == "wrong fingerprint":
+            cli.expect_line("^The fingerprint you pasted does not match the server's\\.$")
+        cli.expect_line(r"^error: server not trusted; nothing recorded$")
+        assert cli.wait_exit() == 4
+        assert not known_hosts.exists() or known_hosts.read_text() == ""
+        srv.wait_for(r"closed: peer refused: client does not trust this server")
+        assert "connected from" not in srv.output()
+    else:
+        cli.expect_line(rf"^recorded {re.escape(key)} {re.escape(srv.fingerprint)} in "
+                        rf"{re.escape(str(known_hosts))}$")
+        cli.expect_line(rf"^connected to 127\.0\.0\.1:{srv.port}, server "
+                        rf"{re.escape(srv.fingerprint)}$")
+        assert known_hosts.read_text() == f"{key} {srv.fingerprint}\n"
+        cli.expect_prompt(">")
+        cli.type("3")
+        assert cli.wait_exit() == 0
+        srv.wait_for(r"^client SHA256:\S+ connected from")
+        # pinned now: a later run needs neither a question nor a flag
+        again = env.client("--port", str(srv.port), "--send-text", "pinned")
+        assert again.returncode == 0, again.stderr
+        assert "authenticity" not in again.stdout + again.stderr
+        srv.wait_for(r"\] pinned$")
+    assert_clean(cli)
+
+
+# --- 5. the verification code matches, per client ---------------------------------------------
+def test_verification_codes_match_the_console_per_client(terms: Terminals):
+    env = terms.env
+    srv, port, _ = terms.console()
+    homes = [env.client_home, env.root / "client-b-home"]
+    fps = [terms.client_fingerprint(h) for h in homes]
+    assert fps[0] != fps[1]
+    clients, codes = [], []
+    for i, home in enumerate(homes):
+        cli, code = terms.connected_client(port, home=home, received=env.root / f"recv-{i}")
+        clients.append(cli)
+        codes.append(code)
+        srv.expect_line(rf"^client {re.escape(fps[i])} connected")
+        shown = srv.expect_line(rf"^\[{re.escape(fps[i])}\] verification code: ({CODE})$")
+        assert shown.group(1) == code
+    assert codes[0] != codes[1]  # fresh keys per session
+
+    # with two clients the console asks which one; reply to the second
+    srv.expect_prompt(">")
+    srv.type("1")
+    listed = {}
+    for _ in range(2):
+        m = srv.expect_line(rf"^  (\d)\) ({FP}) \(127\.0\.0\.1:\d+\)$")
+        listed[m.group(2)] = m.group(1)
+    assert set(listed) == set(fps)
+    srv.answer("client number: ", listed[fps[1]])
+    srv.answer("text: ", "only for B")
+    srv.expect_line("^delivered$")
+    clients[1].expect_line(r"^\[server\] only for B$")
+    for cli in clients:
+        cli.expect_prompt(">")
+        cli.type("3")
+        assert cli.wait_exit() == 0
+        assert_clean(cli)
+    assert not clients[0].lines("only for B")
+    srv.expect_prompt(">")
+    srv.type("4")
+    assert srv.wait_exit() == 0
+    assert_clean(srv)
