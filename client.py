@@ -10,6 +10,7 @@ import argparse
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -351,19 +352,24 @@ def make_prompt(conn: session.Connection):
 
     ps = PromptSession()
 
+    def leave_if_closed() -> None:
+        # runs inside the prompt's loop: ends a prompt the hang-up arrived before
+        if conn.closed.is_set():
+            ps.app.exit(result="")
+
     def on_close() -> None:
         conn.closed.wait()
         app = ps.app
         if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(lambda: app.exit(result=""))
-
-    import threading  # noqa: PLC0415
+            app.loop.call_soon_threadsafe(leave_if_closed)
 
     threading.Thread(target=on_close, daemon=True).start()
 
     def pt(message: str) -> str:
+        if conn.closed.is_set():
+            return ""
         try:
-            return ps.prompt(message)
+            return ps.prompt(message, pre_run=leave_if_closed)
         except EOFError:
             return "quit"
     return pt

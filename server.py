@@ -187,14 +187,21 @@ class Server:
                                   received_dir=str(self.args.received_dir),
                                   max_file_size=self.args.max_file_size)
         with self.lock:
+            # shutdown() sets `stopping` before it takes its list of clients under this
+            # lock, so a client is either in that list or sees `stopping` here
+            late = self.stopping.is_set()
             self._next += 1
             key = self._next
-            self.clients[key] = Client(conn, fp, name, peer)
+            if not late:
+                self.clients[key] = Client(conn, fp, name, peer)
         # announced only once the console can pick it (and shutdown can say goodbye to it)
         self.log(f"client {label} connected from {peer}")
         if self.args.verbose or not self.args.headless:
             self.log(f"[{label}] verification code: {crypt.verification_code(hs.keys)}")
         conn.start()
+        if late:
+            conn.close("server shutting down")
+            return
         conn.closed.wait()
         with self.lock:
             self.clients.pop(key, None)
