@@ -1,0 +1,1131 @@
+"""In-memory tests of the sans-I/O core: each one fails if a security property breaks.
+
+Covers DESIGN.md section 3: the hybrid key exchange (1), mutual authentication with both
+signatures (2), record protection (4), downgrade/misbinding resistance (5) and the key log
+(10); plus the KEM providers and the handshake state machines.  No sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import re
+import struct
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+from conftest import ROOT, handshake_pair, identity
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+import crypt
+import protocol
+from client_data import ClientHandshake, ClientState
+from protocol import (
+    CHUNK_SIZE,
+    ECDSA_SIG,
+    IV_SIZE,
+    MAC_SIZE,
+    MAX_FRAME,
+    MLDSA65_PUB,
+    MLDSA65_SIG,
+    MLKEM1024_CT,
+    MLKEM1024_EK,
+    P256_POINT,
+    PROTOCOL_LABEL,
+    RANDOM_SIZE,
+    AuthError,
+    ClientAuth,
+    ClientHello,
+    LocalProtocolError,
+    MsgType,
+    RemoteProtocolError,
+    ServerHello,
+    VersionMismatch,
+)
+from server_data import ServerHandshake, ServerState
+
+# P-256 domain parameters (SEC 2) for crafting invalid points
+P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+MLKEM_Q = 3329
+
+
+# --- helpers --------------------------------------------------------------------------
+def layout(*sized: tuple[str, int]) -> dict[str, tuple[int, int]]:
+    """{field: (offset, size)} for consecutive fields."""
+    out, pos = {}, 0
+    for name, size in sized:
+        out[name] = (pos, size)
+        pos += size
+    return out
+
+
+HEADER = (("type", 1), ("magic", 4), ("version", 2))
+CH_FIELDS = layout(*HEADER, ("random", RANDOM_SIZE), ("ecdh_share", P256_POINT),
+                   ("mlkem_ek", MLKEM1024_EK), ("identity_ecdsa", P256_POINT),
+                   ("identity_mldsa", MLDSA65_PUB))
+SH_FIELDS = layout(*HEADER, ("random", RANDOM_SIZE), ("ecdh_share", P256_POINT),
+                   ("mlkem_ct", MLKEM1024_CT), ("identity_ecdsa", P256_POINT),
+                   ("identity_mldsa", MLDSA65_PUB), ("sig_ecdsa", ECDSA_SIG),
+                   ("sig_mldsa", MLDSA65_SIG), ("finished", MAC_SIZE))
+CA_FIELDS = layout(("type", 1), ("sig_ecdsa", ECDSA_SIG), ("sig_mldsa", MLDSA65_SIG),
+                   ("finished", MAC_SIZE))
+
+
+def _end(fields_: dict[str, tuple[int, int]]) -> int:
+    return max(off + size for off, size in fields_.values())
+
+
+def test_field_layouts_match_the_message_sizes():
+    assert _end(CH_FIELDS) == ClientHello.SIZE
+    assert _end(SH_FIELDS) == ServerHello.SIZE
+    assert SH_FIELDS["sig_ecdsa"][0] == ServerHello.CORE_SIZE
+    assert _end(CA_FIELDS) == ClientAuth.SIZE
+
+
+def flip_positions(fields_: dict[str, tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """(field, byte position, bit) for the first, middle and last byte of every field."""
+    cases = []
+    for name, (off, size) in fields_.items():
+        for i, pos in enumerate(sorted({off, off + size // 2, off + size - 1})):
+            cases.append((name, pos, (0, 3, 7)[i]))
+    return cases
+
+
+def flip(data: bytes, pos: int, bit: int = 0) -> bytes:
+    out = bytearray(data)
+    out[pos] ^= 1 << bit
+    return bytes(out)
+
+
+def replace(data: bytes, fields_: dict, name: str, value: bytes) -> bytes:
+    off, size = fields_[name]
+    assert len(value) == size
+    return data[:off] + value + data[off + size :]
+
+
+def field(data: bytes, fields_: dict, name: str) -> bytes:
+    off, size = fields_[name]
+    return data[off : off + size]
+
+
+def mlkem_ek_passes_modulus_check(ek: bytes) -> bool:
+    """FIPS 203 input check: every 12-bit coefficient of t-hat is below q."""
+    coeffs = ek[: 384 * 4]
+    for i in range(0, len(coeffs), 3):
+        b0, b1, b2 = coeffs[i : i + 3]
+        if (b0 | (b1 & 0x0F) << 8) >= MLKEM_Q or (b1 >> 4 | b2 << 4) >= MLKEM_Q:
+            return False
+    return True
+
+
+def set_coefficient(ek: bytes, index: int, value: int) -> bytes:
+    """Overwrite the index-th 12-bit coefficient of the encapsulation key."""
+    out = bytearray(ek)
+    i = (index // 2) * 3
+    if index % 2 == 0:
+        out[i] = value & 0xFF
+        out[i + 1] = (out[i + 1] & 0xF0) | (value >> 8)
+    else:
+        out[i + 1] = (out[i + 1] & 0x0F) | ((value & 0x0F) << 4)
+        out[i + 2] = value >> 4
+    return bytes(out)
+
+
+def fresh(client_id=None, server_id=None, ckem=None, skem=None):
+    return (ClientHandshake(client_id or identity("client"), ckem),
+            ServerHandshake(server_id or identity("server"), skem))
+
+
+def run(c: ClientHandshake, s: ServerHandshake) -> tuple[bytes, bytes, bytes]:
+    ch = c.create_client_hello()
+    s.consume_client_hello(ch)
+    sh = s.create_server_hello()
+    c.consume_server_hello(sh)
+    ca = c.create_client_auth()
+    s.consume_client_auth(ca)
+    return ch, sh, ca
+
+
+def raises_exactly(exc: type[Exception], call, *args):
+    with pytest.raises(exc) as info:
+        call(*args)
+    assert type(info.value) is exc, f"expected {exc.__name__}, got {info.value!r}"
+    return info.value
+
+
+def assert_client_failed_for_good(c: ClientHandshake) -> None:
+    assert c.state is ClientState.FAILED
+    for call, args in ((c.create_client_hello, ()), (c.consume_server_hello, (b"",)),
+                       (c.create_client_auth, ()), (c.records, ())):
+        with pytest.raises(LocalProtocolError, match="FAILED"):
+            call(*args)
+        assert c.state is ClientState.FAILED
+
+
+def assert_server_failed_for_good(s: ServerHandshake) -> None:
+    assert s.state is ServerState.FAILED
+    for call, args in ((s.consume_client_hello, (b"",)), (s.create_server_hello, ()),
+                       (s.consume_client_auth, (b"",)), (s.records, ())):
+        with pytest.raises(LocalProtocolError, match="FAILED"):
+            call(*args)
+        assert s.state is ServerState.FAILED
+
+
+class Claiming:
+    """An identity that claims one set of public keys and signs with other private keys."""
+
+    def __init__(self, claimed, signer, *, role_swap: bool = False) -> None:
+        self.public = claimed.public
+        self._signer = signer
+        self._role_swap = role_swap
+
+    def sign(self, role: str, transcript_hash: bytes):
+        if self._role_swap:
+            role = {"client": "server", "server": "client"}[role]
+        return self._signer.sign(role, transcript_hash)
+
+
+# --- full handshake --------------------------------------------------------------------
+def test_full_handshake_agrees_on_keys_transcript_and_fingerprints():
+    cid, sid = identity("client"), identity("server")
+    p = handshake_pair(cid, sid)
+    assert p.client.state is ClientState.DONE and p.server.state is ServerState.DONE
+    assert p.client.keys == p.server.keys
+    # the transcript is the protocol label and every handshake message, nothing else
+    expected = hashlib.sha256(PROTOCOL_LABEL + p.client_hello + p.server_hello
+                              + p.client_auth).digest()
+    assert p.client.transcript_hash == p.server.transcript_hash == expected
+    # each side learns the other's long-term identity, not anything ephemeral
+    assert p.client.server.fingerprint == sid.fingerprint()
+    assert p.client.server.identity == sid.public
+    assert p.server.client.fingerprint == cid.fingerprint()
+    assert p.server.client.identity == cid.public
+    assert cid.fingerprint() != sid.fingerprint()
+    assert p.server.client_random == p.client.random
+
+
+def test_fingerprint_is_sha256_over_both_identity_public_keys():
+    sid = identity("server")
+    digest = hashlib.sha256(sid.public.ecdsa + sid.public.mldsa).digest()
+    assert sid.fingerprint() == "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    assert re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", sid.fingerprint())
+
+
+def test_every_session_uses_fresh_ephemeral_keys():
+    a, b = handshake_pair(), handshake_pair()
+    cha, chb = ClientHello.decode(a.client_hello), ClientHello.decode(b.client_hello)
+    sha, shb = ServerHello.decode(a.server_hello), ServerHello.decode(b.server_hello)
+    assert cha.random != chb.random and sha.random != shb.random
+    assert cha.ecdh_share != chb.ecdh_share
+    assert cha.mlkem_ek != chb.mlkem_ek
+    assert sha.ecdh_share != shb.ecdh_share
+    assert sha.mlkem_ct != shb.mlkem_ct
+    # identities are long-term: the same in both sessions
+    assert cha.identity == chb.identity and sha.identity == shb.identity
+    for f in fields(crypt.SessionKeys):
+        assert getattr(a.client.keys, f.name) != getattr(b.client.keys, f.name), f.name
+    assert a.client.transcript_hash != b.client.transcript_hash
+
+
+def test_all_derived_keys_are_distinct_and_sized():
+    keys = handshake_pair().client.keys
+    values = [getattr(keys, f.name) for f in fields(crypt.SessionKeys)]
+    assert len(set(values)) == len(values)
+    assert len(keys.c2s_enc) == len(keys.s2c_enc) == 32
+    assert len(keys.c2s_mac) == len(keys.s2c_mac) == 32
+    assert len(keys.c2s_iv) == len(keys.s2c_iv) == 8
+
+
+# --- hybrid key schedule ---------------------------------------------------------------
+SECRETS = (bytes(range(32)), bytes(range(32, 64)), hashlib.sha256(b"transcript").digest())
+KEY_LENGTHS = {"c2s_enc": 32, "c2s_mac": 32, "c2s_iv": 8, "s2c_enc": 32, "s2c_mac": 32,
+               "s2c_iv": 8, "server_finished": 32, "client_finished": 32, "verification": 8}
+FIELD_LABEL = {"c2s_enc": "c2s enc", "c2s_mac": "c2s mac", "c2s_iv": "c2s iv",
+               "s2c_enc": "s2c enc", "s2c_mac": "s2c mac", "s2c_iv": "s2c iv",
+               "server_finished": "server finished", "client_finished": "client finished",
+               "verification": "verification code"}
+
+
+def hkdf_reference(ecdh: bytes, mlkem: bytes, th: bytes) -> dict[str, bytes]:
+    """An independent key schedule: Extract(salt=transcript hash, IKM=ECDH||ML-KEM)."""
+    prk = HKDF.extract(hashes.SHA256(), th, ecdh + mlkem)
+    return {name: HKDFExpand(hashes.SHA256(), n, crypt.LABELS[FIELD_LABEL[name]]).derive(prk)
+            for name, n in KEY_LENGTHS.items()}
+
+
+def as_dict(keys: crypt.SessionKeys) -> dict[str, bytes]:
+    return {f.name: getattr(keys, f.name) for f in fields(crypt.SessionKeys)}
+
+
+def test_key_schedule_is_hkdf_with_ecdh_secret_first():
+    assert set(KEY_LENGTHS) == {f.name for f in fields(crypt.SessionKeys)}
+    ecdh, mlkem, th = SECRETS
+    assert as_dict(crypt.derive_keys(ecdh, mlkem, th)) == hkdf_reference(ecdh, mlkem, th)
+    # the order is part of the spec: ML-KEM first gives different keys
+    assert as_dict(crypt.derive_keys(ecdh, mlkem, th)) != hkdf_reference(mlkem, ecdh, th)
+    assert crypt.derive_keys(ecdh, mlkem, th) != crypt.derive_keys(mlkem, ecdh, th)
+
+
+@pytest.mark.parametrize("which", ["ecdh", "mlkem", "transcript"])
+def test_every_key_depends_on_each_input(which):
+    base = list(SECRETS)
+    changed = list(SECRETS)
+    i = ["ecdh", "mlkem", "transcript"].index(which)
+    changed[i] = flip(changed[i], 31, 0)
+    a, b = as_dict(crypt.derive_keys(*base)), as_dict(crypt.derive_keys(*changed))
+    for name in a:
+        assert a[name] != b[name], f"{name} does not depend on the {which} input"
+
+
+def test_key_schedule_rejects_inputs_of_the_wrong_length():
+    ecdh, mlkem, th = SECRETS
+    for args in ((ecdh[:31], mlkem, th), (ecdh, mlkem + b"\0", th), (ecdh, mlkem, th[:16]),
+                 (b"", mlkem, th)):
+        with pytest.raises(LocalProtocolError):
+            crypt.derive_keys(*args)
+
+
+def test_handshake_keys_come_from_both_secrets_and_the_transcript():
+    """Drive both cores with known ephemeral values and recompute the keys independently."""
+    c_scalar, s_scalar = 0x1C1C1C1C, 0x5E5E5E5E
+    c = ClientHandshake(identity("client"), ecdh_scalar=c_scalar, mlkem_seed=bytes(range(64)))
+    ch = c.create_client_hello()
+    mlkem_secret, ct = crypt.CryptographyKEM().encapsulate(ClientHello.decode(ch).mlkem_ek)
+    s = ServerHandshake(identity("server"), ecdh_scalar=s_scalar)
+    s.consume_client_hello(ch, mlkem_encapsulation=(mlkem_secret, ct))
+    sh = s.create_server_hello()
+    c.consume_server_hello(sh)
+    s.consume_client_auth(c.create_client_auth())
+
+    hello = ServerHello.decode(sh)
+    assert hello.mlkem_ct == ct
+    server_point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), hello.ecdh_share)
+    ecdh_secret = ec.derive_private_key(c_scalar, ec.SECP256R1()).exchange(ec.ECDH(),
+                                                                            server_point)
+    assert len(ecdh_secret) == 32 and len(mlkem_secret) == 32
+    core_hash = hashlib.sha256(PROTOCOL_LABEL + ch + sh[: ServerHello.CORE_SIZE]).digest()
+    expected = hkdf_reference(ecdh_secret, mlkem_secret, core_hash)
+    assert as_dict(c.keys) == as_dict(s.keys) == expected
+    # knowing only one of the two secrets is not enough
+    assert as_dict(c.keys) != hkdf_reference(ecdh_secret, bytes(32), core_hash)
+    assert as_dict(c.keys) != hkdf_reference(bytes(32), mlkem_secret, core_hash)
+
+
+# --- bit flips in every field of every handshake message ---------------------------------
+CH_EXPECT = {
+    # field: (where it is detected, exception class)
+    "type": ("server", RemoteProtocolError),
+    "magic": ("server", RemoteProtocolError),
+    "version": ("server", VersionMismatch),
+    # the server cannot tell a changed random or identity from a genuine one; the
+    # client's signature check over the transcript catches it
+    "random": ("client", AuthError),
+    "ecdh_share": ("server", RemoteProtocolError),  # no longer a point on the curve
+    "mlkem_ek": (None, None),  # depends on whether the flipped key passes FIPS 203
+    "identity_ecdsa": ("client", AuthError),
+    "identity_mldsa": ("client", AuthError),
+}
+
+
+@pytest.mark.parametrize("name,pos,bit", flip_positions(CH_FIELDS))
+def test_client_hello_bit_flip_is_rejected(name, pos, bit):
+    c, s = fresh()
+    ch = flip(c.create_client_hello(), pos, bit)
+    where, exc = CH_EXPECT[name]
+    if name == "mlkem_ek":
+        valid = mlkem_ek_passes_modulus_check(field(ch, CH_FIELDS, "mlkem_ek"))
+        where, exc = ("client", AuthError) if valid else ("server", RemoteProtocolError)
+    if where == "server":
+        err = raises_exactly(exc, s.consume_client_hello, ch)
+        if exc is VersionMismatch:
+            assert err.version != protocol.VERSION
+        assert_server_failed_for_good(s)
+        return
+    s.consume_client_hello(ch)
+    raises_exactly(exc, c.consume_server_hello, s.create_server_hello())
+    assert_client_failed_for_good(c)
+
+
+def test_client_hello_ek_flip_in_rho_is_caught_by_the_client():
+    c, s = fresh()
+    ch = flip(c.create_client_hello(), CH_FIELDS["mlkem_ek"][0] + MLKEM1024_EK - 1, 5)
+    assert mlkem_ek_passes_modulus_check(field(ch, CH_FIELDS, "mlkem_ek"))
+    s.consume_client_hello(ch)
+    raises_exactly(AuthError, c.consume_server_hello, s.create_server_hello())
+    assert_client_failed_for_good(c)
+
+
+SH_EXPECT = {
+    "type": RemoteProtocolError,
+    "magic": RemoteProtocolError,
+    "version": VersionMismatch,
+    "random": AuthError,
+    "ecdh_share": RemoteProtocolError,
+    "mlkem_ct": AuthError,  # ML-KEM implicit rejection: other secret, signature fails
+    "identity_ecdsa": AuthError,
+    "identity_mldsa": AuthError,
+    "sig_ecdsa": AuthError,
+    "sig_mldsa": AuthError,
+    "finished": AuthError,
+}
+
+
+@pytest.mark.parametrize("name,pos,bit", flip_positions(SH_FIELDS))
+def test_server_hello_bit_flip_is_rejected(name, pos, bit):
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    sh = flip(s.create_server_hello(), pos, bit)
+    raises_exactly(SH_EXPECT[name], c.consume_server_hello, sh)
+    assert c.server is None
+    assert_client_failed_for_good(c)
+
+
+CA_EXPECT = {"type": RemoteProtocolError, "sig_ecdsa": AuthError, "sig_mldsa": AuthError,
+             "finished": AuthError}
+
+
+@pytest.mark.parametrize("name,pos,bit", flip_positions(CA_FIELDS))
+def test_client_auth_bit_flip_is_rejected(name, pos, bit):
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    c.consume_server_hello(s.create_server_hello())
+    ca = flip(c.create_client_auth(), pos, bit)
+    raises_exactly(CA_EXPECT[name], s.consume_client_auth, ca)
+    assert s.client is None
+    assert_server_failed_for_good(s)
+
+
+@pytest.mark.parametrize("msg", ["client_hello", "server_hello", "client_auth"])
+@pytest.mark.parametrize("change", ["truncated", "extended"])
+def test_handshake_message_of_the_wrong_length_is_rejected(msg, change):
+    c, s = fresh()
+    ch = c.create_client_hello()
+
+    def mangle(body: bytes) -> bytes:
+        return body[:-1] if change == "truncated" else body + b"\0"
+
+    if msg == "client_hello":
+        raises_exactly(RemoteProtocolError, s.consume_client_hello, mangle(ch))
+        assert_server_failed_for_good(s)
+        return
+    s.consume_client_hello(ch)
+    sh = s.create_server_hello()
+    if msg == "server_hello":
+        raises_exactly(RemoteProtocolError, c.consume_server_hello, mangle(sh))
+        assert_client_failed_for_good(c)
+        return
+    c.consume_server_hello(sh)
+    raises_exactly(RemoteProtocolError, s.consume_client_auth, mangle(c.create_client_auth()))
+    assert_server_failed_for_good(s)
+
+
+def test_another_version_is_refused_not_downgraded():
+    c, s = fresh()
+    ch = c.create_client_hello()
+    other = ch[:5] + struct.pack(">H", protocol.VERSION + 1) + ch[7:]
+    err = raises_exactly(VersionMismatch, s.consume_client_hello, other)
+    assert err.version == protocol.VERSION + 1
+    assert_server_failed_for_good(s)
+
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    sh = s.create_server_hello()
+    err = raises_exactly(VersionMismatch, c.consume_server_hello,
+                         sh[:5] + struct.pack(">H", 0) + sh[7:])
+    assert err.version == 0
+    assert_client_failed_for_good(c)
+
+
+def test_wrong_magic_is_a_remote_protocol_error():
+    c, s = fresh()
+    ch = c.create_client_hello()
+    raises_exactly(RemoteProtocolError, s.consume_client_hello, ch[:1] + b"QSK1" + ch[5:])
+    assert_server_failed_for_good(s)
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    sh = s.create_server_hello()
+    raises_exactly(RemoteProtocolError, c.consume_server_hello, sh[:1] + b"SSH-" + sh[5:])
+    assert_client_failed_for_good(c)
+
+
+# --- invalid key shares ------------------------------------------------------------------
+def _generator() -> tuple[int, int]:
+    nums = ec.derive_private_key(1, ec.SECP256R1()).public_key().public_numbers()
+    return nums.x, nums.y
+
+
+def invalid_points() -> dict[str, bytes]:
+    gx, gy = _generator()
+
+    def be(n: int) -> bytes:
+        return n.to_bytes(32, "big")
+
+    return {
+        "off the curve": b"\x04" + be(gx) + be((gy + 1) % P256_P),
+        "x = p": b"\x04" + be(P256_P) + be(gy),
+        "y = p": b"\x04" + be(gx) + be(P256_P),
+        "y all ones": b"\x04" + be(gx) + b"\xff" * 32,
+        "all zero coordinates": b"\x04" + bytes(64),
+        "infinity marker": b"\x00" + bytes(64),
+        "compressed prefix": b"\x02" + be(gx) + bytes(32),
+        "hybrid prefix": b"\x06" + be(gx) + be(gy),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(invalid_points()))
+def test_invalid_p256_point_in_client_hello_is_rejected(kind):
+    c, s = fresh()
+    ch = replace(c.create_client_hello(), CH_FIELDS, "ecdh_share", invalid_points()[kind])
+    raises_exactly(RemoteProtocolError, s.consume_client_hello, ch)
+    assert_server_failed_for_good(s)
+
+
+@pytest.mark.parametrize("kind", sorted(invalid_points()))
+def test_invalid_p256_point_in_server_hello_is_rejected(kind):
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    sh = replace(s.create_server_hello(), SH_FIELDS, "ecdh_share", invalid_points()[kind])
+    raises_exactly(RemoteProtocolError, c.consume_server_hello, sh)
+    assert_client_failed_for_good(c)
+
+
+def test_ecdh_shared_rejects_invalid_points_directly():
+    priv, point = crypt.ecdh_generate()
+    assert len(crypt.ecdh_shared(priv, point)) == 32
+    for kind, bad in invalid_points().items():
+        with pytest.raises(RemoteProtocolError):
+            crypt.ecdh_shared(priv, bad)
+        assert kind
+    for bad in (point[:-1], point + b"\0", b""):
+        with pytest.raises(RemoteProtocolError):
+            crypt.ecdh_shared(priv, bad)
+
+
+@pytest.mark.parametrize("index,value", [(0, MLKEM_Q), (0, 0xFFF), (1, MLKEM_Q + 1),
+                                         (511, 0xFFF), (1023, MLKEM_Q)])
+def test_mlkem_ek_failing_the_fips203_modulus_check_is_rejected(index, value):
+    c, s = fresh()
+    ch = c.create_client_hello()
+    bad_ek = set_coefficient(field(ch, CH_FIELDS, "mlkem_ek"), index, value)
+    assert not mlkem_ek_passes_modulus_check(bad_ek)
+    err = raises_exactly(RemoteProtocolError, s.consume_client_hello,
+                         replace(ch, CH_FIELDS, "mlkem_ek", bad_ek))
+    assert "ML-KEM" in str(err)
+    assert_server_failed_for_good(s)
+    # the same check runs on the path that reproduces the test vector
+    s2 = ServerHandshake(identity("server"))
+    with pytest.raises(RemoteProtocolError):
+        s2.consume_client_hello(replace(ch, CH_FIELDS, "mlkem_ek", bad_ek),
+                                mlkem_encapsulation=(bytes(32), bytes(MLKEM1024_CT)))
+    assert s2.state is ServerState.FAILED
+    # and in the provider itself
+    with pytest.raises(RemoteProtocolError):
+        crypt.CryptographyKEM().encapsulate(bad_ek)
+
+
+def test_mlkem_ek_coefficient_just_below_q_is_accepted():
+    _, ek = crypt.CryptographyKEM().generate()
+    assert mlkem_ek_passes_modulus_check(ek)
+    edge = set_coefficient(ek, 0, MLKEM_Q - 1)
+    assert mlkem_ek_passes_modulus_check(edge)
+    secret, ct = crypt.CryptographyKEM().encapsulate(edge)
+    assert len(secret) == 32 and len(ct) == MLKEM1024_CT
+
+
+def test_mlkem_inputs_of_the_wrong_length_are_rejected():
+    kem = crypt.CryptographyKEM()
+    priv, ek = kem.generate()
+    secret, ct = kem.encapsulate(ek)
+    assert kem.decapsulate(priv, ct) == secret
+    for bad in (ct[:-1], ct + b"\0", b""):
+        with pytest.raises(RemoteProtocolError, match="wrong length"):
+            kem.decapsulate(priv, bad)
+    for bad in (ek[:-1], ek + b"\0", b""):
+        with pytest.raises(RemoteProtocolError):
+            kem.encapsulate(bad)
+
+
+# --- identities: the right one, with both signatures ------------------------------------
+def test_server_hello_with_spliced_identity_is_rejected():
+    """The hello is signed by server A but carries server B's public keys."""
+    other = identity("other server")
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    sh = s.create_server_hello()
+    spliced = replace(sh, SH_FIELDS, "identity_ecdsa", other.public.ecdsa)
+    spliced = replace(spliced, SH_FIELDS, "identity_mldsa", other.public.mldsa)
+    raises_exactly(AuthError, c.consume_server_hello, spliced)
+    assert_client_failed_for_good(c)
+
+
+def test_server_claiming_another_identity_over_a_consistent_transcript_is_rejected():
+    """Everything else is right (keys, Finished): only the signer is not the claimed one."""
+    real, claimed = identity("server"), identity("other server")
+    c, s = fresh(server_id=Claiming(claimed, real))
+    s.consume_client_hello(c.create_client_hello())
+    raises_exactly(AuthError, c.consume_server_hello, s.create_server_hello())
+    assert c.server is None
+    assert_client_failed_for_good(c)
+
+
+def test_client_claiming_another_identity_is_rejected():
+    real, claimed = identity("client"), identity("other client")
+    c, s = fresh(client_id=Claiming(claimed, real))
+    s.consume_client_hello(c.create_client_hello())
+    c.consume_server_hello(s.create_server_hello())
+    raises_exactly(AuthError, s.consume_client_auth, c.create_client_auth())
+    assert s.client is None
+    assert_server_failed_for_good(s)
+
+
+def test_client_auth_with_spliced_signatures_is_rejected():
+    """Signatures of another client over the right transcript hash, claimed identity kept."""
+    other = identity("other client")
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    c.consume_server_hello(s.create_server_hello())
+    th = c.transcript_hash  # what the client signs: through the server's Finished
+    ca = c.create_client_auth()
+    forged = other.sign("client", th).encode()
+    spliced = replace(ca, CA_FIELDS, "sig_ecdsa", forged[:ECDSA_SIG])
+    spliced = replace(spliced, CA_FIELDS, "sig_mldsa", forged[ECDSA_SIG:])
+    raises_exactly(AuthError, s.consume_client_auth, spliced)
+    assert_server_failed_for_good(s)
+
+
+def _mixed(good, bad, ecdsa_ok: bool) -> crypt.Identity:
+    """ECDSA from one identity and ML-DSA from the other."""
+    return crypt.Identity(good.ecdsa if ecdsa_ok else bad.ecdsa,
+                          bad.mldsa if ecdsa_ok else good.mldsa)
+
+
+def test_claiming_harness_accepts_a_genuine_signer():
+    """Control for the tests below: with the right signer, the same harness succeeds."""
+    sid, cid = identity("server"), identity("client")
+    c, s = fresh(client_id=Claiming(cid, _mixed(cid, cid, True)),
+                 server_id=Claiming(sid, _mixed(sid, sid, False)))
+    run(c, s)
+    assert c.state is ClientState.DONE and s.state is ServerState.DONE
+    assert c.server.fingerprint == sid.fingerprint()
+    assert s.client.fingerprint == cid.fingerprint()
+
+
+@pytest.mark.parametrize("ecdsa_ok", [True, False], ids=["mldsa-wrong", "ecdsa-wrong"])
+def test_server_needs_both_signatures(ecdsa_ok):
+    sid, other = identity("server"), identity("other server")
+    c, s = fresh(server_id=Claiming(sid, _mixed(sid, other, ecdsa_ok)))
+    s.consume_client_hello(c.create_client_hello())
+    # the Finished is right: only the signature check can catch this
+    err = raises_exactly(AuthError, c.consume_server_hello, s.create_server_hello())
+    assert "signature" in str(err)
+    assert_client_failed_for_good(c)
+
+
+@pytest.mark.parametrize("ecdsa_ok", [True, False], ids=["mldsa-wrong", "ecdsa-wrong"])
+def test_client_needs_both_signatures(ecdsa_ok):
+    cid, other = identity("client"), identity("other client")
+    c, s = fresh(client_id=Claiming(cid, _mixed(cid, other, ecdsa_ok)))
+    s.consume_client_hello(c.create_client_hello())
+    c.consume_server_hello(s.create_server_hello())
+    err = raises_exactly(AuthError, s.consume_client_auth, c.create_client_auth())
+    assert "signature" in str(err)
+    assert_server_failed_for_good(s)
+
+
+@pytest.mark.parametrize("ecdsa_ok", [True, False], ids=["mldsa-wrong", "ecdsa-wrong"])
+def test_server_hello_with_one_signature_resigned_over_the_transcript_is_rejected(ecdsa_ok):
+    """Replicate the transcript with crypt.Transcript and swap in one foreign signature."""
+    sid, other = identity("server"), identity("other server")
+    c, s = fresh()
+    ch = c.create_client_hello()
+    s.consume_client_hello(ch)
+    sh = s.create_server_hello()
+    t = crypt.Transcript()
+    t.add(ch)
+    core_hash = t.add(sh[: ServerHello.CORE_SIZE])
+    genuine = ServerHello.decode(sh).signatures
+    crypt.verify_signatures("server", sid.public, genuine, core_hash)  # replica is right
+    foreign = other.sign("server", core_hash)
+    sigs = (genuine.ecdsa + foreign.mldsa) if ecdsa_ok else (foreign.ecdsa + genuine.mldsa)
+    forged = replace(sh, SH_FIELDS, "sig_ecdsa", sigs[:ECDSA_SIG])
+    forged = replace(forged, SH_FIELDS, "sig_mldsa", sigs[ECDSA_SIG:])
+    raises_exactly(AuthError, c.consume_server_hello, forged)
+    assert_client_failed_for_good(c)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_signature_made_for_the_other_role_is_rejected(side):
+    """The role is bound by the signature context: a reflected signature never verifies."""
+    cid, sid = identity("client"), identity("server")
+    if side == "server":
+        c, s = fresh(server_id=Claiming(sid, sid, role_swap=True))
+        s.consume_client_hello(c.create_client_hello())
+        raises_exactly(AuthError, c.consume_server_hello, s.create_server_hello())
+        assert_client_failed_for_good(c)
+    else:
+        c, s = fresh(client_id=Claiming(cid, cid, role_swap=True))
+        s.consume_client_hello(c.create_client_hello())
+        c.consume_server_hello(s.create_server_hello())
+        raises_exactly(AuthError, s.consume_client_auth, c.create_client_auth())
+        assert_server_failed_for_good(s)
+
+
+def test_verify_signatures_directly():
+    a, b = identity("server"), identity("other server")
+    th = hashlib.sha256(b"some transcript").digest()
+    good = a.sign("server", th)
+    crypt.verify_signatures("server", a.public, good, th)  # no exception
+    foreign = b.sign("server", th)
+    n = P256_N.to_bytes(32, "big")
+    bad_cases = {
+        "ecdsa of another key": protocol.Signatures(foreign.ecdsa, good.mldsa),
+        "mldsa of another key": protocol.Signatures(good.ecdsa, foreign.mldsa),
+        "both of another key": foreign,
+        "ecdsa zero": protocol.Signatures(bytes(64), good.mldsa),
+        "ecdsa r = n": protocol.Signatures(n + good.ecdsa[32:], good.mldsa),
+        "ecdsa s = n": protocol.Signatures(good.ecdsa[:32] + n, good.mldsa),
+        "ecdsa all ones": protocol.Signatures(b"\xff" * 64, good.mldsa),
+        "mldsa zero": protocol.Signatures(good.ecdsa, bytes(MLDSA65_SIG)),
+        "mldsa flipped": protocol.Signatures(good.ecdsa, flip(good.mldsa, 100)),
+    }
+    for label, sigs in bad_cases.items():
+        with pytest.raises(AuthError):
+            crypt.verify_signatures("server", a.public, sigs, th)
+        assert label
+    with pytest.raises(AuthError):  # wrong transcript hash
+        crypt.verify_signatures("server", a.public, good, flip(th, 0))
+    with pytest.raises(AuthError):  # wrong role (context string)
+        crypt.verify_signatures("client", a.public, good, th)
+    with pytest.raises(AuthError):  # another identity's public keys
+        crypt.verify_signatures("server", b.public, good, th)
+    with pytest.raises(AuthError):  # an identity whose ECDSA key is not a point
+        crypt.verify_signatures("server", protocol.IdentityPublic(b"\x04" + bytes(64),
+                                                                  a.public.mldsa), good, th)
+
+
+def test_server_hello_from_another_session_is_rejected():
+    c1, s1 = fresh()
+    s1.consume_client_hello(c1.create_client_hello())
+    replayed = s1.create_server_hello()
+    c2, _ = fresh()
+    c2.create_client_hello()
+    raises_exactly(AuthError, c2.consume_server_hello, replayed)
+    assert_client_failed_for_good(c2)
+
+
+def test_client_auth_from_another_session_is_rejected():
+    old = handshake_pair()
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    c.consume_server_hello(s.create_server_hello())
+    raises_exactly(AuthError, s.consume_client_auth, old.client_auth)
+    assert_server_failed_for_good(s)
+
+
+# --- records --------------------------------------------------------------------------
+def sealed(sender: crypt.RecordSender, msg_type: int, payload: bytes = b"") -> bytes:
+    """The frame body of one sealed record (the header is checked and stripped)."""
+    frame = b"".join(bytes(piece) for piece in sender.seal(msg_type, payload))
+    assert protocol.frame_length(frame[:4]) == len(frame) - 4
+    return frame[4:]
+
+
+def record_pairs():
+    p = handshake_pair()
+    (cs, cr), (ss, sr) = p.client.records(), p.server.records()
+    return p, cs, cr, ss, sr
+
+
+SIZES = [0, 1, 15, 16, 17, CHUNK_SIZE - 1, CHUNK_SIZE]
+
+
+def test_records_round_trip_in_both_directions():
+    _, cs, cr, ss, sr = record_pairs()
+    for size in SIZES:
+        payload = bytes((i * 7 + size) & 0xFF for i in range(size)) if size < 100 else \
+            hashlib.sha256(str(size).encode()).digest() * (size // 32) + bytes(size % 32)
+        body = sealed(cs, MsgType.FILE_DATA, payload)
+        assert len(body) == IV_SIZE + 1 + size + MAC_SIZE
+        if size >= 16:
+            assert payload[:16] not in body  # encrypted, not copied
+        msg_type, got = sr.open(body)
+        assert (msg_type, bytes(got)) == (MsgType.FILE_DATA, payload)
+        body = sealed(ss, MsgType.FILE_DATA, payload)
+        msg_type, got = cr.open(body)
+        assert (msg_type, bytes(got)) == (MsgType.FILE_DATA, payload)
+    assert cs.seq == sr.seq == ss.seq == cr.seq == len(SIZES)
+
+
+def test_record_larger_than_a_chunk_is_refused_by_the_sender():
+    _, cs, *_ = record_pairs()
+    with pytest.raises(LocalProtocolError):
+        cs.seal(MsgType.FILE_DATA, bytes(CHUNK_SIZE + 1))
+
+
+def _tamper_positions(body: bytes) -> dict[str, int]:
+    ct_start, ct_end = IV_SIZE, len(body) - MAC_SIZE
+    return {"iv first": 0, "iv last": IV_SIZE - 1, "type byte": ct_start,
+            "ciphertext middle": (ct_start + ct_end) // 2, "ciphertext last": ct_end - 1,
+            "tag first": ct_end, "tag last": len(body) - 1}
+
+
+@pytest.mark.parametrize("where", list(_tamper_positions(bytes(IV_SIZE + 1 + 100 + MAC_SIZE))))
+def test_tampered_record_is_rejected_with_the_same_message(where):
+    _, cs, cr, ss, sr = record_pairs()
+    body = sealed(cs, MsgType.TEXT, bytes(8) + b"attack at dawn" * 6 + b"!" * 8)
+    assert len(body) == IV_SIZE + 1 + 100 + MAC_SIZE
+    bad = flip(body, _tamper_positions(body)[where], 2)
+    with pytest.raises(AuthError) as info:
+        sr.open(bad)
+    assert str(info.value) == crypt.AUTH_FAILED
+    # a failure is fatal: the receiver does not accept the genuine record afterwards
+    with pytest.raises(AuthError):
+        sr.open(body)
+
+
+def test_replayed_record_is_rejected():
+    _, cs, cr, ss, sr = record_pairs()
+    body = sealed(cs, MsgType.TEXT, b"\0" * 8 + b"pay 100")
+    assert bytes(sr.open(body)[1]) == b"\0" * 8 + b"pay 100"
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        sr.open(body)
+
+
+def test_reordered_records_are_rejected():
+    p, cs, cr, ss, sr = record_pairs()
+    r1, r2 = sealed(cs, MsgType.TEXT, b"first..."), sealed(cs, MsgType.TEXT, b"second..")
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        sr.open(r2)
+    # the same records in order on a new receiver of this session are fine
+    _, receiver = p.server.records()
+    assert receiver.open(r1) == (MsgType.TEXT, b"first...")
+    assert receiver.open(r2) == (MsgType.TEXT, b"second..")
+
+
+def test_records_in_order_pass_and_out_of_order_fail():
+    p, cs, cr, ss, sr = record_pairs()
+    r0, r1, r2 = (sealed(ss, MsgType.TEXT, bytes(8) + b"%d" % i) for i in range(3))
+    # reorder: 1 before 0
+    _, receiver = p.client.records()
+    with pytest.raises(AuthError):
+        receiver.open(r1)
+    # drop: 0 then 2
+    _, receiver = p.client.records()
+    assert bytes(receiver.open(r0)[1]) == bytes(8) + b"0"
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        receiver.open(r2)
+    # in order: all three
+    for i, r in enumerate((r0, r1, r2)):
+        assert cr.open(r) == (MsgType.TEXT, bytes(8) + b"%d" % i)
+
+
+@pytest.mark.parametrize("cut", ["last byte", "whole tag", "half", "to the minimum - 1",
+                                 "empty", "extra byte"])
+def test_truncated_or_extended_record_is_rejected(cut):
+    _, cs, cr, ss, sr = record_pairs()
+    body = sealed(cs, MsgType.FILE_DATA, bytes(range(256)) * 4)
+    bad = {"last byte": body[:-1], "whole tag": body[:-MAC_SIZE], "half": body[: len(body) // 2],
+           "to the minimum - 1": body[: IV_SIZE + MAC_SIZE], "empty": b"",
+           "extra byte": body + b"\0"}[cut]
+    with pytest.raises(AuthError) as info:
+        sr.open(bad)
+    assert str(info.value) == crypt.AUTH_FAILED
+
+
+def test_record_cannot_be_opened_in_the_other_direction():
+    _, cs, cr, ss, sr = record_pairs()
+    c2s = sealed(cs, MsgType.TEXT, bytes(8) + b"to the server")
+    s2c = sealed(ss, MsgType.TEXT, bytes(8) + b"to the client")
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        cr.open(c2s)  # reflected back to the client
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        sr.open(s2c)  # reflected back to the server
+    # each failed attempt used up a sequence number: those receivers are dead now
+    assert sr.seq == cr.seq == 1
+
+
+def test_record_directions_are_bound_even_with_equal_sequence_numbers():
+    p = handshake_pair()
+    cs, _ = p.client.records()
+    ss, _ = p.server.records()
+    c2s = sealed(cs, MsgType.BYE)
+    s2c = sealed(ss, MsgType.BYE)
+    assert c2s[:IV_SIZE] != s2c[:IV_SIZE]
+    _, client_receiver = p.client.records()
+    _, server_receiver = p.server.records()
+    with pytest.raises(AuthError):
+        client_receiver.open(c2s)
+    with pytest.raises(AuthError):
+        server_receiver.open(s2c)
+    _, client_receiver = p.client.records()
+    _, server_receiver = p.server.records()
+    assert client_receiver.open(s2c)[0] == server_receiver.open(c2s)[0] == MsgType.BYE
+
+
+def test_record_from_another_session_is_rejected():
+    _, cs1, *_ = record_pairs()
+    _, _, _, _, sr2 = record_pairs()
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        sr2.open(sealed(cs1, MsgType.TEXT, bytes(8) + b"hello"))
+
+
+def test_record_is_decryptable_from_the_key_log_alone():
+    """An independent tool with only the key log decrypts and authenticates a record."""
+    p, cs, cr, ss, sr = record_pairs()
+    log = {}
+    for line in crypt.keylog_lines(p.client.random, p.client.keys).splitlines():
+        label, _, key = line.split(" ")
+        log[label] = bytes.fromhex(key)
+    for seq in range(3):
+        payload = bytes(8) + f"message {seq}".encode()
+        body = sealed(cs, MsgType.TEXT, payload)
+        iv, ct, tag = body[:IV_SIZE], body[IV_SIZE:-MAC_SIZE], body[-MAC_SIZE:]
+        mask = int.from_bytes(log["QSOCKET2_CLIENT_TRAFFIC_IV"], "big")
+        assert iv == (mask ^ seq).to_bytes(8, "big") + bytes(8)
+        mac = hmac.new(log["QSOCKET2_CLIENT_TRAFFIC_MAC"],
+                       struct.pack(">BQ", crypt.DIRECTION_C2S, seq) + iv + ct,
+                       hashlib.sha256).digest()
+        assert hmac.compare_digest(mac, tag)
+        plain = Cipher(algorithms.AES(log["QSOCKET2_CLIENT_TRAFFIC_ENC"]),
+                       modes.CTR(iv)).decryptor().update(ct)
+        assert plain == bytes([MsgType.TEXT]) + payload
+
+
+def test_record_ivs_never_repeat_and_counter_ranges_never_overlap():
+    _, cs, cr, ss, sr = record_pairs()
+    blocks = []  # (first counter block, number of blocks) of every record
+    for i in range(2000):
+        sender = cs if i % 2 else ss
+        body = sealed(sender, MsgType.FILE_DATA, bytes(i % 97))
+        iv = body[:IV_SIZE]
+        assert iv[8:] == bytes(8), "low 64 bits of the IV must start at zero"
+        n = -(-(len(body) - IV_SIZE - MAC_SIZE) // 16)
+        blocks.append((int.from_bytes(iv, "big"), n))
+    starts = [b for b, _ in blocks]
+    assert len(set(starts)) == len(starts)
+    assert len({b >> 64 for b in starts}) == len(starts)
+    blocks.sort()
+    for (a, n), (b, _) in zip(blocks, blocks[1:], strict=False):
+        assert a + n <= b
+    # the largest record's counter stays in the low 64 bits, so it cannot spill over
+    assert MAX_FRAME // 16 + 1 < 2**64
+
+
+def test_record_iv_is_a_bijection_of_the_sequence_number():
+    mask = bytes.fromhex("0123456789abcdef")
+    seqs = [0, 1, 2, 3, 255, 256, 2**31, 2**32 - 2, 2**32 - 1] + list(range(1000, 1100))
+    ivs = [crypt.record_iv(mask, s) for s in seqs]
+    assert all(len(iv) == IV_SIZE and iv[8:] == bytes(8) for iv in ivs)
+    assert len({iv[:8] for iv in ivs}) == len(seqs)
+    assert crypt.record_iv(mask, 0)[:8] == mask
+
+
+def test_sequence_number_bound_closes_the_connection():
+    _, cs, cr, ss, sr = record_pairs()
+    cs.seq = crypt.MAX_RECORDS
+    with pytest.raises(LocalProtocolError):
+        cs.seal(MsgType.TEXT, bytes(8))
+    # the last allowed record still works, with the right sequence number in the MAC
+    cs.seq = sr.seq = crypt.MAX_RECORDS - 1
+    body = sealed(cs, MsgType.TEXT, bytes(8) + b"last")
+    assert sr.open(body) == (MsgType.TEXT, bytes(8) + b"last")
+    with pytest.raises(LocalProtocolError):
+        cs.seal(MsgType.TEXT, bytes(8))
+    with pytest.raises(protocol.ProtocolError):
+        sr.open(body)
+
+
+# --- verification code and key log --------------------------------------------------------
+def test_verification_code_matches_within_a_session_and_differs_between_sessions():
+    a, b = handshake_pair(), handshake_pair()
+    code_a = crypt.verification_code(a.client.keys)
+    assert code_a == crypt.verification_code(a.server.keys)
+    assert re.fullmatch(r"\d{4}-\d{4}-\d{4}", code_a)
+    assert code_a != crypt.verification_code(b.client.keys)
+    assert crypt.verification_code(b.client.keys) == crypt.verification_code(b.server.keys)
+    # it comes from its own key, not from anything the key log reveals
+    keys = a.client.keys
+    assert crypt.verification_code(dataclasses.replace(
+        keys, verification=flip(keys.verification, 7, 0))) != code_a
+    logged = {"c2s_enc", "c2s_mac", "c2s_iv", "s2c_enc", "s2c_mac", "s2c_iv"}
+    other = dataclasses.replace(keys, **{name: bytes(len(getattr(keys, name)))
+                                         for name in logged})
+    assert crypt.verification_code(other) == code_a
+
+
+def test_keylog_lines_format_and_contents():
+    p = handshake_pair()
+    text = crypt.keylog_lines(p.client.random, p.client.keys)
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    assert len(lines) == 6
+    expected = [("CLIENT_TRAFFIC_ENC", p.client.keys.c2s_enc),
+                ("CLIENT_TRAFFIC_MAC", p.client.keys.c2s_mac),
+                ("CLIENT_TRAFFIC_IV", p.client.keys.c2s_iv),
+                ("SERVER_TRAFFIC_ENC", p.client.keys.s2c_enc),
+                ("SERVER_TRAFFIC_MAC", p.client.keys.s2c_mac),
+                ("SERVER_TRAFFIC_IV", p.client.keys.s2c_iv)]
+    for line, (label, key) in zip(lines, expected, strict=True):
+        assert re.fullmatch(r"QSOCKET2_[A-Z_]+ [0-9a-f]{64} [0-9a-f]+", line)
+        assert line == f"QSOCKET2_{label} {p.client.random.hex()} {key.hex()}"
+    # both sides write identical lines; nothing but traffic keys is logged
+    assert crypt.keylog_lines(p.server.client_random, p.server.keys) == text
+    for secret in (p.client.keys.server_finished, p.client.keys.client_finished,
+                   p.client.keys.verification):
+        assert secret.hex() not in text
+
+
+# --- KEM providers -------------------------------------------------------------------------
+def test_cryptography_kem_provider_round_trip():
+    kem = crypt.kem_provider("cryptography")
+    assert isinstance(kem, crypt.CryptographyKEM) and kem.name == "cryptography"
+    priv, ek = kem.generate()
+    assert len(ek) == MLKEM1024_EK
+    secret, ct = kem.encapsulate(ek)
+    assert len(secret) == 32 and len(ct) == MLKEM1024_CT
+    assert kem.decapsulate(priv, ct) == secret
+    # a deterministic seed gives a deterministic key (used by the test vector)
+    assert kem.generate(bytes(64))[1] == kem.generate(bytes(64))[1]
+
+
+def test_liboqs_provider_without_the_library_is_a_clear_local_error(monkeypatch):
+    monkeypatch.setattr(crypt, "liboqs_library", lambda: None)
+    with pytest.raises(LocalProtocolError) as info:
+        crypt.kem_provider("liboqs")
+    message = str(info.value)
+    assert "liboqs" in message and "not installed" in message
+    assert "--kem-provider cryptography" in message
+    assert isinstance(crypt.kem_provider("auto"), crypt.CryptographyKEM)
+    with pytest.raises(LocalProtocolError, match="unknown KEM provider"):
+        crypt.kem_provider("kyber")
+
+
+def test_crypt_never_imports_oqs_without_the_library():
+    """oqs's import clones and builds liboqs when the library is missing: never trigger it."""
+    script = """
+import sys
+
+attempts = []
+
+class NoOqs:  # records (and blocks) any attempt to import oqs, even a caught one
+    def find_spec(self, name, path=None, target=None):
+        if name == "oqs" or name.startswith("oqs."):
+            attempts.append(name)
+            raise ImportError("oqs must not be imported here")
+        return None
+
+sys.meta_path.insert(0, NoOqs())
+import crypt
+assert "oqs" not in sys.modules and not attempts, attempts
+crypt.liboqs_library = lambda: None
+kem = crypt.kem_provider("auto")
+assert type(kem).__name__ == "CryptographyKEM", kem
+try:
+    crypt.kem_provider("liboqs")
+except crypt.LocalProtocolError:
+    pass
+else:
+    raise AssertionError("liboqs provider without the library did not fail")
+assert "oqs" not in sys.modules and not attempts, attempts
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_crypt_import_in_this_process_did_not_import_oqs():
+    if crypt.liboqs_library() is None:
+        crypt.kem_provider("auto")
+        assert "oqs" not in sys.modules
+
+
+@pytest.mark.skipif(crypt.liboqs_library() is None,
+                    reason="liboqs shared library not installed (pip's liboqs-python needs it; "
+                           "see README)")
+@pytest.mark.parametrize("client_kem,server_kem", [("liboqs", "cryptography"),
+                                                   ("cryptography", "liboqs")])
+def test_kem_providers_interoperate(client_kem, server_kem):
+    c, s = fresh(ckem=crypt.kem_provider(client_kem), skem=crypt.kem_provider(server_kem))
+    run(c, s)
+    assert c.keys == s.keys
+    assert c.transcript_hash == s.transcript_hash
+
+
+# --- state machines -----------------------------------------------------------------------
+def test_client_steps_out_of_order_fail_for_good():
+    c = ClientHandshake(identity("client"))
+    with pytest.raises(LocalProtocolError, match="expected SERVER_VERIFIED"):
+        c.create_client_auth()
+    assert_client_failed_for_good(c)
+
+    c = ClientHandshake(identity("client"))
+    with pytest.raises(LocalProtocolError, match="expected WAIT_SERVER_HELLO"):
+        c.consume_server_hello(b"")
+    assert c.state is ClientState.FAILED
+
+    c = ClientHandshake(identity("client"))
+    with pytest.raises(LocalProtocolError, match="expected DONE"):
+        c.records()
+    assert c.state is ClientState.FAILED
+
+    c = ClientHandshake(identity("client"))
+    c.create_client_hello()
+    with pytest.raises(LocalProtocolError, match="is WAIT_SERVER_HELLO, expected START"):
+        c.create_client_hello()
+    assert_client_failed_for_good(c)
+
+
+def test_server_steps_out_of_order_fail_for_good():
+    s = ServerHandshake(identity("server"))
+    with pytest.raises(LocalProtocolError, match="expected HELLO_READY"):
+        s.create_server_hello()
+    assert_server_failed_for_good(s)
+
+    s = ServerHandshake(identity("server"))
+    with pytest.raises(LocalProtocolError, match="expected WAIT_CLIENT_AUTH"):
+        s.consume_client_auth(b"")
+    assert s.state is ServerState.FAILED
+
+    # a second ClientHello is refused, and so are records before the handshake ends
+    c, s = fresh()
+    ch = c.create_client_hello()
+    s.consume_client_hello(ch)
+    with pytest.raises(LocalProtocolError, match="is HELLO_READY, expected WAIT_CLIENT_HELLO"):
+        s.consume_client_hello(ch)
+    assert_server_failed_for_good(s)
+
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    s.create_server_hello()
+    with pytest.raises(LocalProtocolError, match="expected DONE"):
+        s.records()
+    assert s.state is ServerState.FAILED
+
+
+def test_done_handshakes_refuse_further_steps():
+    p = handshake_pair()
+    with pytest.raises(LocalProtocolError):
+        p.server.consume_client_auth(p.client_auth)  # a replayed ClientAuth
+    assert p.server.state is ServerState.FAILED
+    with pytest.raises(LocalProtocolError):
+        p.client.consume_server_hello(p.server_hello)
+    assert p.client.state is ClientState.FAILED
+
+
+def test_alert_instead_of_server_hello_fails_the_client():
+    c = ClientHandshake(identity("client"))
+    c.create_client_hello()
+    alert = protocol.Alert(protocol.AlertCode.BUSY, "server busy").encode()
+    with pytest.raises(protocol.PeerAlert, match="server busy"):
+        c.consume_server_hello(alert)
+    assert_client_failed_for_good(c)
