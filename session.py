@@ -193,7 +193,7 @@ class FileResult:
 
     def summary(self, verb: str) -> str:
         rate = self.size / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        return (f"{verb} {neutralise(self.name)!r}: {self.size} bytes, "
+        return (f"{verb} '{neutralise(self.name)}': {self.size} bytes, "
                 f"SHA-256 {self.sha256.hex()}, {self.seconds:.2f} s, {rate:.1f} MB/s")
 
 
@@ -210,22 +210,41 @@ class Events:
         self.out(f"[{conn.label}] {neutralise(text)}")
 
     def file_offered(self, conn: Connection, name: str, size: int) -> None:
-        self.out(f"[{conn.label}] receiving {neutralise(name)!r} ({human_size(size)})")
+        self.out(f"[{conn.label}] receiving '{neutralise(name)}' ({human_size(size)})")
 
     def file_saved(self, conn: Connection, path: str, result: FileResult) -> None:
         self.out(f"[{conn.label}] {result.summary('saved')} at {neutralise(path)}")
 
     def file_failed(self, conn: Connection, name: str, why: str) -> None:
-        self.out(f"[{conn.label}] file {neutralise(name)!r} not saved: {neutralise(why)}")
+        self.out(f"[{conn.label}] file '{neutralise(name)}' not saved: {neutralise(why)}")
 
     def closed(self, conn: Connection, why: str) -> None:
         self.out(f"[{conn.label}] {why}")
 
     def progress(self, total: int, desc: str):
+        if not sys.stdout.isatty():
+            # even a disabled tqdm starts tqdm's monitor thread, which then never ends
+            return NoProgress()
         from tqdm import tqdm  # noqa: PLC0415 - only needed when a file moves
 
         return tqdm(total=total, desc=desc, file=sys.stderr, unit="B", unit_scale=True,
-                    dynamic_ncols=True, disable=not sys.stdout.isatty(), leave=False)
+                    dynamic_ncols=True, leave=False)
+
+
+class NoProgress:
+    """The progress bar when stdout is not a terminal: nothing at all."""
+
+    def __enter__(self) -> NoProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # --- the encrypted session ------------------------------------------------------------
