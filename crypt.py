@@ -390,8 +390,12 @@ class _RecordLayer:
 class RecordSender(_RecordLayer):
     """Seals records: IV || AES-256-CTR(type || payload) || HMAC-SHA-256."""
 
-    def seal(self, msg_type: int, payload: bytes | memoryview = b"") -> list[bytes]:
-        """Return one frame as pieces (length, IV, ciphertext..., tag) for a gathered send."""
+    def seal(self, msg_type: int, payload: bytes | memoryview = b"",
+             out: memoryview | None = None) -> list:
+        """Return one frame as pieces (length, IV, ciphertext..., tag) for a gathered send.
+
+        With `out` (at least len(payload) + 15 bytes) the payload's ciphertext is
+        written there instead of a new buffer; the pieces then refer to `out`."""
         n = 1 + len(payload)
         if IV_SIZE + n + MAC_SIZE > MAX_FRAME:
             raise LocalProtocolError("record too large")
@@ -400,7 +404,9 @@ class RecordSender(_RecordLayer):
         # keystream without first copying them into one buffer.
         enc = Cipher(self._aes, modes.CTR(iv)).encryptor()
         pieces = [enc.update(bytes([msg_type]))]
-        if payload:
+        if payload and out is not None:
+            pieces.append(out[: enc.update_into(payload, out)])
+        elif payload:
             pieces.append(enc.update(payload))
         mac.update(iv)
         for piece in pieces:
@@ -411,7 +417,12 @@ class RecordSender(_RecordLayer):
 class RecordReceiver(_RecordLayer):
     """Opens records in order; any failure is fatal to the connection."""
 
-    def open(self, body: bytes | memoryview) -> tuple[int, bytes]:
+    def open(self, body: bytes | memoryview,
+             out: memoryview | None = None) -> tuple[int, bytes | memoryview]:
+        """Verify, then decrypt; returns (type, payload).
+
+        With `out` (at least len(body) bytes) the plaintext is written there and
+        the payload returned is a view of it, valid until `out` is reused."""
         if len(body) < IV_SIZE + 1 + MAC_SIZE:
             raise AuthError(AUTH_FAILED)
         body = memoryview(body)
@@ -422,8 +433,12 @@ class RecordReceiver(_RecordLayer):
         mac.update(ct)
         if not hmac.compare_digest(mac.digest(), tag) or iv != expected_iv:
             raise AuthError(AUTH_FAILED)
-        plain = Cipher(self._aes, modes.CTR(expected_iv)).decryptor().update(ct)
-        return plain[0], plain[1:]
+        dec = Cipher(self._aes, modes.CTR(expected_iv)).decryptor()
+        if out is None:
+            plain = dec.update(ct)
+            return plain[0], plain[1:]
+        n = dec.update_into(ct, out)
+        return out[0], out[1:n]
 
 
 def record_pair(keys: SessionKeys, role: str) -> tuple[RecordSender, RecordReceiver]:

@@ -623,7 +623,8 @@ def decode_message(msg_type: int, payload: bytes):
         cls = MESSAGES[MsgType(msg_type)]
     except ValueError as e:
         raise RemoteProtocolError(f"unknown message type {msg_type}") from e
-    return cls.decode(payload)
+    # file data stays a view of the caller's buffer; everything else is copied out
+    return cls.decode(payload if cls is FileData else bytes(payload))
 
 
 # --- text from the peer on our terminal --------------------------------------

@@ -108,6 +108,8 @@ class Server:
         self.threads: set[threading.Thread] = set()
         self.slots = threading.BoundedSemaphore(args.max_clients)
         self.listener: socket.socket | None = None
+        # read once: re-reading a growing file on every connection costs each handshake
+        self.known_clients = parse_known_clients(keystore.read_text(home / keystore.KNOWN_CLIENTS))
         self._next = 0
 
     def log(self, line: str) -> None:
@@ -237,8 +239,9 @@ class Server:
     def record_client(self, fp: str, peer: str) -> None:
         path = self.home / keystore.KNOWN_CLIENTS
         with self.lock:
-            if fp in parse_known_clients(keystore.read_text(path)):
+            if fp in self.known_clients:
                 return
+            self.known_clients.add(fp)
             when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             keystore.append_line(path, known_clients_line(fp, peer, when))
         self.log(f"new client {fp} recorded in {path}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import mmap
 import os
 import queue
 import socket
@@ -21,6 +22,7 @@ import transfer
 from protocol import (
     CHUNK_SIZE,
     FRAME_HEADER,
+    MAX_FRAME,
     AuthError,
     Bye,
     Delivered,
@@ -118,7 +120,12 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> by
     """Read exactly n bytes; EOF mid-way is ConnectionLost.  With a deadline the
     whole read must finish by then (a byte a second does not keep it alive)."""
     buf = bytearray(n)
-    view = memoryview(buf)
+    _recv_into(sock, memoryview(buf), deadline)
+    return buf
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    n = len(view)
     got = 0
     while got < n:
         if deadline is not None:
@@ -136,12 +143,19 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> by
             raise ConnectionLost("connection closed by peer" if got == 0 and n == FRAME_HEADER.size
                                  else "connection closed in the middle of a frame")
         got += k
-    return buf
 
 
 def read_frame(sock: socket.socket, deadline: float | None = None) -> bytearray:
     length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size, deadline)))
     return recv_exact(sock, length, deadline)
+
+
+def read_frame_into(sock: socket.socket, frame: memoryview) -> memoryview:
+    """read_frame into a reused buffer (of MAX_FRAME bytes); returns the body's view."""
+    length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size)))
+    body = frame[:length]
+    _recv_into(sock, body)
+    return body
 
 
 def send_frame(sock: socket.socket, body: bytes) -> None:
@@ -247,6 +261,64 @@ class NoProgress:
         pass
 
 
+# --- received file data: decrypted into aligned buffers, written by a disk thread -----
+PAGE = mmap.PAGESIZE
+
+
+class PlainBuffer:
+    """Room for one record's plaintext, placed so that the payload after the type
+    byte starts on a page boundary (what O_DIRECT-style writes want)."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, PAGE + MAX_FRAME)
+        self.plain = memoryview(self._map)[PAGE - 1 :]
+
+
+class DiskWriter:
+    """Hashes and writes received chunks on its own thread, so the reader can verify
+    and decrypt the next record meanwhile (hashlib and os.write release the GIL).
+    A failure is kept until the reader collects it with settle()."""
+
+    def __init__(self, free: queue.Queue, name: str) -> None:
+        self._free = free
+        self._jobs: queue.Queue = queue.Queue()
+        self.failure: Exception | None = None
+        # started with the first chunk: a chat-only session costs no extra thread
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def write(self, incoming: transfer.IncomingFile, data: memoryview, buf: PlainBuffer) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+        self._jobs.put((incoming, data, buf))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            incoming, data, buf = job
+            try:
+                if self.failure is None:
+                    incoming.write(data)
+            except (transfer.Rejected, ProtocolError) as e:
+                self.failure = e
+            except Exception as e:  # e.g. an unexpected OSError: fail the transfer only
+                self.failure = transfer.Rejected(Reason.WRITE_FAILED, f"receiver error: {e}")
+            finally:
+                data.release()
+                self._free.put(buf)
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def settle(self) -> Exception | None:
+        """Wait until every queued chunk is written; return (and clear) a failure."""
+        self._jobs.join()
+        failure, self.failure = self.failure, None
+        return failure
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
     """One authenticated session: a reader thread that handles what the peer sends,
@@ -263,7 +335,13 @@ class Connection:
         self._sender, self._receiver = records
         self._seal_lock = threading.Lock()
         self._out: queue.Queue = queue.Queue()
-        self._data_slots = threading.Semaphore(DATA_IN_FLIGHT)
+        # plaintext buffers for received records: one being filled by the reader,
+        # the others queued for the disk thread (page-aligned payloads)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(DATA_IN_FLIGHT + 1):
+            self._free.put(PlainBuffer())
+        self._disk = DiskWriter(self._free, name=f"disk {label}")
+        self._incoming_bytes = 0
         self._replies: queue.Queue = queue.Queue()
         self._op_lock = threading.Lock()
         self._op_active = False
@@ -286,26 +364,28 @@ class Connection:
         return self
 
     # sending side ------------------------------------------------------------------
-    def send(self, msg, *, data_slot: bool = False) -> None:
+    def send(self, msg, *, out: memoryview | None = None, on_sent=None) -> None:
+        """Seal and queue one message; `out` receives the ciphertext (see seal) and
+        `on_sent` runs once the writer is done with it."""
         if self.closed.is_set():
             raise ConnectionLost(self.close_reason or "connection closed")
         with self._seal_lock:
-            pieces = self._sender.seal(msg.TYPE, msg.encode())
-            self._out.put((pieces, data_slot))
+            pieces = self._sender.seal(msg.TYPE, msg.encode(), out)
+            self._out.put((pieces, on_sent))
 
     def _write_loop(self) -> None:
         while True:
             item = self._out.get()
             if item is None:
                 break
-            pieces, data_slot = item
+            pieces, on_sent = item
             try:
                 send_pieces(self.sock, pieces)
             except OSError as e:
                 self._end(f"connection lost: {e.strerror or e}")
             finally:
-                if data_slot:
-                    self._data_slots.release()
+                if on_sent is not None:
+                    on_sent()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -314,11 +394,21 @@ class Connection:
     # receiving side ----------------------------------------------------------------
     def _read_loop(self) -> None:
         why = "connection closed"
+        frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
         try:
             while True:
-                body = read_frame(self.sock)
-                msg_type, payload = self._receiver.open(body)
-                if self._dispatch(decode_message(msg_type, payload)):
+                body = read_frame_into(self.sock, frame)
+                buf = self._free.get()
+                try:
+                    msg = decode_message(*self._receiver.open(body, buf.plain))
+                except BaseException:
+                    self._free.put(buf)
+                    raise
+                if isinstance(msg, FileData):
+                    self._on_data(msg.data, buf)  # the disk thread gives buf back
+                    continue
+                self._free.put(buf)  # decode_message copied everything else
+                if self._dispatch(msg):
                     why = self.close_reason or why
                     break
         except AuthError as e:
@@ -334,6 +424,7 @@ class Connection:
             self._send_quietly(Error("internal error"))
         finally:
             self._abort_incoming()
+            self._disk.stop()
             self._end(why)
 
     def _send_quietly(self, msg) -> None:
@@ -349,8 +440,6 @@ class Connection:
             self.send(Delivered(msg.msg_id))
         elif isinstance(msg, FileOffer):
             self._on_offer(msg)
-        elif isinstance(msg, FileData):
-            self._on_data(msg.data)
         elif isinstance(msg, FileEnd):
             self._on_end(msg.sha256)
         elif isinstance(msg, FileCancel):
@@ -389,22 +478,36 @@ class Connection:
             self.send(FileReject(r.reason, r.detail))
             return
         self._incoming_started = time.monotonic()
+        self._incoming_bytes = 0
         # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
         # to the front of the announcement line on a terminal
         self.events.file_offered(self, offer.name, offer.size)
         self._bar = self.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
         self.send(FileAccept())
 
-    def _on_data(self, data: bytes) -> None:
-        if self._discarding:
-            return  # the receiver already failed; the sender will end the stream
-        if self._incoming is None:
+    def _on_data(self, data: memoryview, buf: PlainBuffer) -> None:
+        """Hand a verified chunk to the disk thread, which hashes and writes it while
+        this thread verifies and decrypts the next record."""
+        if self._discarding or self._incoming is None:
+            data.release()
+            self._free.put(buf)
+            if self._discarding:
+                return  # the receiver already failed; the sender will end the stream
             raise RemoteProtocolError("file data without an accepted offer")
-        try:
-            self._incoming.write(data)
-        except transfer.Rejected as r:
-            self._fail_incoming(r)
+        self._incoming_bytes += len(data)
+        if self._incoming_bytes > self._incoming.size:
+            data.release()
+            self._free.put(buf)
+            raise RemoteProtocolError("file data beyond the announced size")
+        if self._disk.failure is not None:
+            data.release()
+            self._free.put(buf)
+            failure = self._disk.settle()
+            if not isinstance(failure, transfer.Rejected):
+                raise failure
+            self._fail_incoming(failure)
             return
+        self._disk.write(self._incoming, data, buf)
         self._bar.update(len(data))
 
     def _on_end(self, sha256: bytes) -> None:
@@ -415,6 +518,9 @@ class Connection:
             raise RemoteProtocolError("file end without an accepted offer")
         incoming = self._incoming
         try:
+            failure = self._disk.settle()
+            if failure is not None:
+                raise failure
             saved, digest = incoming.finish(sha256)
         except transfer.Rejected as r:
             self._fail_incoming(r, discard=False)
@@ -435,6 +541,7 @@ class Connection:
 
     def _abort_incoming(self) -> None:
         if self._incoming is not None:
+            self._disk.settle()  # no write may race the temp file's removal
             self._incoming.abort()
             self._incoming = None
             self._close_bar()
@@ -506,9 +613,15 @@ class Connection:
             return FileResult(reply.name, out.size, digest, time.monotonic() - started)
 
     def _stream(self, out: transfer.Outgoing) -> bytes:
+        """Read, hash and seal chunk after chunk into reused buffers; the writer
+        thread sends each while the next is prepared."""
         h = hashlib.sha256()
         sent = 0
-        with open(out.path, "rb") as f, \
+        plain = memoryview(bytearray(CHUNK_SIZE))
+        cipher: queue.Queue = queue.Queue()
+        for _ in range(DATA_IN_FLIGHT):
+            cipher.put(memoryview(bytearray(CHUNK_SIZE + 16)))
+        with open(out.path, "rb", buffering=0) as f, \
                 self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
             while sent < out.size:
                 failure = self._early_failure()
@@ -516,17 +629,26 @@ class Connection:
                     self.send(FileCancel(Reason.CANCELLED, "receiver failed"))
                     raise transfer.Rejected(failure.reason,
                                             f"peer could not save it: {failure.detail}")
-                chunk = f.read(min(CHUNK_SIZE, out.size - sent))
-                if not chunk:
+                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                if not n:
                     self.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
                     raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
-                h.update(chunk)
-                self._data_slots.acquire()
-                self.send(FileData(chunk), data_slot=True)
-                sent += len(chunk)
-                bar.update(len(chunk))
+                h.update(plain[:n])
+                buf = self._free_cipher_buffer(cipher)
+                self.send(FileData(plain[:n]), out=buf, on_sent=lambda b=buf: cipher.put(b))
+                sent += n
+                bar.update(n)
         self.send(FileEnd(h.digest()))
         return h.digest()
+
+    def _free_cipher_buffer(self, pool: queue.Queue) -> memoryview:
+        # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
+        while True:
+            try:
+                return pool.get(timeout=1.0)
+            except queue.Empty:
+                if self.closed.is_set() or self._closing:
+                    raise ConnectionLost(self.close_reason or "connection closed") from None
 
     def _early_failure(self) -> FileFailed | None:
         try:
