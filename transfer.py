@@ -5,6 +5,7 @@ not at all (temp file -> fsync -> verify -> link into place)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import stat
@@ -22,6 +23,7 @@ FALLBACK_NAME = "received.jpg"
 TEMP_PREFIX = ".qsocket-"
 TEMP_SUFFIX = ".part"
 RECEIVED_MODE = 0o644
+DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses in whole blocks
 
 
 class Rejected(TransferRejected):
@@ -175,6 +177,22 @@ class IncomingFile:
         self._fd, self.temp = fd, Path(path)
         # mkstemp makes 0600; a received picture is an ordinary file
         os.fchmod(fd, RECEIVED_MODE)
+        self._direct = _set_direct(fd, True)
+
+    def _write_all(self, view: memoryview) -> None:
+        # Whole pages from an aligned buffer go straight to the disk (O_DIRECT): a
+        # fresh 1 GiB file written through the page cache costs ~2 s of kernel CPU
+        # here.  Anything else (the tail, a filesystem or buffer that refuses it)
+        # falls back to ordinary writes for the rest of the file.
+        if self._direct and (len(view) % DIRECT_ALIGN or self.received % DIRECT_ALIGN):
+            self._direct = _set_direct(self._fd, False)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except OSError as e:
+                if not (self._direct and e.errno == errno.EINVAL):
+                    raise
+                self._direct = _set_direct(self._fd, False)
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self.received + len(chunk) > self.size:
@@ -187,9 +205,7 @@ class IncomingFile:
                 raise Rejected(Reason.NOT_JPEG, "not a JPEG (no FF D8 FF start-of-image marker)")
         self._hash.update(chunk)
         try:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(self._fd, view):]
+            self._write_all(memoryview(chunk))
         except OSError as e:
             self.abort()
             raise _disk_reason(e) from e
@@ -244,6 +260,20 @@ class IncomingFile:
             except FileNotFoundError:
                 pass
             self.temp = None
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for fd; returns whether it is on (False where the
+    platform or filesystem does not support it, e.g. tmpfs)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct if on else flags & ~direct)
+    except OSError:
+        return False
+    return on
 
 
 def _fsync_dir(directory: Path) -> None:

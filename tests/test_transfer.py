@@ -406,3 +406,25 @@ def test_list_assets_lists_jpegs_only_any_case_sorted_with_sizes(tmp_path: Path)
     assert [(p.name, size) for p, size in transfer.list_assets(tmp_path)] == [
         ("a.jpeg", 10), ("b.JPG", 10)]
     assert transfer.list_assets(tmp_path / "missing") == []
+
+
+def test_direct_io_path_and_its_fallbacks_write_the_exact_bytes(tmp_path):
+    """Page-aligned whole pages take the O_DIRECT path where the filesystem allows it;
+    an unaligned buffer, an odd length and the tail fall back to ordinary writes.
+    Whatever path each chunk takes, the file must be bit-exact."""
+    import hashlib
+    import mmap
+
+    pages = mmap.mmap(-1, 3 * 4096)
+    pages.write(b"\xff\xd8\xff" + os.urandom(3 * 4096 - 3))
+    aligned = memoryview(pages)
+    unaligned = bytes(os.urandom(5000))  # a bytes object: no alignment promise
+    chunks = [aligned[:8192], aligned[8192:], unaligned, aligned[:4096], b"tail"]
+    expected = b"".join(bytes(c) for c in chunks)
+    incoming = transfer.IncomingFile(tmp_path, "direct.jpg", len(expected))
+    for c in chunks:
+        incoming.write(c)
+    saved, digest = incoming.finish(hashlib.sha256(expected).digest())
+    assert (tmp_path / saved).read_bytes() == expected
+    assert digest == hashlib.sha256(expected).digest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.jpg"]
