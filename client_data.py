@@ -15,7 +15,6 @@ from protocol import (
     RANDOM_SIZE,
     ClientAuth,
     ClientHello,
-    IdentityPublic,
     LocalProtocolError,
     ProtocolError,
     ServerHello,
@@ -30,10 +29,7 @@ class ClientState(enum.Enum):
     FAILED = "FAILED"
 
 
-@dataclass(frozen=True)
-class ServerInfo:
-    identity: IdentityPublic
-    fingerprint: str
+ServerInfo = crypt.PeerIdentity  # what the handshake proved about the peer
 
 
 class ClientHandshake:

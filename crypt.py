@@ -242,6 +242,14 @@ class Identity:
         return cls(e, m)
 
 
+@dataclass(frozen=True)
+class PeerIdentity:
+    """A peer's verified long-term public keys and their fingerprint."""
+
+    identity: IdentityPublic
+    fingerprint: str
+
+
 def fingerprint(public: IdentityPublic) -> str:
     """`SHA256:` + unpadded base64 of SHA-256(ECDSA point || ML-DSA-65 public key)."""
     digest = hashlib.sha256(public.encode()).digest()

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
 
 import crypt
 from protocol import (
     RANDOM_SIZE,
     ClientAuth,
     ClientHello,
-    IdentityPublic,
     LocalProtocolError,
     ProtocolError,
     ServerHello,
@@ -30,10 +28,7 @@ class ServerState(enum.Enum):
     FAILED = "FAILED"
 
 
-@dataclass(frozen=True)
-class ClientInfo:
-    identity: IdentityPublic
-    fingerprint: str
+ClientInfo = crypt.PeerIdentity  # what the handshake proved about the peer
 
 
 class ServerHandshake:

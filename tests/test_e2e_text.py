@@ -70,3 +70,140 @@ def test_connection_refused_exits_3_with_one_error_line(env: Env):
     assert errors == [f"error: cannot connect to 127.0.0.1:{port}: Connection refused"]
     assert "Traceback" not in r.stderr
     assert files_in(env.server_received) == []
+
+
+# --- key log: an independent decryption of a capture ------------------------------------
+class CapturingRelay:
+    """Forwards one connection to the server and keeps the client->server bytes."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.target = target_port
+        self.c2s = bytearray()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import threading
+
+        a, _ = self.sock.accept()
+        b = socket.create_connection(("127.0.0.1", self.target))
+
+        def pipe(src, dst, keep):
+            try:
+                while data := src.recv(65536):
+                    if keep is not None:
+                        keep += data
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        t = threading.Thread(target=pipe, args=(b, a, None), daemon=True)
+        t.start()
+        pipe(a, b, self.c2s)
+        t.join(10)
+        self.done.set()
+
+
+def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
+    import struct
+
+    from conftest import child_env
+
+    import crypt
+    from protocol import Text, decode_message
+
+    srv = env.server()
+    relay = CapturingRelay(srv.port)
+    keylog = env.root / "keys.log"
+    r = env.client("--port", str(relay.port), "--accept-new-host",
+                   "--send-text", "read me from the capture",
+                   env=child_env(QSOCKET_KEYLOGFILE=str(keylog)))
+    assert r.returncode == 0, r.stderr
+    assert f"warning: QSOCKET_KEYLOGFILE is set: writing this session's traffic keys to " \
+           f"{keylog}" in r.stderr
+    assert relay.done.wait(10)
+    assert oct(keylog.stat().st_mode & 0o777) == "0o600"
+
+    # the key log: label, client random, key
+    keys = {}
+    for line in keylog.read_text().splitlines():
+        label, client_random, key = line.split()
+        keys[label] = bytes.fromhex(key)
+    # frames: ClientHello, ClientAuth (plaintext), then records client->server from seq 0
+    frames, data = [], bytes(relay.c2s)
+    while data:
+        (n,) = struct.unpack(">I", data[:4])
+        frames.append(data[4:4 + n])
+        data = data[4 + n:]
+    assert client_random == frames[0][7:39].hex()  # type, magic, version, then the random
+    receiver = crypt.RecordReceiver(crypt.DIRECTION_C2S, keys["QSOCKET2_CLIENT_TRAFFIC_ENC"],
+                                    keys["QSOCKET2_CLIENT_TRAFFIC_MAC"],
+                                    keys["QSOCKET2_CLIENT_TRAFFIC_IV"])
+    first = decode_message(*receiver.open(frames[2]))
+    assert isinstance(first, Text) and first.text == "read me from the capture"
+    assert b"read me" not in bytes(relay.c2s)  # and it was not in the clear on the wire
+
+
+def test_keylog_is_off_by_default(env: Env):
+    srv = env.server()
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "x")
+    assert r.returncode == 0
+    assert "QSOCKET_KEYLOGFILE" not in r.stderr
+    assert list(env.root.glob("*.log")) == []
+
+
+# --- errors the user causes: one error line, no traceback -------------------------------
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_usage_errors_get_one_error_line_and_exit_2(env: Env):
+    import subprocess
+
+    from conftest import PY, ROOT, child_env
+
+    def run(*argv):
+        return subprocess.run([PY, *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30, env=child_env(), stdin=subprocess.DEVNULL)
+
+    bad_port = run("client.py", "--port", "70000")
+    assert bad_port.returncode == 2
+    assert bad_port.stderr == "error: argument --port: port 70000 is outside 1-65535 " \
+                              "(see --help)\n"
+    unknown = run("server.py", "--bogus")
+    assert unknown.returncode == 2
+    assert unknown.stderr == "error: unrecognized arguments: --bogus (see --help)\n"
+    home_is_file = env.root / "not-a-dir"
+    home_is_file.write_text("x")
+    r = run("client.py", "--home", str(home_is_file), "--show-identity")
+    assert r.returncode == 1
+    assert _one_error_line(r.stderr).startswith(f"error: cannot use home directory {home_is_file}")
+
+
+def test_server_port_in_use_is_one_error_line(env: Env):
+    import subprocess
+
+    from conftest import PY, ROOT, child_env
+
+    srv = env.server()
+    r = subprocess.run([PY, "server.py", "--headless", "--port", str(srv.port),
+                        "--home", str(env.server_home)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=30, env=child_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    assert _one_error_line(r.stderr) == \
+        f"error: cannot listen on 127.0.0.1:{srv.port}: Address already in use"
