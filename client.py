@@ -312,31 +312,12 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
                 except (session.ConnectionLost, ProtocolError) as e:
                     print(f"not delivered: {e}")
         elif choice in ("2", "jpg", "file"):
-            send_jpg_menu(conn, args, prompt)
+            session.send_jpg_menu(conn, args.assets_dir, args.max_file_size, prompt)
         elif choice in ("3", "q", "quit", "exit"):
             return EXIT_OK
         elif choice:
             print(MENU)
     return EXIT_OK if conn.close_reason.startswith("peer said goodbye") else EXIT_ERROR
-
-
-def send_jpg_menu(conn, args, prompt) -> None:
-    assets = transfer.list_assets(args.assets_dir)
-    for i, (path, size) in enumerate(assets, 1):
-        print(f"  {i}) {neutralise(path.name)} ({session.human_size(size)})")
-    if not assets:
-        print(f"  (no JPGs in {args.assets_dir}; type a path)")
-    choice = prompt("number or path: ").strip()
-    if not choice:
-        return
-    path = assets[int(choice) - 1][0] if choice.isdigit() and 0 < int(choice) <= len(assets) \
-        else Path(choice).expanduser()
-    try:
-        print(conn.send_file(str(path), args.max_file_size).summary("sent"))
-    except transfer.Rejected as e:
-        print(f"not sent: {neutralise(e.detail)}")
-    except session.ConnectionLost as e:
-        print(f"not sent: {e}")
 
 
 def make_prompt(conn: session.Connection):

@@ -16,7 +16,6 @@ from pathlib import Path
 import crypt
 import keystore
 import session
-import transfer
 from protocol import (
     Alert,
     AlertCode,
@@ -347,22 +346,8 @@ def reply_text(server: Server, client: Client, ps) -> None:
 
 
 def reply_jpg(server: Server, client: Client, ps) -> None:
-    assets = transfer.list_assets(server.args.assets_dir)
-    for i, (path, size) in enumerate(assets, 1):
-        print(f"  {i}) {neutralise(path.name)} ({session.human_size(size)})")
-    if not assets:
-        print(f"  (no JPGs in {server.args.assets_dir}; type a path)")
-    choice = ps.prompt("number or path: ").strip()
-    if not choice:
-        return
-    path = assets[int(choice) - 1][0] if choice.isdigit() and 0 < int(choice) <= len(assets) \
-        else Path(choice).expanduser()
-    try:
-        print(client.conn.send_file(str(path), server.args.max_file_size).summary("sent"))
-    except transfer.Rejected as e:
-        print(f"not sent: {neutralise(e.detail)}")
-    except (session.ConnectionLost, ProtocolError) as e:
-        print(f"not sent: {e}")
+    session.send_jpg_menu(client.conn, server.args.assets_dir, server.args.max_file_size,
+                          ps.prompt)
 
 
 # --- main -----------------------------------------------------------------------------------------

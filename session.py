@@ -261,6 +261,29 @@ class NoProgress:
         pass
 
 
+def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt) -> None:
+    """The "send a JPG" menu entry of both consoles: list the assets, pick one by
+    number or type a path, send it and say how it went."""
+    assets = transfer.list_assets(assets_dir)
+    for i, (path, size) in enumerate(assets, 1):
+        print(f"  {i}) {neutralise(path.name)} ({human_size(size)})")
+    if not assets:
+        print(f"  (no JPGs in {assets_dir}; type a path)")
+    choice = prompt("number or path: ").strip()
+    if not choice:
+        return
+    if choice.isdigit() and 0 < int(choice) <= len(assets):
+        path = assets[int(choice) - 1][0]
+    else:
+        path = Path(choice).expanduser()
+    try:
+        print(conn.send_file(str(path), max_size).summary("sent"))
+    except transfer.Rejected as e:
+        print(f"not sent: {neutralise(e.detail)}")
+    except (ConnectionLost, ProtocolError) as e:
+        print(f"not sent: {e}")
+
+
 # --- received file data: decrypted into aligned buffers, written by a disk thread -----
 PAGE = mmap.PAGESIZE
 

@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -210,9 +211,63 @@ def env(tmp_path: Path):
         srv.stop()
 
 
+class Relay:
+    """A TCP relay on 127.0.0.1 (a given port, or a free one) to a target port.
+
+    Keeps every client->server byte in `c2s`, so a test can read the capture; each
+    accepted connection is piped both ways until either side closes.
+    """
+
+    def __init__(self, target_port: int, listen_port: int = 0) -> None:
+        self.target = target_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", listen_port))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.c2s = bytearray()
+        self.finished = threading.Event()  # set when the first connection has ended
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            down = threading.Thread(target=self._pipe, args=(b, a, None), daemon=True)
+            down.start()
+            threading.Thread(target=self._up, args=(a, b, down), daemon=True).start()
+
+    def _up(self, a, b, down: threading.Thread) -> None:
+        self._pipe(a, b, self.c2s)
+        down.join(LINE_TIMEOUT)
+        self.finished.set()
+
+    @staticmethod
+    def _pipe(src, dst, keep: bytearray | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if keep is not None:
+                    keep += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def files_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
 __all__ = ["io", "ROOT", "PY", "identity", "handshake_pair", "make_jpeg", "jpeg_of_size",
-           "Proc", "Server", "Env", "files_in", "child_env"]
+           "Proc", "Server", "Env", "Relay", "files_in", "child_env"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from conftest import Env, files_in
+from conftest import Env, Relay, files_in
 
 
 def test_batch_text_delivered_and_printed_by_server(env: Env):
@@ -73,49 +73,6 @@ def test_connection_refused_exits_3_with_one_error_line(env: Env):
 
 
 # --- key log: an independent decryption of a capture ------------------------------------
-class CapturingRelay:
-    """Forwards one connection to the server and keeps the client->server bytes."""
-
-    def __init__(self, target_port: int) -> None:
-        import threading
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
-        self.target = target_port
-        self.c2s = bytearray()
-        self.done = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        import threading
-
-        a, _ = self.sock.accept()
-        b = socket.create_connection(("127.0.0.1", self.target))
-
-        def pipe(src, dst, keep):
-            try:
-                while data := src.recv(65536):
-                    if keep is not None:
-                        keep += data
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        t = threading.Thread(target=pipe, args=(b, a, None), daemon=True)
-        t.start()
-        pipe(a, b, self.c2s)
-        t.join(10)
-        self.done.set()
-
-
 def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     import struct
 
@@ -125,7 +82,7 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     from protocol import Text, decode_message
 
     srv = env.server()
-    relay = CapturingRelay(srv.port)
+    relay = Relay(srv.port)
     keylog = env.root / "keys.log"
     r = env.client("--port", str(relay.port), "--accept-new-host",
                    "--send-text", "read me from the capture",
@@ -133,7 +90,7 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     assert r.returncode == 0, r.stderr
     assert f"warning: QSOCKET_KEYLOGFILE is set: writing this session's traffic keys to " \
            f"{keylog}" in r.stderr
-    assert relay.done.wait(10)
+    assert relay.finished.wait(10)
     assert oct(keylog.stat().st_mode & 0o777) == "0o600"
 
     # the key log: label, client random, key

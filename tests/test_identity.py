@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import stat
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import Env, Server
+from conftest import Env, Relay, Server
 
 import keystore
 
@@ -96,45 +94,6 @@ def test_fingerprint_flag_pins_and_wrong_fingerprint_is_refused(env: Env):
     assert "] no" not in srv.output()
 
 
-class Relay:
-    """A TCP relay on a given port that forwards everything to another port."""
-
-    def __init__(self, listen_port: int, target_port: int) -> None:
-        self.target = target_port
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", listen_port))
-        self.sock.listen()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.sock.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target))
-            for src, dst in ((a, b), (b, a)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src, dst) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_man_in_the_middle_on_the_pinned_port_is_refused(env: Env):
     real = env.server()
     port = real.port
@@ -144,7 +103,7 @@ def test_man_in_the_middle_on_the_pinned_port_is_refused(env: Env):
     # an attacker now answers on the pinned host:port and relays to its own server
     attacker = Server(env.root / "attacker-home", env.root / "attacker-received")
     env._servers.append(attacker)
-    relay = Relay(port, attacker.port)
+    relay = Relay(attacker.port, listen_port=port)
     try:
         r = env.client("--port", str(port), "--send-text", "secret")
     finally:
