@@ -96,9 +96,6 @@ def build_parser() -> session.Parser:
 
 # --- the user's side of events -----------------------------------------------------------
 class ClientEvents(session.Events):
-    def __init__(self, interactive: bool) -> None:
-        self.interactive = interactive
-
     def text(self, conn, text):
         self.out(f"[server] {neutralise(text)}")
 
@@ -288,7 +285,7 @@ def run_batch(conn: session.Connection, batch, max_size: int) -> int:
 MENU = "1) send text  2) send a JPG  3) quit"
 
 
-def run_interactive(conn: session.Connection, args, events: ClientEvents) -> int:
+def run_interactive(conn: session.Connection, args) -> int:
     if not sys.stdin.isatty():
         return menu_loop(conn, args, make_prompt(conn))
     from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
@@ -410,7 +407,7 @@ def run(args) -> int:
         print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
         print(f"verification code: {crypt.verification_code(hs.keys)}  (compare with the "
               f"server's to rule out a man in the middle)")
-    events = ClientEvents(interactive)
+    events = ClientEvents()
     conn = session.Connection(sock, records, label="server", events=events,
                               received_dir=str(args.received_dir),
                               max_file_size=args.max_file_size).start()
@@ -420,7 +417,7 @@ def run(args) -> int:
         if batch:
             code = run_batch(conn, batch, args.max_file_size)
         else:
-            code = run_interactive(conn, args, events)
+            code = run_interactive(conn, args)
     except KeyboardInterrupt:
         print("interrupted: saying goodbye", file=sys.stderr)
         code = EXIT_INTERRUPTED

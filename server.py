@@ -69,12 +69,6 @@ def build_parser() -> session.Parser:
 
 
 class ServerEvents(session.Events):
-    def __init__(self, server: Server) -> None:
-        self.server = server
-
-    def text(self, conn, text):
-        self.out(f"[{conn.label}] {neutralise(text)}")
-
     def file_saved(self, conn, path, result):
         self.out(f"[{conn.label}] {result.summary('received')}, saved at {neutralise(path)}")
 
@@ -100,7 +94,7 @@ class Server:
         self.home = home
         self.kem = kem
         self.authorized = authorized
-        self.events = ServerEvents(self)
+        self.events = ServerEvents()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.clients: dict[int, Client] = {}
