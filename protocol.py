@@ -80,29 +80,6 @@ def frame_length(header: bytes) -> int:
     return length
 
 
-class FrameDecoder:
-    """Reassembles frames from a byte stream (for callers that receive in pieces)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        frames = []
-        while len(self._buf) >= FRAME_HEADER.size:
-            length = frame_length(bytes(self._buf[: FRAME_HEADER.size]))
-            end = FRAME_HEADER.size + length
-            if len(self._buf) < end:
-                break
-            frames.append(bytes(self._buf[FRAME_HEADER.size : end]))
-            del self._buf[:end]
-        return frames
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
-
-
 # --- handshake messages (plaintext frames) ----------------------------------
 class HandshakeType(enum.IntEnum):
     CLIENT_HELLO = 1

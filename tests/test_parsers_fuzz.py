@@ -155,6 +155,39 @@ def test_frame_length(header):
 VALID_STREAM = b"".join(protocol.encode_frame(b) for b in (b"a", b"hello" * 10, bytes(300)))
 
 
+def _read_frames(chunks: list[bytes]) -> list[bytes]:
+    """Feed a byte stream, in the given pieces, to session.read_frame over a real
+    socket pair (the product's framing path); returns frames until end of stream."""
+    import socket
+    import threading
+
+    import session
+
+    a, b = socket.socketpair()
+
+    def feed():
+        try:
+            for chunk in chunks:
+                a.sendall(chunk)
+        except OSError:
+            pass  # the reader refused the stream and hung up
+        finally:
+            a.close()
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    frames = []
+    try:
+        while True:
+            try:
+                frames.append(bytes(session.read_frame(b)))
+            except session.ConnectionLost:
+                return frames
+    finally:
+        b.close()
+        t.join(5)
+
+
 @FAST
 @given(st.one_of(
     st.lists(st.binary(max_size=40), max_size=8),
@@ -162,33 +195,28 @@ VALID_STREAM = b"".join(protocol.encode_frame(b) for b in (b"a", b"hello" * 10, 
         lambda t: [mutate(VALID_STREAM, t[0])[a:b] for a, b in
                    zip([0, *sorted(t[1])], [*sorted(t[1]), None], strict=True)]),
 ))
-def test_frame_decoder_on_arbitrary_and_mutated_streams(chunks):
-    decoder = protocol.FrameDecoder()
+def test_read_frame_on_arbitrary_and_mutated_streams(chunks):
     try:
-        for chunk in chunks:
-            for frame in decoder.feed(chunk):
-                assert 1 <= len(frame) <= MAX_FRAME
+        for frame in _read_frames(chunks):
+            assert 1 <= len(frame) <= MAX_FRAME
     except RemoteProtocolError:
         pass
 
 
 @FAST
 @given(st.lists(st.binary(min_size=1, max_size=50), max_size=6), st.lists(st.integers(0, 400)))
-def test_frame_decoder_reassembles_any_split(bodies, cuts):
+def test_read_frame_reassembles_any_split(bodies, cuts):
     stream = b"".join(protocol.encode_frame(b) for b in bodies)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    decoder, out = protocol.FrameDecoder(), []
-    for a, b in zip(points, points[1:], strict=False):
-        out += decoder.feed(stream[a:b])
-    assert out == bodies
-    assert decoder.pending == 0
+    assert _read_frames([stream[a:b] for a, b in zip(points, points[1:], strict=False)]) \
+        == bodies
 
 
 @FAST
 @given(st.integers(MAX_FRAME + 1, 2**32 - 1) | st.just(0), st.binary(max_size=3))
-def test_frame_decoder_refuses_a_bad_length_before_any_data(length, tail):
+def test_read_frame_refuses_a_bad_length_before_any_data(length, tail):
     with pytest.raises(RemoteProtocolError):
-        protocol.FrameDecoder().feed(struct.pack(">I", length) + tail)
+        _read_frames([struct.pack(">I", length) + tail])
 
 
 # --- handshake message decoders --------------------------------------------------------------
