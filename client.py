@@ -26,6 +26,7 @@ from client_data import (
     normalise_fingerprint,
 )
 from protocol import (
+    MAX_HANDSHAKE,
     MAX_TEXT,
     Alert,
     AlertCode,
@@ -120,7 +121,7 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
         session.send_frame(sock, hs.create_client_hello())
-        info = hs.consume_server_hello(bytes(session.read_frame(sock, deadline)))
+        info = hs.consume_server_hello(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
         try:
             decide_trust(args, home, info.fingerprint, ask)
         except Fatal:
@@ -194,19 +195,19 @@ def decide_trust(args, home: Path, offered: str, ask) -> None:
         result = check_host(keystore.read_text(path), args.host, args.port, offered)
     except ValueError as e:
         raise Fatal(EXIT_AUTH, f"{path}: {e}; fix or remove that line") from e
+    key = f"[{args.host}]:{args.port}"
+    expected = normalise_fingerprint(args.fingerprint) if args.fingerprint else None
+    if expected is not None and expected != offered:
+        # an explicit expectation is checked always, pinned or not
+        raise Fatal(EXIT_AUTH, f"server {key} offered {offered}, not the expected {expected}")
     if result.trust is Trust.KNOWN:
         return
-    key = f"[{args.host}]:{args.port}"
     if result.trust is Trust.CHANGED:
         print(CHANGED_WARNING.format(key=key, offered=offered, path=path, line=result.line,
                                      expected=result.expected), file=sys.stderr)
         raise Fatal(EXIT_AUTH, f"server identity for {key} has changed: expected "
                                f"{result.expected}, offered {offered}")
-    if args.fingerprint:
-        if normalise_fingerprint(args.fingerprint) != offered:
-            raise Fatal(EXIT_AUTH, f"server {key} offered {offered}, not the expected "
-                                   f"{normalise_fingerprint(args.fingerprint)}")
-    elif not args.accept_new_host:
+    if expected is None and not args.accept_new_host:
         if ask is None:
             raise Fatal(EXIT_AUTH, f"unknown server {key} with fingerprint {offered}; "
                                    f"verify it, then use --fingerprint {offered} "

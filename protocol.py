@@ -70,13 +70,13 @@ def encode_frame(body: bytes) -> bytes:
     return FRAME_HEADER.pack(len(body)) + body
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, limit: int = MAX_FRAME) -> int:
     """Parse and check a 4-byte frame header before anything is allocated."""
     if len(header) != FRAME_HEADER.size:
         raise RemoteProtocolError("truncated frame header")
     (length,) = FRAME_HEADER.unpack(header)
-    if length == 0 or length > MAX_FRAME:
-        raise RemoteProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+    if length == 0 or length > limit:
+        raise RemoteProtocolError(f"frame length {length} outside 1..{limit}")
     return length
 
 
@@ -289,6 +289,10 @@ class ClientAuth:
         _check_size("ClientAuth", body, cls.SIZE)
         sigs, fin = _split(body[1:], (Signatures.SIZE, MAC_SIZE))
         return cls(Signatures.decode(sigs), fin)
+
+
+# The largest handshake frame (the ServerHello); a handshake read allocates no more.
+MAX_HANDSHAKE = ServerHello.SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import crypt
 import keystore
 import session
 from protocol import (
+    MAX_HANDSHAKE,
     Alert,
     AlertCode,
     AuthError,
@@ -207,9 +208,9 @@ class Server:
         hs = ServerHandshake(self.identity, self.kem)
         deadline = time.monotonic() + self.args.handshake_timeout
         try:
-            hs.consume_client_hello(bytes(session.read_frame(sock, deadline)))
+            hs.consume_client_hello(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
             session.send_frame(sock, hs.create_server_hello())
-            info = hs.consume_client_auth(bytes(session.read_frame(sock, deadline)))
+            info = hs.consume_client_auth(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
             return hs, info.fingerprint
         except VersionMismatch as e:
             why, alert = str(e), Alert(AlertCode.BAD_VERSION, str(e))
@@ -359,6 +360,9 @@ def main(argv=None) -> int:
     except ProtocolError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the signal handlers were in place
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def load_authorized(path: Path | None) -> dict[str, str] | None:
@@ -404,6 +408,8 @@ def run(args) -> int:
     stop = threading.Event()
 
     def on_signal(signum, frame):
+        if stop.is_set():
+            return  # already shutting down: a second Ctrl-C must not cut that short
         stop.set()
         if not headless:
             raise KeyboardInterrupt

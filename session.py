@@ -47,6 +47,10 @@ from protocol import (
 
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
 DATA_IN_FLIGHT = 4  # file records queued for the writer at most
+MAX_BACKLOG = 64  # records waiting for the writer before the peer counts as not reading
+REPLY_TIMEOUT = 30.0  # seconds for Delivered and FileAccept, answered at once by the peer
+SAVED_TIMEOUT = 600.0  # seconds for FileSaved: the receiver flushes the whole file first
+STALL_TIMEOUT = 120.0  # seconds a file stream may make no progress before we give up
 
 
 class ConnectionLost(Exception):
@@ -145,8 +149,9 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = N
         got += k
 
 
-def read_frame(sock: socket.socket, deadline: float | None = None) -> bytearray:
-    length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size, deadline)))
+def read_frame(sock: socket.socket, deadline: float | None = None,
+               limit: int = MAX_FRAME) -> bytearray:
+    length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size, deadline)), limit)
     return recv_exact(sock, length, deadline)
 
 
@@ -184,9 +189,13 @@ def write_keylog(client_random: bytes, keys: crypt.SessionKeys) -> None:
         return
     print(f"warning: {KEYLOG_ENV} is set: writing this session's traffic keys to {path}; "
           f"anyone with that file can read the traffic", file=sys.stderr, flush=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(crypt.keylog_lines(client_random, keys))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(crypt.keylog_lines(client_random, keys))
+    except OSError as e:  # a debugging aid must not end the session
+        print(f"warning: cannot write the key log {path}: {e.strerror or e}",
+              file=sys.stderr, flush=True)
 
 
 # --- what the user sees ------------------------------------------------------------
@@ -392,6 +401,10 @@ class Connection:
         `on_sent` runs once the writer is done with it."""
         if self.closed.is_set():
             raise ConnectionLost(self.close_reason or "connection closed")
+        if self._out.qsize() > MAX_BACKLOG:
+            # an honest peer has one operation outstanding, so our replies cannot pile
+            # up unless it stopped reading: it may not make us buffer without bound
+            raise RemoteProtocolError("peer is not reading what we send")
         with self._seal_lock:
             pieces = self._sender.seal(msg.TYPE, msg.encode(), out)
             self._out.put((pieces, on_sent))
@@ -530,8 +543,9 @@ class Connection:
                 raise failure
             self._fail_incoming(failure)
             return
+        n = len(data)  # the disk thread releases `data` once written
         self._disk.write(self._incoming, data, buf)
-        self._bar.update(len(data))
+        self._bar.update(n)
 
     def _on_end(self, sha256: bytes) -> None:
         if self._discarding:
@@ -603,7 +617,7 @@ class Connection:
             raise ConnectionLost(self.close_reason or "connection closed")
         return msg
 
-    def send_text(self, text: str, timeout: float | None = 30.0) -> None:
+    def send_text(self, text: str, timeout: float | None = REPLY_TIMEOUT) -> None:
         """Send one text and wait until the peer acknowledges it."""
         with self._operation():
             self._next_id += 1
@@ -620,13 +634,13 @@ class Connection:
         with self._operation():
             started = time.monotonic()
             self.send(FileOffer(out.size, out.name))
-            reply = self._reply()
+            reply = self._reply(REPLY_TIMEOUT)
             if isinstance(reply, FileReject):
                 raise transfer.Rejected(reply.reason, f"rejected by peer: {reply.detail}")
             if not isinstance(reply, FileAccept):
                 raise RemoteProtocolError(f"expected FileAccept, got {type(reply).__name__}")
             digest = self._stream(out)
-            reply = self._reply()
+            reply = self._reply(SAVED_TIMEOUT)
             if isinstance(reply, FileFailed):
                 raise transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
             if not isinstance(reply, FileSaved):
@@ -666,12 +680,15 @@ class Connection:
 
     def _free_cipher_buffer(self, pool: queue.Queue) -> memoryview:
         # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
+        stalled_since = time.monotonic()
         while True:
             try:
                 return pool.get(timeout=1.0)
             except queue.Empty:
                 if self.closed.is_set() or self._closing:
                     raise ConnectionLost(self.close_reason or "connection closed") from None
+                if time.monotonic() - stalled_since > STALL_TIMEOUT:
+                    raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
 
     def _early_failure(self) -> FileFailed | None:
         try:

@@ -22,7 +22,11 @@ DEFAULT_MAX_FILE_SIZE = 4 << 30
 FALLBACK_NAME = "received.jpg"
 TEMP_PREFIX = ".qsocket-"
 TEMP_SUFFIX = ".part"
-RECEIVED_MODE = 0o644
+# A received picture is an ordinary file: 0666 less the user's umask, as any program
+# would create it (read once at import, while nothing else runs).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+RECEIVED_MODE = 0o666 & ~_UMASK
 DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses in whole blocks
 
 
@@ -174,9 +178,7 @@ class IncomingFile:
                                         dir=self.directory)
         except OSError as e:
             raise _disk_reason(e) from e
-        self._fd, self.temp = fd, Path(path)
-        # mkstemp makes 0600; a received picture is an ordinary file
-        os.fchmod(fd, RECEIVED_MODE)
+        self._fd, self.temp = fd, Path(path)  # 0600 while incomplete
         self._direct = _set_direct(fd, True)
 
     def _write_all(self, view: memoryview) -> None:
@@ -219,6 +221,7 @@ class IncomingFile:
                 f"file ended after {self.received} of {self.size} announced bytes")
         digest = self._hash.digest()
         try:
+            os.fchmod(self._fd, RECEIVED_MODE)
             os.fsync(self._fd)
         except OSError as e:
             self.abort()

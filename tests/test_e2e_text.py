@@ -164,3 +164,16 @@ def test_server_port_in_use_is_one_error_line(env: Env):
     assert r.returncode == 1
     assert _one_error_line(r.stderr) == \
         f"error: cannot listen on 127.0.0.1:{srv.port}: Address already in use"
+
+
+def test_an_unwritable_keylog_warns_and_the_session_goes_on(env: Env):
+    from conftest import child_env
+
+    srv = env.server()
+    bad = env.root / "no-such-dir" / "keys.log"
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "still fine",
+                   env=child_env(QSOCKET_KEYLOGFILE=str(bad)))
+    assert r.returncode == 0, r.stderr
+    assert f"warning: cannot write the key log {bad}: No such file or directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    srv.wait_for(r"\] still fine$")

@@ -746,3 +746,32 @@ def test_disk_full_mid_transfer_keeps_the_session_going(tmp_path: Path):
         finally:
             sender.close("done", timeout=5)
             receiver.close("done", timeout=5)
+
+
+def test_a_peer_that_never_reads_cannot_make_us_buffer_without_bound(tmp_path: Path):
+    """A peer floods texts and never reads our Delivered replies: once MAX_BACKLOG
+    replies wait for the writer, its session ends; memory stays bounded."""
+    from protocol import MsgType, Text
+
+    pair = handshake_pair()
+    a, b = socket.socketpair()
+    events = _Recorder()
+    victim = session.Connection(a, pair.server.records(), label="flooder", events=events,
+                                received_dir=str(tmp_path)).start()
+    sender, _ = pair.client.records()  # the flooder seals by hand and never reads
+    sent = 0
+    try:
+        for sent in range(1, 200_001):  # bounded: far more than any buffer holds
+            session.send_pieces(b, sender.seal(MsgType.TEXT, Text(sent, "").encode()))
+            if victim.closed.is_set():
+                break
+    except OSError:
+        pass  # the victim hung up on us
+    assert victim.closed.wait(20)
+    assert victim.close_reason == \
+        "connection closed: protocol error: peer is not reading what we send"
+    # it gave up after a bounded backlog, long before the flood ended
+    assert victim._out.qsize() <= session.MAX_BACKLOG + 2
+    assert sent < 200_000
+    b.close()
+    victim.close(timeout=2)

@@ -185,3 +185,17 @@ def test_verification_code_equal_on_both_sides_and_new_each_session(env: Env):
         assert client_code == server_code
         codes.append(client_code)
     assert codes[0] != codes[1]
+
+
+def test_fingerprint_flag_is_checked_even_when_the_host_is_pinned(env: Env):
+    """An explicit --fingerprint is an expectation: a pin made earlier (say, by an
+    --accept-new-host run that met an attacker) must not silently override it."""
+    srv = env.server()
+    assert env.client("--port", str(srv.port), "--accept-new-host",
+                      "--send-text", "pin").returncode == 0
+    expected = fp_of(env, env.root / "the-real-server")
+    r = env.client("--port", str(srv.port), "--fingerprint", expected, "--send-text", "no")
+    assert r.returncode == 4
+    assert f"error: server [127.0.0.1]:{srv.port} offered {srv.fingerprint}, not the " \
+           f"expected {expected}" in r.stderr
+    assert "] no" not in srv.output()

@@ -608,7 +608,7 @@ def test_size_and_limit_tables():
             continue
         assert _constant(name) == int(value), name
         checked += 1
-    assert checked == len(sizes) + 6
+    assert checked == len(sizes) + 7
     m = re.search(r"MAX_FRAME = IV_SIZE \+ \(1 \+ CHUNK_SIZE\) \+ MAC_SIZE = "
                   r"(\d+) \+ (\d+) \+ (\d+) = (\d+)", section("3. Framing"))
     assert tuple(int(x) for x in m.groups()) == (
@@ -635,6 +635,12 @@ def test_frame_limits():
     for bad in (0, protocol.MAX_FRAME + 1):
         with pytest.raises(RemoteProtocolError):
             protocol.frame_length(bad.to_bytes(4, "big"))
+    # during the handshake nothing larger than the ServerHello is ever allocated
+    limit = protocol.MAX_HANDSHAKE
+    assert limit == protocol.ServerHello.SIZE >= protocol.ClientHello.SIZE
+    assert protocol.frame_length(limit.to_bytes(4, "big"), limit) == limit
+    with pytest.raises(RemoteProtocolError):
+        protocol.frame_length((limit + 1).to_bytes(4, "big"), limit)
 
 
 # --- trust files -----------------------------------------------------------------------------

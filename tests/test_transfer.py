@@ -150,6 +150,7 @@ def test_a_full_receive_writes_the_exact_bytes(tmp_path: Path):
     inc.write(data[:5000])
     names = files_in(tmp_path)
     assert len(names) == 1 and names[0].startswith(transfer.TEMP_PREFIX)
+    assert (tmp_path / names[0]).stat().st_mode & 0o777 == 0o600  # private while incomplete
     assert names[0].endswith(transfer.TEMP_SUFFIX)
     assert visible(tmp_path) == []
     inc.write(memoryview(data)[5000:])  # memoryviews are fine too
