@@ -429,3 +429,17 @@ def test_direct_io_path_and_its_fallbacks_write_the_exact_bytes(tmp_path):
     assert (tmp_path / saved).read_bytes() == expected
     assert digest == hashlib.sha256(expected).digest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.jpg"]
+
+
+def test_sizes_beyond_4_gib_are_64_bit_on_the_wire_and_in_the_offer_check(tmp_path):
+    """No 32-bit size anywhere: a 5 GiB offer survives encoding, and the receiver's
+    limit check compares the full 64-bit value (not tested by moving 5 GiB)."""
+    from protocol import FileOffer
+
+    five_gib = 5 << 30
+    offer = FileOffer.decode(FileOffer(five_gib, "huge.jpg").encode())
+    assert offer.size == five_gib
+    with pytest.raises(Rejected) as r:
+        IncomingFile(tmp_path, "huge.jpg", five_gib, max_size=4 << 30)
+    assert r.value.reason == Reason.TOO_LARGE
+    assert files_in(tmp_path) == []
