@@ -65,7 +65,7 @@ class CryptographyKEM:
 
     def encapsulate(self, ek: bytes) -> tuple[bytes, bytes]:
         """Return (shared_secret, ciphertext); ek must pass the FIPS 203 check."""
-        public = _mlkem_public(ek)
+        public = mlkem_public_key(ek)
         return public.encapsulate()
 
     def decapsulate(self, private, ct: bytes) -> bytes:
@@ -74,7 +74,7 @@ class CryptographyKEM:
         return private.decapsulate(ct)
 
 
-def _mlkem_public(ek: bytes) -> mlkem.MLKEM1024PublicKey:
+def mlkem_public_key(ek: bytes) -> mlkem.MLKEM1024PublicKey:
     if len(ek) != MLKEM1024_EK:
         raise RemoteProtocolError("ML-KEM encapsulation key has the wrong length")
     try:
@@ -124,7 +124,7 @@ class LiboqsKEM:
         return kem, ek
 
     def encapsulate(self, ek: bytes) -> tuple[bytes, bytes]:
-        _mlkem_public(ek)  # liboqs does not run the FIPS 203 input check itself
+        mlkem_public_key(ek)  # liboqs does not run the FIPS 203 input check itself
         with self._oqs.KeyEncapsulation("ML-KEM-1024") as kem:
             ct, ss = kem.encap_secret(ek)
         return ss, ct
