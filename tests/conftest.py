@@ -52,13 +52,18 @@ def handshake_pair(client_id: crypt.Identity | None = None,
     """A complete in-memory handshake between the two sans-I/O cores."""
     c = ClientHandshake(client_id or identity("client"))
     s = ServerHandshake(server_id or identity("server"))
+    return Pair(c, s, *run_handshake(c, s))
+
+
+def run_handshake(c: ClientHandshake, s: ServerHandshake) -> tuple[bytes, bytes, bytes]:
+    """Drive both cores through every step; returns (ClientHello, ServerHello, ClientAuth)."""
     ch = c.create_client_hello()
     s.consume_client_hello(ch)
     sh = s.create_server_hello()
     c.consume_server_hello(sh)
     ca = c.create_client_auth()
     s.consume_client_auth(ca)
-    return Pair(c, s, ch, sh, ca)
+    return ch, sh, ca
 
 
 # --- JPEGs -------------------------------------------------------------------------
@@ -270,4 +275,4 @@ def files_in(directory: Path) -> list[str]:
 
 
 __all__ = ["io", "ROOT", "PY", "identity", "handshake_pair", "make_jpeg", "jpeg_of_size",
-           "Proc", "Server", "Env", "Relay", "files_in", "child_env"]
+           "Proc", "Server", "Env", "Relay", "files_in", "child_env", "run_handshake"]

@@ -18,7 +18,7 @@ import sys
 from dataclasses import fields
 
 import pytest
-from conftest import ROOT, handshake_pair, identity
+from conftest import ROOT, handshake_pair, identity, run_handshake
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -144,14 +144,7 @@ def fresh(client_id=None, server_id=None, ckem=None, skem=None):
             ServerHandshake(server_id or identity("server"), skem))
 
 
-def run(c: ClientHandshake, s: ServerHandshake) -> tuple[bytes, bytes, bytes]:
-    ch = c.create_client_hello()
-    s.consume_client_hello(ch)
-    sh = s.create_server_hello()
-    c.consume_server_hello(sh)
-    ca = c.create_client_auth()
-    s.consume_client_auth(ca)
-    return ch, sh, ca
+run = run_handshake
 
 
 def raises_exactly(exc: type[Exception], call, *args):

@@ -14,7 +14,7 @@ import struct
 import unicodedata
 
 import pytest
-from conftest import identity
+from conftest import identity, run_handshake
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -63,12 +63,7 @@ def genuine() -> dict[str, object]:
     """One complete handshake with the fixed client; computed once per test session."""
     if not _GENUINE:
         c, s = fixed_client(), ServerHandshake(identity("server"))
-        ch = c.create_client_hello()
-        s.consume_client_hello(ch)
-        sh = s.create_server_hello()
-        c.consume_server_hello(sh)
-        ca = c.create_client_auth()
-        s.consume_client_auth(ca)
+        ch, sh, ca = run_handshake(c, s)
         sender, _ = c.records()
         frame = b"".join(bytes(p) for p in sender.seal(MsgType.TEXT, bytes(8) + b"hi there"))
         _GENUINE.update(ch=ch, sh=sh, ca=ca, keys=c.keys, record=frame[4:])
