@@ -2,18 +2,22 @@
 
 A crafted server, built from the sans-I/O core, sends the real client.py escape
 sequences, a bidi override and ANSI colours in a text, a file name, a refusal
-after the handshake and an alert before it; the client must print them escaped.
+after the handshake and an alert before it; the client must print them escaped,
+in batch output and on the interactive console (a real pty) alike.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import socket
 import threading
 
 import pytest
 from conftest import LINE_TIMEOUT, Env, files_in, identity
+from test_interactive import CLIENT_MENU, Tty, assert_clean
 
 import session
 from protocol import (
@@ -45,7 +49,7 @@ class CraftedServer:
     """Accepts one client and, depending on `mode`, refuses it in plaintext ("alert"),
     refuses it after the handshake ("refused"), or welcomes it and sends a hostile
     text and a file with a hostile name before acknowledging the client's own text
-    ("session")."""
+    ("session"), or after acknowledging the client's first text ("after-text")."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -83,14 +87,21 @@ class CraftedServer:
             send(Refused(Reason.NOT_AUTHORIZED, HOSTILE))
             return
         session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
-        send(Text(1, HOSTILE))
-        send(FileOffer(len(self.data), HOSTILE_NAME))
+        if self.mode == "session":
+            send(Text(1, HOSTILE))
+            send(FileOffer(len(self.data), HOSTILE_NAME))
         pending = None  # the client's text, acknowledged once everything above is shown
         synced = False
         while True:
             msg = decode_message(*receiver.open(session.read_frame(sock)))
             self.received.append(msg)
-            if isinstance(msg, FileAccept):
+            if self.mode == "after-text" and isinstance(msg, Text):
+                # a person at the menu: wait until the menu is shown and used
+                self.mode = "session"
+                send(Delivered(msg.msg_id))
+                send(Text(1, HOSTILE))
+                send(FileOffer(len(self.data), HOSTILE_NAME))
+            elif isinstance(msg, FileAccept):
                 send(FileData(self.data))
                 send(FileEnd(hashlib.sha256(self.data).digest()))
             elif isinstance(msg, FileSaved):
@@ -147,3 +158,31 @@ def test_server_refusal_reasons_are_neutralised_on_the_client(env: Env, mode, co
     _, r = run_client(env, mode)
     assert r.returncode == code, r.stderr
     assert r.stderr.splitlines()[-1] == prefix + SHOWN
+
+
+def test_server_text_and_file_name_are_neutralised_on_the_interactive_console(env: Env):
+    srv = CraftedServer("after-text")
+    tty = Tty("client.py", "--port", str(srv.port), "--home", str(env.client_home),
+              "--assets-dir", str(env.assets), "--received-dir", str(env.client_received),
+              "--fingerprint", identity("server").fingerprint())
+    raw = io.StringIO()
+    tty.child.logfile_read = raw  # everything the client wrote to its terminal
+    try:
+        tty.expect_line(f"^{re.escape(CLIENT_MENU)}$")
+        tty.answer(">", "1")
+        tty.answer("text:", "hello")
+        # the server's lines (one reader thread, in order); "delivered" may come between
+        tty.expect_line(f"^{re.escape(f'[server] {SHOWN}')}$")
+        tty.expect_line(rf"^\[server\] receiving '{re.escape(SHOWN_NAME)}' \(")
+        tty.expect_line(r"^\[server\] sync$")  # after the file's lines
+        tty.answer(">", "3")
+        assert tty.wait_exit() == 0
+        assert tty.lines("^delivered$")
+    finally:
+        tty.kill()
+        srv.join()
+    assert_clean(tty)
+    # prompt_toolkit paints with escape sequences of its own: look for the server's
+    for hostile in ("\x1b]0;pwned", "\x07", "\u202e", "\x1b[31mred", "\x1b[32mgreen"):
+        assert hostile not in raw.getvalue(), f"raw {hostile!r} reached the client's terminal"
+    assert len(files_in(env.client_received)) == 1

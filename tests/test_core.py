@@ -1213,3 +1213,13 @@ def test_a_fingerprint_differing_only_slightly_from_the_pin_is_changed(kind: str
     assert check_host(text, "127.0.0.1", 5555, pinned) == TrustResult(Trust.CHANGED, offered, 1)
     assert check_host(f"[127.0.0.1]:5555 {pinned}\n", "127.0.0.1", 5555, pinned).trust \
         is Trust.KNOWN
+
+
+def test_the_record_mac_covers_the_direction_even_under_equal_keys():
+    """Keys differ per direction anyway; the direction byte in the MAC is the second
+    lock (docs/PROTOCOL.md), so it is tested on its own."""
+    keys = (bytes(32), bytes(range(32)), bytes(8))
+    body = sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *keys), MsgType.BYE)
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        crypt.RecordReceiver(crypt.DIRECTION_S2C, *keys).open(body)
+    assert crypt.RecordReceiver(crypt.DIRECTION_C2S, *keys).open(body)[0] == MsgType.BYE
