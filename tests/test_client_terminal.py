@@ -153,7 +153,7 @@ def test_server_text_and_file_name_are_neutralised_on_the_client(env: Env):
 @pytest.mark.parametrize("mode,code,prefix", [
     ("refused", 4, "error: server refused this client: "),
     ("alert", 3, "error: server refused the connection: "),
-])
+], ids=["refused", "alert"])
 def test_server_refusal_reasons_are_neutralised_on_the_client(env: Env, mode, code, prefix):
     _, r = run_client(env, mode)
     assert r.returncode == code, r.stderr

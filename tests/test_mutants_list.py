@@ -33,3 +33,10 @@ def test_the_check_notices_a_moved_snippet(tmp_path):
     found = mutants.problems(tmp_path)
     assert any(p.startswith(f"{first['id']}: original snippet occurs 0 times") for p in found)
     assert any(p.startswith(f"{second['id']}: original snippet occurs 2 times") for p in found)
+
+
+def test_the_check_notices_a_mutant_that_does_not_compile(monkeypatch):
+    broken = dict(mutants.MUTANTS[0], replacement="if (:")
+    monkeypatch.setattr(mutants, "MUTANTS", [broken])
+    assert mutants.problems() == [f"{broken['id']}: the mutated {broken['file']} does not "
+                                  f"compile: invalid syntax"]
