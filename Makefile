@@ -20,7 +20,7 @@ lint: $(STAMP)
 # Security mutants (tests/mutants.py): each must be killed by the suite.  Minutes, not
 # part of `make test`; run it before resolving an issue that touches security code.
 mutants: $(STAMP)
-	$(PY) tests/mutants.py
+	$(PY) tests/mutants.py $(MUTANTS_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py

@@ -290,6 +290,8 @@ def run_one(scratch: Path, m: dict, every: bool = False) -> tuple[str, str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ids", nargs="*", help="run only these mutants")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="also write the table as Markdown to FILE (for the README)")
     p.add_argument("--every", action="store_true",
                    help="run each subset to the end and list every test that kills the mutant")
     args = p.parse_args(argv)
@@ -303,6 +305,8 @@ def main(argv=None) -> int:
         return 2
     start = time.monotonic()
     failures = 0
+    rows = ["| Mutant | Where | Property guarded (DESIGN.md §3) | Result: killed by |",
+            "|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="qsocket-mutants-") as tmp:
         scratch = Path(tmp) / "tree"
         shutil.copytree(ROOT, scratch, ignore=IGNORE)
@@ -320,8 +324,14 @@ def main(argv=None) -> int:
             failures += outcome != "killed"
             print(f"{m['id']:26} {where(m):18} {outcome:8} {detail}  "
                   f"({time.monotonic() - t0:.1f} s)", flush=True)
+            shown = f"`{detail.removeprefix('tests/')}`" if outcome == "killed" else \
+                f"**{outcome}** {detail}"
+            rows.append(f"| `{m['id']}` | `{where(m)}` | {m['property']} | {shown} |")
     total = time.monotonic() - start
-    print(f"{len(chosen) - failures} of {len(chosen)} mutants killed in {total:.0f} s")
+    summary = f"{len(chosen) - failures} of {len(chosen)} mutants killed in {total:.0f} s"
+    print(summary)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join([*rows, "", summary, ""]), encoding="utf-8")
     return 1 if failures else 0
 
 
