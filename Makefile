@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean mutants
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# Security mutants (tests/mutants.py): each must be killed by the suite.  Minutes, not
+# part of `make test`; run it before resolving an issue that touches security code.
+mutants: $(STAMP)
+	$(PY) tests/mutants.py $(MUTANTS_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py

@@ -19,14 +19,14 @@ from dataclasses import fields
 
 import pytest
 from conftest import ROOT, handshake_pair, identity, run_handshake
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 import crypt
 import protocol
-from client_data import ClientHandshake, ClientState
+from client_data import ClientHandshake, ClientState, Trust, TrustResult, check_host
 from protocol import (
     CHUNK_SIZE,
     ECDSA_SIG,
@@ -1122,3 +1122,104 @@ def test_alert_instead_of_server_hello_fails_the_client():
     with pytest.raises(protocol.PeerAlert, match="server busy"):
         c.consume_server_hello(alert)
     assert_client_failed_for_good(c)
+
+
+# --- gaps found by the security-mutant run (tests/mutants.py) ------------------------------
+class FakeOqs:
+    """Stands in for liboqs-python's `oqs` module: it records every encapsulation and
+    answers with the real ML-KEM-1024 of `cryptography`, so no liboqs is needed."""
+
+    def __init__(self) -> None:
+        self.encapsulated: list[bytes] = []
+        fake = self
+
+        class KeyEncapsulation:
+            def __init__(self, alg: str) -> None:
+                assert alg == "ML-KEM-1024"
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+            def encap_secret(self, ek: bytes) -> tuple[bytes, bytes]:
+                fake.encapsulated.append(bytes(ek))
+                secret, ct = crypt.CryptographyKEM().encapsulate(ek)
+                return ct, secret
+
+        self.KeyEncapsulation = KeyEncapsulation
+
+
+@pytest.fixture
+def fake_oqs(monkeypatch) -> FakeOqs:
+    fake = FakeOqs()
+    monkeypatch.setattr(crypt, "liboqs_library", lambda: "/nonexistent/liboqs.so")
+    monkeypatch.setitem(sys.modules, "oqs", fake)
+    return fake
+
+
+@pytest.mark.parametrize("provider", ["cryptography", "liboqs"])
+@pytest.mark.parametrize("index,value", [(0, MLKEM_Q), (0, 0xFFF), (1023, MLKEM_Q)])
+def test_each_kem_provider_refuses_an_ek_failing_the_modulus_check_before_encapsulating(
+        fake_oqs: FakeOqs, provider: str, index: int, value: int):
+    kem = crypt.kem_provider(provider)
+    assert kem.name == provider
+    _, ek = crypt.CryptographyKEM().generate()
+    kem.encapsulate(ek)  # a good key goes through (and, with liboqs, reaches liboqs)
+    assert fake_oqs.encapsulated == ([ek] if provider == "liboqs" else [])
+    bad_ek = set_coefficient(ek, index, value)
+    assert not mlkem_ek_passes_modulus_check(bad_ek)
+    with pytest.raises(RemoteProtocolError, match="invalid ML-KEM-1024 encapsulation key"):
+        kem.encapsulate(bad_ek)
+    # and through the server's handshake core with that provider
+    c, s = fresh(skem=kem)
+    ch = c.create_client_hello()
+    raises_exactly(RemoteProtocolError, s.consume_client_hello,
+                   replace(ch, CH_FIELDS, "mlkem_ek", bad_ek))
+    assert_server_failed_for_good(s)
+    assert bad_ek not in fake_oqs.encapsulated  # refused before liboqs ever saw it
+
+
+def test_ecdh_shared_refuses_a_33_byte_compressed_point():
+    priv, _ = crypt.ecdh_generate()
+    _, other = crypt.ecdh_generate()
+    compressed = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), other).public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    assert len(compressed) == 33 and compressed[0] in (2, 3)
+    with pytest.raises(RemoteProtocolError, match="65-byte uncompressed point"):
+        crypt.ecdh_shared(priv, compressed)
+
+
+def _near_misses(fp: str) -> dict[str, str]:
+    body = fp[len("SHA256:"):]
+    return {"last character": fp[:-1] + ("A" if body[-1] != "A" else "B"),
+            "case only": "SHA256:" + body.swapcase(),
+            "a prefix": fp[:-1],
+            "a prefix of 16": fp[:16],
+            "the pin is a prefix of it": fp + "A"}
+
+
+@pytest.mark.parametrize("kind", sorted(_near_misses("SHA256:x")))
+def test_a_fingerprint_differing_only_slightly_from_the_pin_is_changed(kind: str):
+    pinned = identity("server").fingerprint()
+    offered = _near_misses(pinned)[kind]
+    assert offered != pinned
+    text = f"# pins\n[127.0.0.1]:5555 {pinned}\n"
+    result = check_host(text, "127.0.0.1", 5555, offered)
+    assert result == TrustResult(Trust.CHANGED, pinned, 2)
+    # and the other way round: the near miss pinned, the real one offered
+    text = f"[127.0.0.1]:5555 {offered}\n"
+    assert check_host(text, "127.0.0.1", 5555, pinned) == TrustResult(Trust.CHANGED, offered, 1)
+    assert check_host(f"[127.0.0.1]:5555 {pinned}\n", "127.0.0.1", 5555, pinned).trust \
+        is Trust.KNOWN
+
+
+def test_the_record_mac_covers_the_direction_even_under_equal_keys():
+    """Keys differ per direction anyway; the direction byte in the MAC is the second
+    lock (docs/PROTOCOL.md), so it is tested on its own."""
+    keys = (bytes(32), bytes(range(32)), bytes(8))
+    body = sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *keys), MsgType.BYE)
+    with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
+        crypt.RecordReceiver(crypt.DIRECTION_S2C, *keys).open(body)
+    assert crypt.RecordReceiver(crypt.DIRECTION_C2S, *keys).open(body)[0] == MsgType.BYE

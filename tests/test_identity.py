@@ -199,3 +199,52 @@ def test_fingerprint_flag_is_checked_even_when_the_host_is_pinned(env: Env):
     assert f"error: server [127.0.0.1]:{srv.port} offered {srv.fingerprint}, not the " \
            f"expected {expected}" in r.stderr
     assert "] no" not in srv.output()
+
+
+@pytest.mark.parametrize("content", ["", "# nobody yet\n\n   # still nobody\n"],
+                         ids=["empty", "comment-only"])
+def test_an_authorized_clients_file_listing_nobody_refuses_everyone(env: Env, content: str):
+    """An empty list is a list: it admits no one (not "no list, admit all")."""
+    allowed = env.root / "authorized"
+    allowed.write_text(content)
+    srv = env.server("--authorized-clients", str(allowed))
+    srv.wait_for(r"admitting only the 0 client\(s\)")
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "let me in")
+    assert r.returncode == 4, r.stderr
+    fp = fp_of(env, env.client_home)
+    assert f"error: server refused this client: this client ({fp}) is not authorised " \
+           f"on this server" in r.stderr
+    srv.wait_for(rf"client {re.escape(fp)} from .* refused: not in")
+    assert "let me in" not in srv.output()
+    assert "delivered" not in r.stdout
+
+
+def near_misses(fp: str) -> dict[str, str]:
+    """Fingerprints a careless comparison could take for `fp`: each must be CHANGED."""
+    body = fp[len("SHA256:"):]
+    last = "A" if body[-1] != "A" else "B"
+    return {
+        "last character": fp[:-1] + last,
+        "case only": "SHA256:" + body.swapcase(),
+        "a prefix": fp[:-1],
+    }
+
+
+@pytest.mark.parametrize("kind", ["last character", "case only", "a prefix"])
+def test_a_pin_that_differs_only_slightly_is_a_changed_key_end_to_end(env: Env, kind: str):
+    srv = env.server()
+    relay = Relay(srv.port)
+    key = f"[127.0.0.1]:{relay.port}"
+    pinned = near_misses(srv.fingerprint)[kind]
+    (env.client_home).mkdir(mode=0o700)
+    (env.client_home / "known_hosts").write_text(f"{key} {pinned}\n")
+    try:
+        r = env.client("--port", str(relay.port), "--send-text", "near miss")
+    finally:
+        relay.close()
+    assert r.returncode == 4, r.stderr
+    assert "WARNING: SERVER IDENTIFICATION HAS CHANGED!" in r.stderr
+    assert f"error: server identity for {key} has changed: expected {pinned}, " \
+           f"offered {srv.fingerprint}" in r.stderr
+    assert (env.client_home / "known_hosts").read_text() == f"{key} {pinned}\n"
+    assert "near miss" not in srv.output()

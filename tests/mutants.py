@@ -1,0 +1,339 @@
+"""Security mutants: `make mutants` breaks one security-critical line at a time and
+checks that the test suite notices.
+
+Each entry is one minimal edit of one snippet that must occur exactly once in its
+file (when the code moves, the run fails and says so: update the entry).  `tests`
+is the fastest subset expected to kill it; when it does not, the whole suite runs
+before the mutant is reported SURVIVED.  Adding a property is adding one dict.
+
+Run: `make mutants` (or `.venv/bin/python tests/mutants.py [ID ...]`).  Not collected
+by pytest; tests/test_mutants_list.py checks this list is well-formed and current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ["tests/test_core.py"]
+IDENTITY = "tests/test_identity.py::"
+HOSTILE = "tests/test_hostile.py::"
+TEXT = "tests/test_e2e_text.py::"
+TERMINAL = "tests/test_client_terminal.py"
+
+MUTANTS: list[dict] = [
+    # --- the 15 of issue 14's mutation run --------------------------------------------------
+    dict(id="record-mac", file="crypt.py", property="3.4 record MAC verified first",
+         original="if not hmac.compare_digest(mac.digest(), tag) or iv != expected_iv:",
+         replacement="if iv != expected_iv:", tests=CORE),
+    dict(id="record-sequence", file="crypt.py", property="3.4 replay/reorder (sequence number)",
+         original="        self.seq += 1\n", replacement="        self.seq += 0\n", tests=CORE),
+    dict(id="ecdsa-signature", file="crypt.py", property="3.2 both signatures (ECDSA)",
+         original="ecdsa_key.verify(encode_dss_signature(r, s),",
+         replacement="(lambda *a: None)(encode_dss_signature(r, s),", tests=CORE),
+    dict(id="mldsa-signature", file="crypt.py", property="3.2 both signatures (ML-DSA-65)",
+         original="mldsa_key.verify(sigs.mldsa, transcript_hash, context)",
+         replacement="mldsa_key.public_bytes_raw()", tests=CORE),
+    dict(id="role-context", file="crypt.py", property="3.2/3.5 signatures bound to the role",
+         original='"client": b"QSocket2 v1 client signature",',
+         replacement='"client": b"QSocket2 v1 server signature",', tests=CORE),
+    dict(id="transcript", file="crypt.py", property="3.5 everything into the transcript",
+         original="        self._h.update(message)\n", replacement="        pass\n", tests=CORE),
+    dict(id="key-schedule-transcript", file="crypt.py",
+         property="3.1 keys bound to the transcript hash",
+         original="HKDF.extract(hashes.SHA256(), transcript_hash, ecdh_secret + mlkem_secret)",
+         replacement="HKDF.extract(hashes.SHA256(), bytes(32), ecdh_secret + mlkem_secret)",
+         tests=CORE),
+    dict(id="finished-mac", file="crypt.py", property="3.4 key confirmation (Finished MACs)",
+         original="    if not hmac.compare_digest(finished_mac(key, transcript_hash), received):",
+         replacement="    if False:", tests=CORE),
+    dict(id="name-basename", file="transfer.py", property="3.8 peer names: no path components",
+         original='name = name.replace("\\\\", "/").rsplit("/", 1)[-1]',
+         replacement='name = name.replace("\\\\", "/")', tests=["tests/test_transfer.py"]),
+    dict(id="no-overwrite", file="transfer.py", property="3.8 existing files never overwritten",
+         original="os.link(self.temp, self.directory / candidate)",
+         replacement="os.replace(self.temp, self.directory / candidate)",
+         tests=["tests/test_transfer.py"]),
+    dict(id="frame-limit", file="protocol.py", property="3.7 frames have a maximum size",
+         original="    if length == 0 or length > limit:", replacement="    if length == 0:",
+         tests=["tests/test_parsers_fuzz.py::test_read_frame_refuses_a_bad_length_before_any_data",
+                "tests/test_parsers_fuzz.py::test_frame_length"]),
+    dict(id="authorized-empty", file="server.py", property="3.3 --authorized-clients admits "
+         "only those listed (an empty list admits no one)",
+         original="if self.authorized is not None and fp not in self.authorized:",
+         replacement="if self.authorized and fp not in self.authorized:",
+         tests=[IDENTITY + "test_an_authorized_clients_file_listing_nobody_refuses_everyone"]),
+    dict(id="pin-prefix", file="client_data.py", property="3.3 a changed key is refused "
+         "(the whole fingerprint compared)",
+         original="    if expected == offered:",
+         replacement="    if expected[:16] == offered[:16]:",
+         tests=["tests/test_core.py::test_a_fingerprint_differing_only_slightly_from_the_pin_is_changed",
+                IDENTITY + "test_a_pin_that_differs_only_slightly_is_a_changed_key_end_to_end"]),
+    dict(id="client-neutralise-text", file="client.py",
+         property="3.9 the client's terminal is safe (server texts)",
+         original='self.out(f"[server] {neutralise(text)}")',
+         replacement='self.out(f"[server] {text}")',
+         tests=[TERMINAL]),
+    dict(id="liboqs-fips203-check", file="crypt.py",
+         property="3.1 FIPS 203 encapsulation-key check (liboqs provider)",
+         original="mlkem_public_key(ek)  # liboqs does not run",
+         replacement="pass  # liboqs does not run", tests=CORE),
+    dict(id="compressed-point", file="crypt.py",
+         property="3.1 a P-256 share is a 65-byte uncompressed point",
+         original="    if len(point) != P256_POINT or point[0] != 0x04:",
+         replacement="    if False:",
+         tests=CORE),
+    # --- one per DESIGN.md section 3 property the code has today ------------------------------
+    dict(id="pin-case", file="client_data.py", property="3.3 a changed key is refused "
+         "(fingerprints are case-sensitive base64)",
+         original="    if expected == offered:",
+         replacement="    if expected.lower() == offered.lower():",
+         tests=["tests/test_core.py::test_a_fingerprint_differing_only_slightly_from_the_pin_is_changed",
+                IDENTITY + "test_a_pin_that_differs_only_slightly_is_a_changed_key_end_to_end"]),
+    dict(id="ephemeral-ecdh", file="crypt.py", property="3.1 fresh ephemeral ECDH key per session",
+         original="        key = ec.generate_private_key(ec.SECP256R1())",
+         replacement="        key = ec.derive_private_key(7, ec.SECP256R1())", tests=CORE),
+    dict(id="ephemeral-mlkem", file="crypt.py",
+         property="3.1 fresh ephemeral ML-KEM key per session",
+         original="            key = mlkem.MLKEM1024PrivateKey.generate()",
+         replacement="            key = mlkem.MLKEM1024PrivateKey.from_seed_bytes(bytes(64))",
+         tests=CORE),
+    dict(id="keys-per-direction", file="crypt.py", property="3.4 separate keys per direction",
+         original='s2c_enc=expand("s2c enc")', replacement='s2c_enc=expand("c2s enc")', tests=CORE),
+    dict(id="record-direction", file="crypt.py",
+         property="3.4 the MAC covers the direction",
+         original="mac.update(_MAC_HEADER.pack(self._direction, seq))",
+         replacement="mac.update(_MAC_HEADER.pack(DIRECTION_C2S, seq))", tests=CORE),
+    dict(id="hybrid-mlkem-secret", file="crypt.py",
+         property="3.1 hybrid: keys need the ML-KEM secret",
+         original="ecdh_secret + mlkem_secret)",
+         replacement="ecdh_secret + bytes(32))", tests=CORE),
+    dict(id="hybrid-ecdh-secret", file="crypt.py", property="3.1 hybrid: keys need the ECDH secret",
+         original="prk = HKDF.extract(hashes.SHA256(), transcript_hash, ecdh_secret",
+         replacement="prk = HKDF.extract(hashes.SHA256(), transcript_hash, bytes(32)", tests=CORE),
+    dict(id="fips203-vector-path", file="server_data.py",
+         property="3.1 FIPS 203 check also where encapsulation is fixed (test vector)",
+         original="            crypt.mlkem_public_key(hello.mlkem_ek)",
+         replacement="            pass",
+         tests=CORE),
+    dict(id="mlkem-ciphertext-length", file="crypt.py",
+         property="3.1 an ML-KEM ciphertext of the wrong length is refused",
+         original='    raise RemoteProtocolError("ML-KEM ciphertext has the wrong length")\n'
+                  "        return private.decapsulate(ct)",
+         replacement="    pass\n        return private.decapsulate(ct)", tests=CORE),
+    dict(id="tofu-non-interactive", file="client.py",
+         property="3.3 first contact without a flag is refused non-interactively",
+         original="    if expected is None and not args.accept_new_host:",
+         replacement="    if False:",
+         tests=[TEXT + "test_unknown_host_in_batch_mode_is_refused_and_nothing_delivered"]),
+    dict(id="changed-key-refused", file="client.py", property="3.3 a changed key is refused loudly",
+         original="    if result.trust is Trust.CHANGED:", replacement="    if False:",
+         tests=[TEXT + "test_changed_server_identity_is_refused_with_both_fingerprints"]),
+    dict(id="fingerprint-flag-checked", file="client.py",
+         property="3.3 --fingerprint is checked even when a pin exists",
+         original="    if expected is not None and expected != offered:",
+         replacement="    if False:",
+         tests=[IDENTITY + "test_fingerprint_flag_is_checked_even_when_the_host_is_pinned"]),
+    dict(id="known-hosts-per-port", file="client_data.py",
+         property="3.3 pins are per host:port",
+         original='    return f"[{host}]:{port}"', replacement='    return f"[{host}]"',
+         tests=[IDENTITY + "test_fingerprint_flag_pins_and_wrong_fingerprint_is_refused",
+                "tests/test_protocol_vector.py"]),
+    dict(id="version-refused", file="protocol.py",
+         property="3.5 another version is refused, never downgraded",
+         original="    if version != VERSION:\n", replacement="    if False:\n", tests=CORE),
+    dict(id="version-in-transcript", file="crypt.py",
+         property="3.5 protocol label and version in the transcript",
+         original="self._h = hashlib.sha256(PROTOCOL_LABEL)",
+         replacement="self._h = hashlib.sha256()",
+         tests=["tests/test_protocol_vector.py"]),
+    dict(id="key-file-0600", file="keystore.py",
+         property="3.6 a private key readable by others is refused",
+         original="    if st.st_mode & 0o077:", replacement="    if st.st_mode & 0o000:",
+         tests=[IDENTITY + "test_private_key_readable_by_others_is_refused"]),
+    dict(id="handshake-timeout", file="server.py", property="3.7 handshakes have a timeout",
+         original="deadline = time.monotonic() + self.args.handshake_timeout",
+         replacement="deadline = None",
+         tests=[HOSTILE + "test_slow_and_idle_connections_time_out_while_a_client_is_served"]),
+    dict(id="max-clients", file="server.py", property="3.7 the number of connections is capped",
+         original="            if not self.slots.acquire(blocking=False):",
+         replacement="            if not self.slots.acquire(blocking=True):",
+         tests=[HOSTILE + "test_max_clients_exceeded_gets_a_busy_refusal"]),
+    dict(id="file-sha256", file="transfer.py",
+         property="3.8 a received file appears only if its SHA-256 matches",
+         original="        if digest != sender_sha256:", replacement="        if False:",
+         tests=["tests/test_transfer.py"]),
+    dict(id="temp-removed", file="transfer.py", property="3.8 temporary file removed on failure",
+         original="                os.unlink(self.temp)", replacement="                pass",
+         tests=["tests/test_transfer.py"]),
+    dict(id="server-neutralise-text", file="session.py",
+         property="3.9 the server's terminal is safe (client texts)",
+         original='self.out(f"[{conn.label}] {neutralise(text)}")',
+         replacement='self.out(f"[{conn.label}] {text}")',
+         tests=[HOSTILE + "test_escape_sequences_in_text_and_file_name_are_neutralised"]),
+    dict(id="neutralise-function", file="protocol.py",
+         property="3.9 neutralise() escapes controls, ESC and bidi",
+         original='        if ch == "\\t" or unicodedata.category(ch) not in _UNSAFE:',
+         replacement="        if True:",
+         tests=["tests/test_parsers_fuzz.py::test_neutralise_leaves_no_control_or_format_characters"]),
+    dict(id="client-neutralise-refusal", file="client.py",
+         property="3.9 the client's terminal is safe (refusal reasons)",
+         original='f"server refused this client: {neutralise(welcome.detail)}"',
+         replacement='f"server refused this client: {welcome.detail}"', tests=[TERMINAL]),
+    dict(id="client-neutralise-alert", file="client.py",
+         property="3.9 the client's terminal is safe (plaintext alerts)",
+         original='f"server refused the connection: {neutralise(str(e.alert.reason))}"',
+         replacement='f"server refused the connection: {e.alert.reason}"', tests=[TERMINAL]),
+    dict(id="keylog-off-by-default", file="session.py",
+         property="3.10 the key log is off by default",
+         original="    path = os.environ.get(KEYLOG_ENV)\n",
+         replacement='    path = os.environ.get(KEYLOG_ENV) or "qsocket-keys.log"\n',
+         tests=[TEXT + "test_keylog_is_off_by_default"]),
+    dict(id="keylog-0600", file="session.py", property="3.10 the key log is created 0600",
+         original="os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)",
+         replacement="os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)",
+         tests=[TEXT + "test_keylog_lets_an_independent_tool_decrypt_a_capture"]),
+]
+
+FIELDS = ("id", "file", "original", "replacement", "tests", "property")
+SUBSET_TIMEOUT = 300
+IGNORE = shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache",
+                                ".hypothesis", "*.pyc")
+
+
+def problems(root: Path = ROOT) -> list[str]:
+    """What is wrong with the list against the tree at `root` (empty when all is well)."""
+    out = []
+    seen = set()
+    for m in MUTANTS:
+        mid = m.get("id", "?")
+        if tuple(sorted(m)) != tuple(sorted(FIELDS)):
+            out.append(f"{mid}: fields {sorted(m)}, expected {sorted(FIELDS)}")
+            continue
+        if mid in seen:
+            out.append(f"{mid}: duplicate id")
+        seen.add(mid)
+        if m["original"] == m["replacement"] or not m["tests"]:
+            out.append(f"{mid}: replacement equals the original, or no tests")
+        path = root / m["file"]
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        count = text.count(m["original"])
+        if count != 1:
+            out.append(f"{mid}: original snippet occurs {count} times in {m['file']}, "
+                       f"expected once (code moved? update tests/mutants.py)")
+        else:
+            try:  # a mutant must be a working program that is wrong, not a syntax error
+                compile(text.replace(m["original"], m["replacement"]), m["file"], "exec")
+            except SyntaxError as e:
+                out.append(f"{mid}: the mutated {m['file']} does not compile: {e.msg}")
+        for test in m["tests"]:
+            file, _, name = test.partition("::")
+            test_path = root / file
+            if not test_path.is_file():
+                out.append(f"{mid}: no test file {file}")
+            elif name and not re.search(rf"^def {re.escape(name)}\(", test_path.read_text(
+                    encoding="utf-8"), re.M):
+                out.append(f"{mid}: no test {name} in {file}")
+    return out
+
+
+def pytest(scratch: Path, args: list[str], stop: bool = True) -> tuple[int, str]:
+    argv = [sys.executable, "-m", "pytest", *(["-x"] if stop else []), "-q",
+            "-p", "no:cacheprovider", "-rf", *args]
+    try:
+        r = subprocess.run(argv, cwd=scratch, capture_output=True, text=True,
+                           timeout=SUBSET_TIMEOUT,
+                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return r.returncode, r.stdout + r.stderr
+
+
+def where(m: dict) -> str:
+    text = (ROOT / m["file"]).read_text(encoding="utf-8")
+    return f"{m['file']}:{text[: text.index(m['original'])].count(chr(10)) + 1}"
+
+
+def killers(output: str) -> list[str]:
+    return re.findall(r"^FAILED (.+?)(?: - .*)?$", output, re.M) or ["?"]
+
+
+def run_one(scratch: Path, m: dict, every: bool = False) -> tuple[str, str]:
+    """(outcome, detail): outcome is 'killed', 'SURVIVED' or 'ERROR'.  With `every`,
+    the subset runs to the end and detail names every test that failed."""
+    path = scratch / m["file"]
+    pristine = path.read_text(encoding="utf-8")
+    path.write_text(pristine.replace(m["original"], m["replacement"], 1), encoding="utf-8")
+    try:
+        # its subset, then the whole suite (but for the check of this list, which any
+        # mutant "fails" by changing its snippet)
+        for args in (m["tests"], ["--ignore=tests/test_mutants_list.py"]):
+            code, output = pytest(scratch, args, stop=not every)
+            if code == 1:
+                return "killed", ", ".join(killers(output))
+            if code != 0:
+                tail = output.strip().splitlines()[-1:] or ["?"]
+                return "ERROR", f"pytest exit {code}: {tail[0][:60]}"
+        return "SURVIVED", ""
+    finally:
+        path.write_text(pristine, encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ids", nargs="*", help="run only these mutants")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="also write the table as Markdown to FILE (for the README)")
+    p.add_argument("--every", action="store_true",
+                   help="run each subset to the end and list every test that kills the mutant")
+    args = p.parse_args(argv)
+    wrong = problems()
+    if wrong:
+        print("error: the mutant list does not match the code:", *wrong, sep="\n  ")
+        return 1
+    chosen = [m for m in MUTANTS if not args.ids or m["id"] in args.ids]
+    if args.ids and len(chosen) != len(set(args.ids)):
+        print(f"error: unknown mutant id among {args.ids}")
+        return 2
+    start = time.monotonic()
+    failures = 0
+    rows = ["| Mutant | Where | Property guarded (DESIGN.md §3) | Result: killed by |",
+            "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="qsocket-mutants-") as tmp:
+        scratch = Path(tmp) / "tree"
+        shutil.copytree(ROOT, scratch, ignore=IGNORE)
+        # the unmutated tree must pass every subset, or a "kill" proves nothing
+        subsets = sorted({t for m in chosen for t in m["tests"]})
+        code, output = pytest(scratch, subsets)
+        if code != 0:
+            print(f"error: the unmutated tree fails its subsets (pytest exit {code}):\n{output}")
+            return 1
+        print(f"unmutated subsets pass ({time.monotonic() - start:.0f} s)\n")
+        print(f"{'mutant':26} {'where':18} {'result':8} killed by")
+        for m in chosen:
+            t0 = time.monotonic()
+            outcome, detail = run_one(scratch, m, args.every)
+            failures += outcome != "killed"
+            print(f"{m['id']:26} {where(m):18} {outcome:8} {detail}  "
+                  f"({time.monotonic() - t0:.1f} s)", flush=True)
+            shown = f"`{detail.removeprefix('tests/')}`" if outcome == "killed" else \
+                f"**{outcome}** {detail}"
+            rows.append(f"| `{m['id']}` | `{where(m)}` | {m['property']} | {shown} |")
+    total = time.monotonic() - start
+    summary = f"{len(chosen) - failures} of {len(chosen)} mutants killed in {total:.0f} s"
+    print(summary)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join([*rows, "", summary, ""]), encoding="utf-8")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
