@@ -305,10 +305,16 @@ def terms(env: Env):
 
 def assets_listed(tty: Tty, count: int) -> dict[str, str]:
     """The numbered JPG list a menu prints: {name: number}."""
+    return {name: number for name, (number, _) in assets_carrying(tty, count).items()}
+
+
+def assets_carrying(tty: Tty, count: int) -> dict[str, tuple[str, str]]:
+    """The numbered JPG list with what each photo carries: {name: (number, carries)},
+    carries "" when the line names nothing after the size."""
     listed = {}
     for _ in range(count):
-        m = tty.expect_line(r"^  (\d+)\) (.+) \((\d+(?:\.\d)? (?:B|KiB|MiB))\)$")
-        listed[m.group(2)] = m.group(1)
+        m = tty.expect_line(r"^  (\d+)\) (.+?) \((\d+(?:\.\d)? (?:B|KiB|MiB))\)(?: — (.+))?$")
+        listed[m.group(2)] = (m.group(1), m.group(4) or "")
     return listed
 
 
@@ -362,8 +368,9 @@ def test_jpgs_both_ways_through_the_menus_are_bit_exact(terms: Terminals, tmp_pa
     for source in (big, shout):
         srv.expect_prompt(">")
         srv.type("2")
-        listed = assets_listed(srv, 2)
-        assert set(listed) == {big.name, shout.name}
+        carrying = assets_carrying(srv, 2)
+        assert carrying == {shout.name: ("1", "camera make/model"), big.name: ("2", "")}
+        listed = {name: number for name, (number, _) in carrying.items()}
         srv.answer("number or path: ", listed[source.name])
         digest = sha256(source)
         sent = srv.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), ")
