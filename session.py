@@ -319,6 +319,9 @@ def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt,
         print(f"not sent: {e}")
 
 
+MENU_CARRIED = 3  # things named beside a photo in the menu; the rest are counted
+
+
 def carried_suffix(path: Path) -> str:
     """ — GPS location, camera serial" beside a listed photo; "" when it carries nothing."""
     try:
@@ -327,7 +330,7 @@ def carried_suffix(path: Path) -> str:
         return " — metadata not readable"
     except OSError:
         return ""
-    return f" — {transfer.describe(carries)}" if carries else ""
+    return f" — {transfer.describe(carries, MENU_CARRIED)}" if carries else ""
 
 
 def metadata_choice(path: Path, strip: bool, prompt) -> tuple[bool, str] | None:

@@ -323,8 +323,7 @@ TYPE_SHORT, TYPE_LONG = 3, 4
 # what a photo may carry, in the order the menu names it
 GPS, SERIAL, MAKE_MODEL, THUMBNAIL = ("GPS location", "camera serial", "camera make/model",
                                       "thumbnail")
-OTHER_EXIF, XMP, IPTC, COMMENT, OTHER = ("other EXIF data", "XMP", "IPTC/Photoshop", "comment",
-                                         "other metadata")
+OTHER_EXIF, XMP, IPTC, COMMENT, OTHER = "other EXIF", "XMP", "IPTC", "comment", "other metadata"
 CARRIED_ORDER = (GPS, SERIAL, MAKE_MODEL, THUMBNAIL, OTHER_EXIF, XMP, IPTC, COMMENT, OTHER)
 
 
@@ -348,11 +347,14 @@ class Photo:
 def read_photo(path: str | os.PathLike) -> Photo:
     """Walk a JPEG's segments up to its first scan; MetadataError when it cannot."""
     with open(path, "rb", buffering=0) as f:
-        return _walk(f, os.fstat(f.fileno()).st_size)
+        return parse_photo(f, os.fstat(f.fileno()).st_size)
 
 
-def describe(carries: tuple[str, ...]) -> str:
-    return ", ".join(carries)
+def describe(carries: tuple[str, ...], limit: int | None = None) -> str:
+    """"GPS location, camera serial"; past `limit` items, "... and 2 more"."""
+    if limit is None or len(carries) <= limit:
+        return ", ".join(carries)
+    return ", ".join(carries[:limit]) + f" and {len(carries) - limit} more"
 
 
 def _read_exact(f, offset: int, n: int, size: int) -> bytes:
@@ -378,7 +380,8 @@ def _next_marker(f, pos: int, size: int) -> tuple[int, int]:
     return head[i + 1], pos + i
 
 
-def _walk(f, size: int) -> Photo:
+def parse_photo(f, size: int) -> Photo:
+    """read_photo over an open binary file (seek/read) of `size` bytes."""
     if _read_exact(f, 0, 2, size) != b"\xff\xd8":
         raise MetadataError("no start-of-image marker")
     carried: set[str] = set()
