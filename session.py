@@ -345,6 +345,8 @@ def metadata_choice(path: Path, strip: bool, prompt) -> tuple[bool, str] | None:
               f"and it cannot be sent without its metadata")
         answer = prompt("send it as is? [y/N] ").strip().lower()
         return (False, "as is") if answer in ("y", "yes") else None
+    except OSError as e:
+        raise transfer.Rejected(Reason.UNSPECIFIED, f"{path}: {e.strerror}") from e
     if strip:
         return True, "without metadata"
     if transfer.GPS not in photo.carries:

@@ -433,9 +433,10 @@ def _app_segment(marker: int, body: bytes, body_len: int, carried: set[str]) -> 
     """Keep (True), replace (new segment bytes) or drop (False) one APPn segment,
     noting what it carries.  EXIF is dropped here and parsed by the caller."""
     if marker == M_APP0 and body.startswith(ID_JFIF) and body_len >= JFIF_FIXED:
-        if body_len == JFIF_FIXED or body[12:14] == b"\0\0":
+        if body_len == JFIF_FIXED:
             return True
-        carried.add(THUMBNAIL)  # a JFIF thumbnail: keep the header, drop the pixels
+        if body[12:14] != b"\0\0":
+            carried.add(THUMBNAIL)  # a JFIF thumbnail: keep the header, drop the pixels
         return SEGMENT_HEADER.pack(0xFF, M_APP0, JFIF_FIXED + 2) + body[:12] + b"\0\0"
     if marker == M_APP0 and body.startswith(ID_JFXX):
         carried.add(THUMBNAIL)
@@ -491,7 +492,9 @@ def _parse_exif(tiff: bytes, carried: set[str]) -> int | None:
         for tag, typ, count, value in entries:
             if kind in ("ifd0", "exif") and tag in (TAG_EXIF_IFD, TAG_GPS_IFD, TAG_INTEROP_IFD):
                 sub = {TAG_EXIF_IFD: "exif", TAG_GPS_IFD: "gps", TAG_INTEROP_IFD: "interop"}[tag]
-                todo.append((_ifd_pointer(order, typ, count, value), sub))
+                pointer = _ifd_pointer(order, typ, count, value)
+                if pointer:  # some writers leave 0 for "none"
+                    todo.append((pointer, sub))
             elif kind == "ifd0" and tag == TAG_ORIENTATION:
                 if typ == TYPE_SHORT and count == 1:
                     v = struct.unpack_from(order + "H", value)[0]

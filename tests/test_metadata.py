@@ -526,3 +526,14 @@ def test_batch_strip_metadata_refuses_a_photo_it_cannot_parse(env: Env):
     assert r.returncode == 0, r.stderr
     assert (env.server_received / "broken.jpg").read_bytes() == broken.read_bytes()
     srv.wait_for(r"\] received 'broken\.jpg': .* \(metadata not readable\), saved at ")
+
+
+def test_a_zero_sub_directory_pointer_means_none(tmp_path: Path):
+    # some writers leave a GPS pointer of 0 for "no GPS": that is no location, not junk
+    tiff = (b"MM\x00\x2a\x00\x00\x00\x08\x00\x02"
+            + struct.pack(">HHIHH", 0x0112, SHORT, 1, 8, 0)
+            + struct.pack(">HHII", 0x8825, LONG, 1, 0) + b"\x00\x00\x00\x00")
+    data = exif_photo(tiff)
+    found = transfer.parse_photo(io.BytesIO(data), len(data))
+    assert found.carries == ()
+    assert found.orientation == 8
