@@ -335,12 +335,16 @@ def carried_suffix(path: Path) -> str:
 
 def metadata_choice(path: Path, strip: bool, prompt) -> tuple[bool, str] | None:
     """(strip?, note for the summary) for one photo, asking where the user must
-    decide: a location is about to leave (default: without metadata), or the
-    metadata cannot be read (as is only with consent).  None: do not send."""
+    decide: a location is about to leave (default: without metadata), or stripping
+    was asked for and the metadata cannot be read (as is only with consent; without
+    --strip-metadata such a photo goes as is, as every file).  None: do not send."""
     name = neutralise(path.name)
     try:
         photo = transfer.read_photo(path)
     except transfer.MetadataError as e:
+        if not strip:
+            print(f"cannot read the metadata of '{name}' ({e}); sending it as is")
+            return False, "as is"
         print(f"cannot read the metadata of '{name}' ({e}): it may carry a location, "
               f"and it cannot be sent without its metadata")
         answer = prompt("send it as is? [y/N] ").strip().lower()

@@ -633,18 +633,22 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
                     rf"{sha256(plain)}, .* MB/s$")
     srv.expect_line(received + r", .* \(no metadata\), saved at ")
 
-    # a photo whose metadata cannot be read: sent as is only with consent (Enter = no)
+    # a photo whose metadata cannot be read: without --strip-metadata it goes as is,
+    # and the menu says so
     cli.expect_prompt(">")
     cli.type("2")
     assets_carrying(cli, 2)
     cli.answer("number or path: ", str(broken))
-    cli.expect_line(f"^{re.escape(BROKEN_WHY)}$")
-    cli.answer(CONSENT_QUESTION, "")
-    cli.expect_line("^not sent$")
+    cli.expect_line(r"^cannot read the metadata of 'broken\.jpg' \(segment FFE0 at byte 2 has "
+                    r"a bad length\); sending it as is$")
+    cli.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
+                    rf"{sha256(broken)}, .* MB/s, as is$")
+    srv.expect_line(received + r", .* \(metadata not readable\), saved at ")
     cli.expect_prompt(">")
     cli.type("3")
     assert cli.wait_exit() == 0
-    assert files_in(env.server_received) == ["holiday (1).jpg", "holiday.jpg", "plain.jpg"]
+    assert files_in(env.server_received) == ["broken.jpg", "holiday (1).jpg", "holiday.jpg",
+                                             "plain.jpg"]
     for tty in (cli, srv):
         assert_clean(tty)
 
@@ -677,7 +681,14 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
                             str(env.client_received / "holiday.jpg"))
     assert (env.client_received / "holiday.jpg").read_bytes() == stripped
 
-    # one it cannot strip goes as is only after a yes
+    # one it cannot strip: Enter (no) keeps it; it goes as is only after a yes
+    srv.expect_prompt(">")
+    srv.type("2")
+    assets_carrying(srv, 2)
+    srv.answer("number or path: ", "1")
+    srv.expect_line(f"^{re.escape(BROKEN_WHY)}$")
+    srv.answer(CONSENT_QUESTION, "")
+    srv.expect_line("^not sent$")
     srv.expect_prompt(">")
     srv.type("2")
     assets_carrying(srv, 2)
