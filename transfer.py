@@ -312,19 +312,23 @@ ID_JFIF, ID_JFXX = b"JFIF\0", b"JFXX\0"
 ID_EXIF = b"Exif\0\0"
 ID_XMP, ID_XMP_EXT = b"http://ns.adobe.com/xap/1.0/\0", b"http://ns.adobe.com/xmp/extension/\0"
 ID_ICC, ID_PHOTOSHOP, ID_ADOBE = b"ICC_PROFILE\0", b"Photoshop 3.0\0", b"Adobe"
+ID_MPF = b"MPF\0"  # CIPA DC-007 multi-picture index: where the extra images after EOI are
 JFIF_FIXED = 14  # JFIF\0, version, units, densities; then the thumbnail's size and pixels
 ID_READ = 40  # bytes of a segment body read to tell what it is
 TAG_ORIENTATION, TAG_EXIF_IFD, TAG_GPS_IFD, TAG_INTEROP_IFD = 0x0112, 0x8769, 0x8825, 0xA005
 TAGS_MAKE_MODEL = {0x010F, 0x0110}
 TAGS_SERIAL = {0xA431, 0xA435, 0xC62F}  # body serial, lens serial, DNG camera serial
 TAGS_GPS_POSITION = {1, 2, 3, 4}  # latitude (ref), longitude (ref)
-TYPE_SHORT, TYPE_LONG = 3, 4
+TYPE_SHORT, TYPE_LONG, TYPE_UNDEFINED = 3, 4, 7
+TAG_MP_ENTRY = 0xB002
+MP_ENTRY = "IIIHH"  # attribute, size, offset, two dependent images (after the byte order)
+MP_ENTRY_SIZE = struct.calcsize("<" + MP_ENTRY)
 
 # what a photo may carry, in the order the menu names it
-GPS, SERIAL, MAKE_MODEL, THUMBNAIL = ("GPS location", "camera serial", "camera make/model",
-                                      "thumbnail")
+GPS, SERIAL, MAKE_MODEL, THUMBNAIL, EXTRA = ("GPS location", "camera serial",
+                                             "camera make/model", "thumbnail", "extra images")
 OTHER_EXIF, XMP, IPTC, COMMENT, OTHER = "other EXIF", "XMP", "IPTC", "comment", "other metadata"
-CARRIED_ORDER = (GPS, SERIAL, MAKE_MODEL, THUMBNAIL, OTHER_EXIF, XMP, IPTC, COMMENT, OTHER)
+CARRIED_ORDER = (GPS, SERIAL, MAKE_MODEL, THUMBNAIL, EXTRA, OTHER_EXIF, XMP, IPTC, COMMENT, OTHER)
 
 
 class MetadataError(ValueError):
@@ -388,11 +392,11 @@ def parse_photo(f, size: int) -> Photo:
     pieces: list = [(0, 2)]
     orientation: int | None = None
     exif_at: int | None = None  # where the minimal EXIF goes: the first EXIF's place
+    primary_end: int | None = None  # from an MPF index: extra images follow the photo
     pos = 2
     for _ in range(MAX_HEADER_SEGMENTS):
         marker, at = _next_marker(f, pos, size)
         if marker == M_SOS:
-            pieces.append((at, size - at))
             break
         if marker in STANDALONE or marker in (M_SOI, M_EOI, 0x00):
             raise MetadataError(f"unexpected marker FF{marker:02X} before the image data")
@@ -407,8 +411,9 @@ def parse_photo(f, size: int) -> Photo:
         if marker == M_COM:
             carried.add(COMMENT)
             continue
-        whole = marker == M_APP1  # EXIF and XMP are read whole (<= 64 KiB)
-        body = _read_exact(f, body_at, body_len if whole else min(ID_READ, body_len), size)
+        body = _read_exact(f, body_at, min(ID_READ, body_len), size)
+        if marker == M_APP1 or body.startswith(ID_MPF):  # EXIF, XMP, MPF: whole (<= 64 KiB)
+            body = _read_exact(f, body_at, body_len, size)
         keep = _app_segment(marker, body, body_len, carried)
         if keep is True:
             pieces.append((at, pos - at))
@@ -420,8 +425,14 @@ def parse_photo(f, size: int) -> Photo:
                 orientation = found
             if exif_at is None:
                 exif_at = len(pieces)
+        elif marker == M_APP2 and body.startswith(ID_MPF) and primary_end is None:
+            primary_end = _mpf_primary_size(body[len(ID_MPF):])
     else:
         raise MetadataError(f"more than {MAX_HEADER_SEGMENTS} segments before the image data")
+    end = size if primary_end is None else _check_primary_end(f, primary_end, at, size)
+    if end < size:
+        carried.add(EXTRA)
+    pieces.append((at, end - at))  # the image data, from the first scan on
     if orientation is not None:
         pieces.insert(exif_at, minimal_exif(orientation))
     total = sum(len(p) if isinstance(p, bytes) else p[1] for p in pieces)
@@ -443,6 +454,8 @@ def _app_segment(marker: int, body: bytes, body_len: int, carried: set[str]) -> 
         return False
     if marker == M_APP2 and body.startswith(ID_ICC):
         return True
+    if marker == M_APP2 and body.startswith(ID_MPF):
+        return False  # the index itself; the caller drops the images it points to
     if marker == M_APP14 and body.startswith(ID_ADOBE):
         return True
     if marker == M_APP1 and body.startswith(ID_EXIF):
@@ -469,12 +482,7 @@ def minimal_exif(orientation: int) -> bytes:
 def _parse_exif(tiff: bytes, carried: set[str]) -> int | None:
     """Note what an EXIF block carries; returns its orientation (1-8) or None.
     Every offset is checked against the block; loops and junk are MetadataError."""
-    if len(tiff) < TIFF_HEADER_SIZE or tiff[:2] not in (b"II", b"MM"):
-        raise MetadataError("EXIF without a TIFF header")
-    order = "<" if tiff[:2] == b"II" else ">"
-    magic, ifd0 = struct.unpack_from(order + "HI", tiff, 2)
-    if magic != 42:
-        raise MetadataError("EXIF with a bad TIFF header")
+    order, ifd0 = _tiff_header(tiff, "EXIF")
     orientation = None
     seen: set[int] = set()
     todo = [(ifd0, "ifd0")]
@@ -508,6 +516,39 @@ def _parse_exif(tiff: bytes, carried: set[str]) -> int | None:
             elif kind != "ifd1":
                 carried.add(OTHER_EXIF)
     return orientation
+
+
+def _tiff_header(tiff: bytes, what: str) -> tuple[str, int]:
+    """The struct byte order and IFD0's offset of a TIFF block (EXIF, MPF)."""
+    if len(tiff) < TIFF_HEADER_SIZE or tiff[:2] not in (b"II", b"MM"):
+        raise MetadataError(f"{what} without a TIFF header")
+    order = "<" if tiff[:2] == b"II" else ">"
+    magic, ifd0 = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42:
+        raise MetadataError(f"{what} with a bad TIFF header")
+    return order, ifd0
+
+
+def _mpf_primary_size(tiff: bytes) -> int:
+    """The size of the first image (the photo itself, SOI to EOI) in an MPF index."""
+    order, ifd0 = _tiff_header(tiff, "MPF")
+    entries, _next = _read_ifd(tiff, order, ifd0)
+    for tag, typ, count, value in entries:
+        if tag == TAG_MP_ENTRY:
+            if typ != TYPE_UNDEFINED or count < MP_ENTRY_SIZE or count % MP_ENTRY_SIZE:
+                raise MetadataError("MPF image list of the wrong type")
+            (at,) = struct.unpack(order + "I", value)
+            if at < TIFF_HEADER_SIZE or at + MP_ENTRY_SIZE > len(tiff):
+                raise MetadataError("MPF offset outside its block")
+            return struct.unpack_from(order + MP_ENTRY, tiff, at)[1]
+    raise MetadataError("MPF index without an image list")
+
+
+def _check_primary_end(f, end: int, sos: int, size: int) -> int:
+    # the photo must end with EOI exactly where the index says, or it is not this file's
+    if not sos + 2 <= end <= size or _read_exact(f, end - 2, 2, size) != b"\xff\xd9":
+        raise MetadataError("the MPF index does not match the file")
+    return end
 
 
 def _read_ifd(tiff: bytes, order: str, offset: int) -> tuple[list, int]:

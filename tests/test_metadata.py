@@ -273,7 +273,6 @@ def test_a_photo_without_anything_to_remove_is_left_as_it_is(tmp_path: Path, kin
     assert stripped_bytes(src) == src.read_bytes()
 
 
-@pytest.mark.filterwarnings("ignore:Image appears to be a malformed MPO file")
 def test_a_jfif_thumbnail_and_other_segments_are_removed(tmp_path: Path):
     jpeg = make_jpeg(tmp_path / "a.jpg", (32, 24), noise=True).read_bytes()
     assert jpeg[2:4] == b"\xff\xe0"
@@ -282,13 +281,13 @@ def test_a_jfif_thumbnail_and_other_segments_are_removed(tmp_path: Path):
     rest = jpeg[4 + struct.unpack(">H", jpeg[4:6])[0]:]
     data = (b"\xff\xd8" + struct.pack(">BBH", 0xFF, 0xE0, len(jfif) + 2) + jfif + rest)
     data = insert_segments(data, (0xE0, b"JFXX\0\x10" + b"\x99" * 20),
-                           (0xEC, b"Ducky\0secret"), (0xE2, b"MPF\0more images"))
+                           (0xEC, b"Ducky\0secret"), (0xE2, b"FPXR\0flashpix"))
     src = tmp_path / "b.jpg"
     src.write_bytes(data)
     assert transfer.read_photo(src).carries == (transfer.THUMBNAIL, transfer.OTHER)
     out = stripped_bytes(src)
     assert out[:20] == b"\xff\xd8\xff\xe0\x00\x10JFIF\0\x01\x02\x00\x00\x01\x00\x01\x00\x00"
-    for gone in (b"\x10\x20\x30\x40\x50\x60", b"JFXX", b"Ducky", b"MPF\0"):
+    for gone in (b"\x10\x20\x30\x40\x50\x60", b"JFXX", b"Ducky", b"FPXR"):
         assert gone not in out
     assert pixels(out)[:3] == pixels(data)[:3]
 
@@ -537,3 +536,64 @@ def test_a_zero_sub_directory_pointer_means_none(tmp_path: Path):
     found = transfer.parse_photo(io.BytesIO(data), len(data))
     assert found.carries == ()
     assert found.orientation == 8
+
+
+def with_mpf(primary: bytes, extra: bytes, *, claimed: int | None = None) -> bytes:
+    """primary + extra as a multi-picture file: an MPF index in the primary's header
+    (CIPA DC-007) saying the first image is the primary, the second the extra."""
+    def index(primary_size: int) -> bytes:
+        entries = struct.pack(">IIIHH", 0x20030000, primary_size, 0, 0, 0)
+        entries += struct.pack(">IIIHH", 0x00020002, len(extra), primary_size, 0, 0)
+        tiff = b"MM\x00\x2a\x00\x00\x00\x08" + ifd(">", 8, [
+            (0xB000, 7, 4, b"0100"), (0xB001, LONG, 1, struct.pack(">I", 2)),
+            (0xB002, 7, len(entries), entries)])
+        return transfer.ID_MPF + tiff
+
+    size = len(insert_segments(primary, (0xE2, index(0))))  # the index's size is fixed
+    whole = insert_segments(primary, (0xE2, index(size if claimed is None else claimed)))
+    assert len(whole) == size
+    return whole + extra
+
+
+@pytest.mark.filterwarnings("ignore:Image appears to be a malformed MPO file")
+def test_extra_images_after_the_photo_are_named_and_dropped(tmp_path: Path):
+    # phones append extra images (depth, gain maps) after the photo's EOI; here the extra
+    # image carries the location: stripping must not send it along
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (48, 32), os.urandom(48 * 32 * 3)).save(out, "JPEG")
+    primary = out.getvalue()
+    extra = photo(tmp_path / "extra.jpg", everything=False).read_bytes()
+    src = tmp_path / "multi.jpg"
+    src.write_bytes(with_mpf(primary, extra))
+    found = transfer.read_photo(src)
+    assert found.carries == (transfer.EXTRA,)
+    data = stripped_bytes(src)
+    assert data == primary  # the index and the extra image gone, the photo byte for byte
+    assert_clean(data)
+
+
+@pytest.mark.parametrize("claimed", [10, 1 << 20, -1])
+def test_an_mpf_index_that_does_not_match_the_file_is_a_metadata_error(tmp_path: Path,
+                                                                         claimed: int):
+    primary = make_jpeg(tmp_path / "a.jpg", (16, 16)).read_bytes()
+    extra = make_jpeg(tmp_path / "b.jpg", (8, 8)).read_bytes()
+    size = len(with_mpf(primary, b""))
+    data = with_mpf(primary, extra, claimed=size - 1 if claimed == -1 else claimed)
+    with pytest.raises(transfer.MetadataError, match="the MPF index does not match the file"):
+        transfer.parse_photo(io.BytesIO(data), len(data))
+
+
+GOOD_MPF = with_mpf(GOOD, b"\xff\xd8\xff\xe1\x00\x08Exif\0\0\xff\xd9")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 120), st.integers(0, 0xFFFFFFFF)), max_size=4),
+       st.integers(0, len(GOOD_MPF)))
+def test_mangled_mpf_indexes_and_truncated_multi_picture_files_never_crash(patches, cut):
+    start = GOOD_MPF.index(transfer.ID_MPF) + len(transfer.ID_MPF)
+    data = bytearray(GOOD_MPF)
+    for rel, value in patches:
+        data[start + rel: start + rel + 4] = struct.pack(">I", value)
+    check_parse(bytes(data[:cut]))
