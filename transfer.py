@@ -290,16 +290,18 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # --- photo metadata: what a JPEG carries, and the same JPEG without it ---------------
-# A marker-segment walker rather than a library: the job is ~200 lines over a format
-# fixed since 1992, and no maintained library both streams (constant memory for a
-# 1 GiB file) and leaves the entropy-coded data untouched byte for byte.
+# A marker-segment walker rather than a library: the job is a few hundred lines over a
+# format fixed since 1992, and the libraries at hand (Pillow, piexif, exif) either
+# re-encode, hold the whole file in memory, or do not stream a stripped copy whose
+# size is known before it is read; a new runtime dependency would buy none of that.
 #
 # Only the segments before the first scan (SOS) are read, each one's 4-byte header
 # and, where its content matters, its body (at most 64 KiB); from SOS on the file is
 # copied, never decoded.  Stripping keeps JFIF (APP0, without a thumbnail), the ICC
 # profile (APP2), the Adobe segment (APP14: CMYK decoding needs it) and every table
-# and frame segment; it drops every other APPn and COM, and rewrites EXIF as a
-# minimal block holding only the orientation, when the photo has one.
+# and frame segment; it drops every other APPn and COM, rewrites EXIF as a minimal
+# block holding only the orientation when the photo has one, and ends the file at
+# the photo's EOI when an MPF index says extra images follow it.
 SEGMENT_HEADER = struct.Struct(">BBH")  # FF, marker, length (counts itself, not the marker)
 TIFF_HEADER_SIZE = 8  # byte order (II or MM), 42, offset of IFD0
 MAX_HEADER_SEGMENTS = 1024  # segments before the first scan; a real photo has < 20
@@ -412,7 +414,7 @@ def parse_photo(f, size: int) -> Photo:
             carried.add(COMMENT)
             continue
         body = _read_exact(f, body_at, min(ID_READ, body_len), size)
-        if marker == M_APP1 or body.startswith(ID_MPF):  # EXIF, XMP, MPF: whole (<= 64 KiB)
+        if marker == M_APP1 or (marker == M_APP2 and body.startswith(ID_MPF)):  # <= 64 KiB
             body = _read_exact(f, body_at, body_len, size)
         keep = _app_segment(marker, body, body_len, carried)
         if keep is True:
