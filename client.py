@@ -265,14 +265,14 @@ def connect_and_handshake(args, identity, kem, home: Path, ask):
 
 
 # --- batch and interactive modes --------------------------------------------------------------
-def run_batch(conn: session.Connection, batch, max_size: int) -> int:
+def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = False) -> int:
     for kind, value in batch:
         try:
             if kind == "text":
                 conn.send_text(value)
                 print(f"delivered: {neutralise(value)}", flush=True)
             else:
-                result = conn.send_file(value, max_size)
+                result = conn.send_file(value, max_size, strip=strip)
                 print(result.summary("sent"), flush=True)
         except transfer.Rejected as e:
             print(f"error: {kind} not delivered: {neutralise(e.detail)}", file=sys.stderr)
@@ -310,7 +310,8 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
                 except (session.ConnectionLost, ProtocolError) as e:
                     print(f"not delivered: {e}")
         elif choice in ("2", "jpg", "file"):
-            session.send_jpg_menu(conn, args.assets_dir, args.max_file_size, prompt)
+            session.send_jpg_menu(conn, args.assets_dir, args.max_file_size, prompt,
+                                  strip=args.strip_metadata)
         elif choice in ("3", "q", "quit", "exit"):
             return EXIT_OK
         elif choice:
@@ -395,7 +396,9 @@ def run(args) -> int:
             raise Fatal(EXIT_UNDELIVERED, f"text not sent: longer than {MAX_TEXT} bytes")
         if kind == "file":
             try:
-                transfer.check_outgoing(value, args.max_file_size)
+                out = transfer.check_outgoing(value, args.max_file_size)
+                if args.strip_metadata:  # a photo we cannot strip is not sent as is
+                    session.stripped_outgoing(out)
             except transfer.Rejected as e:
                 raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
     try:
@@ -416,7 +419,7 @@ def run(args) -> int:
     code = EXIT_INTERRUPTED
     try:
         if batch:
-            code = run_batch(conn, batch, args.max_file_size)
+            code = run_batch(conn, batch, args.max_file_size, args.strip_metadata)
         else:
             code = run_interactive(conn, args)
     except KeyboardInterrupt:

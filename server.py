@@ -71,7 +71,8 @@ def build_parser() -> session.Parser:
 
 class ServerEvents(session.Events):
     def file_saved(self, conn, path, result):
-        self.out(f"[{conn.label}] {result.summary('received')}, saved at {neutralise(path)}")
+        self.out(f"[{conn.label}] {result.summary('received')} ({session.metadata_note(path)}), "
+                 f"saved at {neutralise(path)}")
 
     def closed(self, conn, why):
         self.out(f"[{conn.label}] {'disconnected' if why == 'peer disconnected' else why}")
@@ -342,7 +343,7 @@ def reply_text(server: Server, client: Client, ps) -> None:
 
 def reply_jpg(server: Server, client: Client, ps) -> None:
     session.send_jpg_menu(client.conn, server.args.assets_dir, server.args.max_file_size,
-                          ps.prompt)
+                          ps.prompt, strip=server.args.strip_metadata)
 
 
 # --- main -----------------------------------------------------------------------------------------

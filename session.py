@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import mmap
 import os
@@ -98,6 +99,9 @@ def add_common_arguments(p: argparse.ArgumentParser, role: str, version: str) ->
                    help="where received files are saved (default ./received_assets)")
     p.add_argument("--max-file-size", type=byte_count, default=transfer.DEFAULT_MAX_FILE_SIZE,
                    metavar="BYTES", help="largest file accepted or sent (default 4 GiB)")
+    p.add_argument("--strip-metadata", action="store_true",
+                   help="send photos without their EXIF/XMP/IPTC metadata (location, camera, "
+                        "serial, thumbnail), losslessly; orientation and colour profile stay")
     p.add_argument("--kem-provider", choices=("auto", "cryptography", "liboqs"), default="auto",
                    help="ML-KEM-1024 implementation (default auto: liboqs where its library "
                         "is installed, else cryptography)")
@@ -213,11 +217,23 @@ class FileResult:
     size: int
     sha256: bytes
     seconds: float
+    note: str = ""  # the sender's "without metadata" / "as is"
 
     def summary(self, verb: str) -> str:
         rate = self.size / self.seconds / 1e6 if self.seconds > 0 else 0.0
         return (f"{verb} '{neutralise(self.name)}': {self.size} bytes, "
-                f"SHA-256 {self.sha256.hex()}, {self.seconds:.2f} s, {rate:.1f} MB/s")
+                f"SHA-256 {self.sha256.hex()}, {self.seconds:.2f} s, {rate:.1f} MB/s"
+                + (f", {self.note}" if self.note else ""))
+
+
+def metadata_note(path: str | os.PathLike) -> str:
+    """What a received photo carries, for its saved line (the receiver never strips:
+    this is how it sees whether the sender did)."""
+    try:
+        carries = transfer.read_photo(path).carries
+    except (transfer.MetadataError, OSError):
+        return "metadata not readable"
+    return f"carries {transfer.describe(carries)}" if carries else "no metadata"
 
 
 class Events:
@@ -236,7 +252,8 @@ class Events:
         self.out(f"[{conn.label}] receiving '{neutralise(name)}' ({human_size(size)})")
 
     def file_saved(self, conn: Connection, path: str, result: FileResult) -> None:
-        self.out(f"[{conn.label}] {result.summary('saved')} at {neutralise(path)}")
+        self.out(f"[{conn.label}] {result.summary('saved')} ({metadata_note(path)}) "
+                 f"at {neutralise(path)}")
 
     def file_failed(self, conn: Connection, name: str, why: str) -> None:
         self.out(f"[{conn.label}] file '{neutralise(name)}' not saved: {neutralise(why)}")
@@ -270,12 +287,14 @@ class NoProgress:
         pass
 
 
-def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt) -> None:
-    """The "send a JPG" menu entry of both consoles: list the assets, pick one by
-    number or type a path, send it and say how it went."""
+def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt,
+                  strip: bool = False) -> None:
+    """The "send a JPG" menu entry of both consoles: list the assets with what they
+    carry, pick one by number or type a path, decide about its metadata, send it
+    and say how it went."""
     assets = transfer.list_assets(assets_dir)
     for i, (path, size) in enumerate(assets, 1):
-        print(f"  {i}) {neutralise(path.name)} ({human_size(size)})")
+        print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
     if not assets:
         print(f"  (no JPGs in {assets_dir}; type a path)")
     choice = prompt("number or path: ").strip()
@@ -286,11 +305,63 @@ def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt) -> 
     else:
         path = Path(choice).expanduser()
     try:
-        print(conn.send_file(str(path), max_size).summary("sent"))
+        transfer.check_outgoing(path, max_size)
+        decision = metadata_choice(path, strip, prompt)
+        if decision is None:
+            print("not sent")
+            return
+        stripped, note = decision
+        result = conn.send_file(str(path), max_size, strip=stripped)
+        print(dataclasses.replace(result, note=note).summary("sent"))
     except transfer.Rejected as e:
         print(f"not sent: {neutralise(e.detail)}")
     except (ConnectionLost, ProtocolError) as e:
         print(f"not sent: {e}")
+
+
+MENU_CARRIED = 3  # things named beside a photo in the menu; the rest are counted
+
+
+def carried_suffix(path: Path) -> str:
+    """ — GPS location, camera serial" beside a listed photo; "" when it carries nothing."""
+    try:
+        carries = transfer.read_photo(path).carries
+    except transfer.MetadataError:
+        return " — metadata not readable"
+    except OSError:
+        return ""
+    return f" — {transfer.describe(carries, MENU_CARRIED)}" if carries else ""
+
+
+def metadata_choice(path: Path, strip: bool, prompt) -> tuple[bool, str] | None:
+    """(strip?, note for the summary) for one photo, asking where the user must
+    decide: a location is about to leave (default: without metadata), or stripping
+    was asked for and the metadata cannot be read (as is only with consent; without
+    --strip-metadata such a photo goes as is, as every file).  None: do not send."""
+    name = neutralise(path.name)
+    try:
+        photo = transfer.read_photo(path)
+    except transfer.MetadataError as e:
+        if not strip:
+            print(f"cannot read the metadata of '{name}' ({e}); sending it as is")
+            return False, "as is"
+        print(f"cannot read the metadata of '{name}' ({e}): it may carry a location, "
+              f"and it cannot be sent without its metadata")
+        answer = prompt("send it as is? [y/N] ").strip().lower()
+        return (False, "as is") if answer in ("y", "yes") else None
+    except OSError as e:
+        raise transfer.Rejected(Reason.UNSPECIFIED, f"{path}: {e.strerror}") from e
+    if strip:
+        return True, "without metadata"
+    if transfer.GPS not in photo.carries:
+        return False, ""
+    print(f"'{name}' carries {transfer.describe(photo.carries)}")
+    while True:
+        answer = prompt("send 1) without metadata  2) as is [1]: ").strip().lower()
+        if answer in ("", "1", "without"):
+            return True, "without metadata"
+        if answer in ("2", "as is"):
+            return False, "as is"
 
 
 # --- received file data: decrypted into aligned buffers, written by a disk thread -----
@@ -349,6 +420,19 @@ class DiskWriter:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+
+
+def stripped_outgoing(out: transfer.Outgoing) -> transfer.Outgoing:
+    """out to be sent without metadata; refused when its metadata cannot be read."""
+    try:
+        return transfer.without_metadata(out)
+    except transfer.MetadataError as e:
+        raise transfer.Rejected(Reason.UNSPECIFIED,
+                                f"{out.path}: cannot read its metadata ({e}), so it cannot "
+                                f"be sent without it (without --strip-metadata it goes as is)"
+                                ) from e
+    except OSError as e:
+        raise transfer.Rejected(Reason.UNSPECIFIED, f"{out.path}: {e.strerror}") from e
 
 
 # --- the encrypted session ------------------------------------------------------------
@@ -627,10 +711,14 @@ class Connection:
             if not isinstance(reply, Delivered) or reply.msg_id != msg_id:
                 raise RemoteProtocolError(f"expected Delivered({msg_id}), got {reply}")
 
-    def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE) -> FileResult:
-        """Offer, stream and confirm one JPG; raises transfer.Rejected when refused
-        (locally or by the peer) or when the peer's SHA-256 differs."""
+    def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
+                  strip: bool = False) -> FileResult:
+        """Offer, stream and confirm one JPG (without its metadata when strip);
+        raises transfer.Rejected when refused (locally or by the peer) or when the
+        peer's SHA-256 differs."""
         out = transfer.check_outgoing(path, max_size)
+        if strip:
+            out = stripped_outgoing(out)
         with self._operation():
             started = time.monotonic()
             self.send(FileOffer(out.size, out.name))
@@ -647,7 +735,8 @@ class Connection:
                 raise RemoteProtocolError(f"expected FileSaved, got {type(reply).__name__}")
             if reply.sha256 != digest:
                 raise transfer.Rejected(Reason.HASH_MISMATCH, "peer's SHA-256 differs from ours")
-            return FileResult(reply.name, out.size, digest, time.monotonic() - started)
+            return FileResult(reply.name, out.size, digest, time.monotonic() - started,
+                              "without metadata" if strip else "")
 
     def _stream(self, out: transfer.Outgoing) -> bytes:
         """Read, hash and seal chunk after chunk into reused buffers; the writer
@@ -658,7 +747,7 @@ class Connection:
         cipher: queue.Queue = queue.Queue()
         for _ in range(DATA_IN_FLIGHT):
             cipher.put(memoryview(bytearray(CHUNK_SIZE + 16)))
-        with open(out.path, "rb", buffering=0) as f, \
+        with transfer.open_outgoing(out) as f, \
                 self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
             while sent < out.size:
                 failure = self._early_failure()

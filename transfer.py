@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import struct
 import tempfile
 import unicodedata
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ def is_jpeg_name(name: str) -> bool:
 class Outgoing:
     path: Path
     name: str
-    size: int
+    size: int  # of the bytes to send
+    pieces: tuple | None = None  # set when sent without metadata (see without_metadata)
 
 
 def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZE) -> Outgoing:
@@ -285,3 +287,339 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- photo metadata: what a JPEG carries, and the same JPEG without it ---------------
+# A marker-segment walker rather than a library: the job is a few hundred lines over a
+# format fixed since 1992, and the libraries at hand (Pillow, piexif, exif) either
+# re-encode, hold the whole file in memory, or do not stream a stripped copy whose
+# size is known before it is read; a new runtime dependency would buy none of that.
+#
+# Only the segments before the first scan (SOS) are read, each one's 4-byte header
+# and, where its content matters, its body (at most 64 KiB); from SOS on the file is
+# copied, never decoded.  Stripping keeps JFIF (APP0, without a thumbnail), the ICC
+# profile (APP2), the Adobe segment (APP14: CMYK decoding needs it) and every table
+# and frame segment; it drops every other APPn and COM, rewrites EXIF as a minimal
+# block holding only the orientation when the photo has one, and ends the file at
+# the photo's EOI when an MPF index says extra images follow it.
+SEGMENT_HEADER = struct.Struct(">BBH")  # FF, marker, length (counts itself, not the marker)
+TIFF_HEADER_SIZE = 8  # byte order (II or MM), 42, offset of IFD0
+MAX_HEADER_SEGMENTS = 1024  # segments before the first scan; a real photo has < 20
+MAX_FILL = 64  # 0xFF fill bytes allowed before a marker
+MAX_IFDS = 8  # IFD0, IFD1, EXIF, GPS, interoperability: more is a loop or junk
+M_SOI, M_EOI, M_SOS, M_COM = 0xD8, 0xD9, 0xDA, 0xFE
+M_APP0, M_APP1, M_APP2, M_APP13, M_APP14, M_APP15 = 0xE0, 0xE1, 0xE2, 0xED, 0xEE, 0xEF
+STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length, never before a scan
+ID_JFIF, ID_JFXX = b"JFIF\0", b"JFXX\0"
+ID_EXIF = b"Exif\0\0"
+ID_XMP, ID_XMP_EXT = b"http://ns.adobe.com/xap/1.0/\0", b"http://ns.adobe.com/xmp/extension/\0"
+ID_ICC, ID_PHOTOSHOP, ID_ADOBE = b"ICC_PROFILE\0", b"Photoshop 3.0\0", b"Adobe"
+ID_MPF = b"MPF\0"  # CIPA DC-007 multi-picture index: where the extra images after EOI are
+JFIF_FIXED = 14  # JFIF\0, version, units, densities; then the thumbnail's size and pixels
+ID_READ = 40  # bytes of a segment body read to tell what it is
+TAG_ORIENTATION, TAG_EXIF_IFD, TAG_GPS_IFD, TAG_INTEROP_IFD = 0x0112, 0x8769, 0x8825, 0xA005
+TAGS_MAKE_MODEL = {0x010F, 0x0110}
+TAGS_SERIAL = {0xA431, 0xA435, 0xC62F}  # body serial, lens serial, DNG camera serial
+TAGS_GPS_POSITION = {1, 2, 3, 4}  # latitude (ref), longitude (ref)
+TYPE_SHORT, TYPE_LONG, TYPE_UNDEFINED = 3, 4, 7
+TAG_MP_ENTRY = 0xB002
+MP_ENTRY = "IIIHH"  # attribute, size, offset, two dependent images (after the byte order)
+MP_ENTRY_SIZE = struct.calcsize("<" + MP_ENTRY)
+
+# what a photo may carry, in the order the menu names it
+GPS, SERIAL, MAKE_MODEL, THUMBNAIL, EXTRA = ("GPS location", "camera serial",
+                                             "camera make/model", "thumbnail", "extra images")
+OTHER_EXIF, XMP, IPTC, COMMENT, OTHER = "other EXIF", "XMP", "IPTC", "comment", "other metadata"
+CARRIED_ORDER = (GPS, SERIAL, MAKE_MODEL, THUMBNAIL, EXTRA, OTHER_EXIF, XMP, IPTC, COMMENT, OTHER)
+
+
+class MetadataError(ValueError):
+    """the photo's metadata cannot be parsed"""
+
+
+@dataclass(frozen=True)
+class Photo:
+    """What a JPEG carries, and how to write it without that.
+
+    `pieces` is the stripped file: (offset, length) ranges of the original and
+    new bytes, in order; `stripped_size` is their total."""
+
+    carries: tuple[str, ...]
+    orientation: int | None
+    pieces: tuple[tuple[int, int] | bytes, ...]
+    stripped_size: int
+
+
+def read_photo(path: str | os.PathLike) -> Photo:
+    """Walk a JPEG's segments up to its first scan; MetadataError when it cannot."""
+    with open(path, "rb", buffering=0) as f:
+        return parse_photo(f, os.fstat(f.fileno()).st_size)
+
+
+def describe(carries: tuple[str, ...], limit: int | None = None) -> str:
+    """"GPS location, camera serial"; past `limit` items, "... and 2 more"."""
+    if limit is None or len(carries) <= limit:
+        return ", ".join(carries)
+    return ", ".join(carries[:limit]) + f" and {len(carries) - limit} more"
+
+
+def _read_exact(f, offset: int, n: int, size: int) -> bytes:
+    if offset + n > size:
+        raise MetadataError("the file ends inside a segment")
+    f.seek(offset)
+    data = f.read(n)
+    if len(data) != n:
+        raise MetadataError("the file ends inside a segment")
+    return data
+
+
+def _next_marker(f, pos: int, size: int) -> tuple[int, int]:
+    """The marker at pos after optional fill bytes: (marker, offset of its FF)."""
+    head = _read_exact(f, pos, min(MAX_FILL + 2, size - pos), size) if pos < size else b""
+    if len(head) < 2 or head[0] != 0xFF:
+        raise MetadataError(f"no marker at byte {pos}")
+    i = 0
+    while i + 1 < len(head) and head[i + 1] == 0xFF:
+        i += 1
+    if i + 1 >= len(head):
+        raise MetadataError(f"no marker at byte {pos}")
+    return head[i + 1], pos + i
+
+
+def parse_photo(f, size: int) -> Photo:
+    """read_photo over an open binary file (seek/read) of `size` bytes."""
+    if _read_exact(f, 0, 2, size) != b"\xff\xd8":
+        raise MetadataError("no start-of-image marker")
+    carried: set[str] = set()
+    pieces: list = [(0, 2)]
+    orientation: int | None = None
+    exif_at: int | None = None  # where the minimal EXIF goes: the first EXIF's place
+    primary_end: int | None = None  # from an MPF index: extra images follow the photo
+    pos = 2
+    for _ in range(MAX_HEADER_SEGMENTS):
+        marker, at = _next_marker(f, pos, size)
+        if marker == M_SOS:
+            break
+        if marker in STANDALONE or marker in (M_SOI, M_EOI, 0x00):
+            raise MetadataError(f"unexpected marker FF{marker:02X} before the image data")
+        _ff, _m, length = SEGMENT_HEADER.unpack(_read_exact(f, at, SEGMENT_HEADER.size, size))
+        if length < 2 or at + 2 + length > size:
+            raise MetadataError(f"segment FF{marker:02X} at byte {at} has a bad length")
+        pos = at + 2 + length
+        body_at, body_len = at + 4, length - 2
+        if not (M_APP0 <= marker <= M_APP15 or marker == M_COM):
+            pieces.append((at, pos - at))  # tables, frame header, restart interval...
+            continue
+        if marker == M_COM:
+            carried.add(COMMENT)
+            continue
+        body = _read_exact(f, body_at, min(ID_READ, body_len), size)
+        if marker == M_APP1 or (marker == M_APP2 and body.startswith(ID_MPF)):  # <= 64 KiB
+            body = _read_exact(f, body_at, body_len, size)
+        keep = _app_segment(marker, body, body_len, carried)
+        if keep is True:
+            pieces.append((at, pos - at))
+        elif isinstance(keep, bytes):
+            pieces.append(keep)
+        elif marker == M_APP1 and body.startswith(ID_EXIF):
+            found = _parse_exif(body[len(ID_EXIF):], carried)
+            if orientation is None and found is not None:
+                orientation = found
+            if exif_at is None:
+                exif_at = len(pieces)
+        elif marker == M_APP2 and body.startswith(ID_MPF) and primary_end is None:
+            primary_end = _mpf_primary_size(body[len(ID_MPF):])
+    else:
+        raise MetadataError(f"more than {MAX_HEADER_SEGMENTS} segments before the image data")
+    end = size if primary_end is None else _check_primary_end(f, primary_end, at, size)
+    if end < size:
+        carried.add(EXTRA)
+    pieces.append((at, end - at))  # the image data, from the first scan on
+    if orientation is not None:
+        pieces.insert(exif_at, minimal_exif(orientation))
+    total = sum(len(p) if isinstance(p, bytes) else p[1] for p in pieces)
+    carries = tuple(c for c in CARRIED_ORDER if c in carried)
+    return Photo(carries, orientation, tuple(pieces), total)
+
+
+def _app_segment(marker: int, body: bytes, body_len: int, carried: set[str]) -> bool | bytes:
+    """Keep (True), replace (new segment bytes) or drop (False) one APPn segment,
+    noting what it carries.  EXIF is dropped here and parsed by the caller."""
+    if marker == M_APP0 and body.startswith(ID_JFIF) and body_len >= JFIF_FIXED:
+        if body_len == JFIF_FIXED:
+            return True
+        if body[12:14] != b"\0\0":
+            carried.add(THUMBNAIL)  # a JFIF thumbnail: keep the header, drop the pixels
+        return SEGMENT_HEADER.pack(0xFF, M_APP0, JFIF_FIXED + 2) + body[:12] + b"\0\0"
+    if marker == M_APP0 and body.startswith(ID_JFXX):
+        carried.add(THUMBNAIL)
+        return False
+    if marker == M_APP2 and body.startswith(ID_ICC):
+        return True
+    if marker == M_APP2 and body.startswith(ID_MPF):
+        return False  # the index itself; the caller drops the images it points to
+    if marker == M_APP14 and body.startswith(ID_ADOBE):
+        return True
+    if marker == M_APP1 and body.startswith(ID_EXIF):
+        return False
+    if marker == M_APP1 and (body.startswith(ID_XMP) or body.startswith(ID_XMP_EXT)):
+        carried.add(XMP)
+        if b"GPSLatitude" in body or b"GPSLongitude" in body:
+            carried.add(GPS)
+        return False
+    carried.add(IPTC if marker == M_APP13 and body.startswith(ID_PHOTOSHOP) else OTHER)
+    return False
+
+
+def minimal_exif(orientation: int) -> bytes:
+    """An APP1 EXIF segment holding only the orientation (big-endian TIFF, one IFD)."""
+    tiff = (b"MM" + struct.pack(">HI", 42, 8)
+            + struct.pack(">H", 1) + struct.pack(">HHIHH", TAG_ORIENTATION, TYPE_SHORT, 1,
+                                                 orientation, 0)
+            + struct.pack(">I", 0))
+    body = ID_EXIF + tiff
+    return SEGMENT_HEADER.pack(0xFF, M_APP1, len(body) + 2) + body
+
+
+def _parse_exif(tiff: bytes, carried: set[str]) -> int | None:
+    """Note what an EXIF block carries; returns its orientation (1-8) or None.
+    Every offset is checked against the block; loops and junk are MetadataError."""
+    order, ifd0 = _tiff_header(tiff, "EXIF")
+    orientation = None
+    seen: set[int] = set()
+    todo = [(ifd0, "ifd0")]
+    while todo:
+        offset, kind = todo.pop(0)
+        if offset in seen:
+            raise MetadataError("EXIF directories form a loop")
+        if len(seen) >= MAX_IFDS:
+            raise MetadataError("too many EXIF directories")
+        seen.add(offset)
+        entries, next_ifd = _read_ifd(tiff, order, offset)
+        if kind == "ifd0" and next_ifd:
+            carried.add(THUMBNAIL)  # IFD1 describes the embedded thumbnail
+            todo.append((next_ifd, "ifd1"))
+        for tag, typ, count, value in entries:
+            if kind in ("ifd0", "exif") and tag in (TAG_EXIF_IFD, TAG_GPS_IFD, TAG_INTEROP_IFD):
+                sub = {TAG_EXIF_IFD: "exif", TAG_GPS_IFD: "gps", TAG_INTEROP_IFD: "interop"}[tag]
+                pointer = _ifd_pointer(order, typ, count, value)
+                if pointer:  # some writers leave 0 for "none"
+                    todo.append((pointer, sub))
+            elif kind == "ifd0" and tag == TAG_ORIENTATION:
+                if typ == TYPE_SHORT and count == 1:
+                    v = struct.unpack_from(order + "H", value)[0]
+                    orientation = v if 1 <= v <= 8 else None
+            elif kind == "gps":
+                carried.add(GPS if tag in TAGS_GPS_POSITION else OTHER_EXIF)
+            elif tag in TAGS_SERIAL:
+                carried.add(SERIAL)
+            elif kind == "ifd0" and tag in TAGS_MAKE_MODEL:
+                carried.add(MAKE_MODEL)
+            elif kind != "ifd1":
+                carried.add(OTHER_EXIF)
+    return orientation
+
+
+def _tiff_header(tiff: bytes, what: str) -> tuple[str, int]:
+    """The struct byte order and IFD0's offset of a TIFF block (EXIF, MPF)."""
+    if len(tiff) < TIFF_HEADER_SIZE or tiff[:2] not in (b"II", b"MM"):
+        raise MetadataError(f"{what} without a TIFF header")
+    order = "<" if tiff[:2] == b"II" else ">"
+    magic, ifd0 = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42:
+        raise MetadataError(f"{what} with a bad TIFF header")
+    return order, ifd0
+
+
+def _mpf_primary_size(tiff: bytes) -> int:
+    """The size of the first image (the photo itself, SOI to EOI) in an MPF index."""
+    order, ifd0 = _tiff_header(tiff, "MPF")
+    entries, _next = _read_ifd(tiff, order, ifd0)
+    for tag, typ, count, value in entries:
+        if tag == TAG_MP_ENTRY:
+            if typ != TYPE_UNDEFINED or count < MP_ENTRY_SIZE or count % MP_ENTRY_SIZE:
+                raise MetadataError("MPF image list of the wrong type")
+            (at,) = struct.unpack(order + "I", value)
+            if at < TIFF_HEADER_SIZE or at + MP_ENTRY_SIZE > len(tiff):
+                raise MetadataError("MPF offset outside its block")
+            return struct.unpack_from(order + MP_ENTRY, tiff, at)[1]
+    raise MetadataError("MPF index without an image list")
+
+
+def _check_primary_end(f, end: int, sos: int, size: int) -> int:
+    # the photo must end with EOI exactly where the index says, or it is not this file's
+    if not sos + 2 <= end <= size or _read_exact(f, end - 2, 2, size) != b"\xff\xd9":
+        raise MetadataError("the MPF index does not match the file")
+    return end
+
+
+def _read_ifd(tiff: bytes, order: str, offset: int) -> tuple[list, int]:
+    """One IFD's entries (tag, type, count, 4-byte value field) and the next IFD's offset."""
+    if offset < TIFF_HEADER_SIZE or offset + 2 > len(tiff):
+        raise MetadataError("EXIF offset outside its block")
+    (count,) = struct.unpack_from(order + "H", tiff, offset)
+    end = offset + 2 + 12 * count
+    if end + 4 > len(tiff):
+        raise MetadataError("EXIF directory runs past its block")
+    entries = [struct.unpack_from(order + "HHI4s", tiff, offset + 2 + 12 * i)
+               for i in range(count)]
+    (next_ifd,) = struct.unpack_from(order + "I", tiff, end)
+    return entries, next_ifd
+
+
+def _ifd_pointer(order: str, typ: int, count: int, value: bytes) -> int:
+    if typ not in (TYPE_LONG, 13) or count != 1:  # LONG or IFD
+        raise MetadataError("EXIF sub-directory pointer of the wrong type")
+    return struct.unpack(order + "I", value)[0]
+
+
+def without_metadata(out: Outgoing) -> Outgoing:
+    """The same outgoing file, to be sent stripped: its size is the stripped size."""
+    photo = read_photo(out.path)
+    return Outgoing(out.path, out.name, photo.stripped_size, photo.pieces)
+
+
+def open_outgoing(out: Outgoing):
+    """A raw file object for the bytes to send: the file, or its stripped version."""
+    if out.pieces is None:
+        return open(out.path, "rb", buffering=0)
+    return PieceReader(out.path, out.pieces)
+
+
+class PieceReader:
+    """readinto() over file ranges and new bytes: the stripped photo as a stream,
+    never more than one caller's buffer in memory."""
+
+    def __init__(self, path: Path, pieces: tuple) -> None:
+        self._f = open(path, "rb", buffering=0)
+        self._pieces = list(pieces)
+        self._i = 0
+        self._done = 0  # bytes of the current piece already served
+
+    def __enter__(self) -> PieceReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def readinto(self, view) -> int:
+        """At most len(view) bytes, never across a piece boundary; 0 at the end or
+        when the file is shorter than planned (it changed)."""
+        while self._i < len(self._pieces):
+            piece = self._pieces[self._i]
+            length = len(piece) if isinstance(piece, bytes) else piece[1]
+            if self._done == length:
+                self._i, self._done = self._i + 1, 0
+                continue
+            n = min(len(view), length - self._done)
+            if isinstance(piece, bytes):
+                view[:n] = piece[self._done:self._done + n]
+            else:
+                if self._done == 0:
+                    self._f.seek(piece[0])
+                n = self._f.readinto(view[:n])
+                if not n:
+                    return 0
+            self._done += n
+            return n
+        return 0

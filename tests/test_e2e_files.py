@@ -79,9 +79,13 @@ def client_line(name: str, size: int, sha: str) -> str:
     return rf"^sent {re.escape(repr(name))}: " + SUMMARY.format(size=size, sha=sha) + "$"
 
 
-def server_line(name: str, size: int, sha: str, path: Path) -> str:
+def server_line(name: str, size: int, sha: str, path: Path, meta: str | None = None) -> str:
+    """The server's saved line; `meta` is what it says the file carries (by default
+    what the walker finds in the saved file; tests of that note pass it exactly)."""
+    meta = session.metadata_note(path) if meta is None else meta
     return (rf"^\[SHA256:[^\]]+\] received {re.escape(repr(name))}: "
-            + SUMMARY.format(size=size, sha=sha) + rf", saved at {re.escape(str(path))}$")
+            + SUMMARY.format(size=size, sha=sha)
+            + rf" \({re.escape(meta)}\), saved at {re.escape(str(path))}$")
 
 
 def send(env: Env, port: int, *args: str, timeout: float = 60):

@@ -262,12 +262,12 @@ class Terminals:
         self.ttys.append(tty)
         return tty
 
-    def console(self) -> tuple[Tty, int, str]:
+    def console(self, *extra: str) -> tuple[Tty, int, str]:
         """server.py with its console (stdin is the pty, so not headless)."""
         e = self.env
         srv = self.spawn("server.py", "--port", "0", "--home", str(e.server_home),
                          "--assets-dir", str(self.server_assets),
-                         "--received-dir", str(e.server_received))
+                         "--received-dir", str(e.server_received), *extra)
         port = int(srv.expect_line(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
         fingerprint = srv.expect_line(rf"^identity ({FP})$").group(1)
         srv.expect_line(f"^{re.escape(SERVER_MENU)}$")
@@ -305,10 +305,16 @@ def terms(env: Env):
 
 def assets_listed(tty: Tty, count: int) -> dict[str, str]:
     """The numbered JPG list a menu prints: {name: number}."""
+    return {name: number for name, (number, _) in assets_carrying(tty, count).items()}
+
+
+def assets_carrying(tty: Tty, count: int) -> dict[str, tuple[str, str]]:
+    """The numbered JPG list with what each photo carries: {name: (number, carries)},
+    carries "" when the line names nothing after the size."""
     listed = {}
     for _ in range(count):
-        m = tty.expect_line(r"^  (\d+)\) (.+) \((\d+(?:\.\d)? (?:B|KiB|MiB))\)$")
-        listed[m.group(2)] = m.group(1)
+        m = tty.expect_line(r"^  (\d+)\) (.+?) \((\d+(?:\.\d)? (?:B|KiB|MiB))\)(?: — (.+))?$")
+        listed[m.group(2)] = (m.group(1), m.group(4) or "")
     return listed
 
 
@@ -362,8 +368,9 @@ def test_jpgs_both_ways_through_the_menus_are_bit_exact(terms: Terminals, tmp_pa
     for source in (big, shout):
         srv.expect_prompt(">")
         srv.type("2")
-        listed = assets_listed(srv, 2)
-        assert set(listed) == {big.name, shout.name}
+        carrying = assets_carrying(srv, 2)
+        assert carrying == {shout.name: ("1", "camera make/model"), big.name: ("2", "")}
+        listed = {name: number for name, (number, _) in carrying.items()}
         srv.answer("number or path: ", listed[source.name])
         digest = sha256(source)
         sent = srv.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), ")
@@ -560,3 +567,141 @@ def test_verification_codes_match_the_console_per_client(terms: Terminals):
     srv.type("4")
     assert srv.wait_exit() == 0
     assert_clean(srv)
+
+
+# --- photo metadata (issue 13) -------------------------------------------------------------------
+EVERYTHING = ("GPS location, camera serial, camera make/model, thumbnail, other EXIF, XMP, IPTC, "
+              "comment")
+LISTED_EVERYTHING = "GPS location, camera serial, camera make/model and 5 more"
+LOCATION_QUESTION = "send 1) without metadata  2) as is [1]: "
+CONSENT_QUESTION = "send it as is? [y/N] "
+
+
+def broken_photo(path: Path) -> Path:
+    """A file that starts like a JPEG whose first segment is longer than the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\xff\xd8\xff\xe0\xff\xff" + bytes(range(256)) * 8)
+    return path
+
+
+BROKEN_WHY = ("cannot read the metadata of 'broken.jpg' (segment FFE0 at byte 2 has a bad "
+              "length): it may carry a location, and it cannot be sent without its metadata")
+
+
+def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
+        terms: Terminals, tmp_path: Path):
+    from test_metadata import photo, stripped_bytes
+
+    env = terms.env
+    holiday = photo(env.assets / "holiday.jpg")
+    plain = make_jpeg(env.assets / "plain.jpg", (40, 30), noise=True)
+    broken = broken_photo(tmp_path / "elsewhere" / "broken.jpg")
+    stripped = stripped_bytes(holiday)
+    srv, port, _ = terms.console()
+    client_fp = terms.client_fingerprint()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+    received = (rf"^\[{re.escape(client_fp)}\] received '(.+)': (\d+) bytes, "
+                r"SHA-256 ([0-9a-f]{64})")
+
+    # the photo with a location: the menu says so, asks, and Enter means without metadata
+    for answer, sent_bytes, note, carries, saved_as in (
+            ("", stripped, "without metadata", "no metadata", "holiday.jpg"),
+            ("2", holiday.read_bytes(), "as is", f"carries {EVERYTHING}", "holiday (1).jpg")):
+        cli.expect_prompt(">")
+        cli.type("2")
+        assert assets_carrying(cli, 2) == {"holiday.jpg": ("1", LISTED_EVERYTHING),
+                                           "plain.jpg": ("2", "")}
+        cli.answer("number or path: ", "1")
+        cli.expect_line(f"^'holiday.jpg' carries {re.escape(EVERYTHING)}$")
+        cli.answer(LOCATION_QUESTION, answer)
+        digest = hashlib.sha256(sent_bytes).hexdigest()
+        sent = cli.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
+                               rf".* MB/s, {note}$")
+        assert sent.groups() == (saved_as, str(len(sent_bytes)), digest)  # the name as saved
+        got = srv.expect_line(received + rf", .* \({re.escape(carries)}\), saved at (.+)$")
+        assert got.groups() == (saved_as, str(len(sent_bytes)), digest,
+                                str(env.server_received / saved_as))
+        assert (env.server_received / saved_as).read_bytes() == sent_bytes
+
+    # a photo without a location goes as is without a question, as before
+    cli.expect_prompt(">")
+    cli.type("2")
+    assets_carrying(cli, 2)
+    cli.answer("number or path: ", "2")
+    cli.expect_line(rf"^sent 'plain\.jpg': {plain.stat().st_size} bytes, SHA-256 "
+                    rf"{sha256(plain)}, .* MB/s$")
+    srv.expect_line(received + r", .* \(no metadata\), saved at ")
+
+    # a photo whose metadata cannot be read: without --strip-metadata it goes as is,
+    # and the menu says so
+    cli.expect_prompt(">")
+    cli.type("2")
+    assets_carrying(cli, 2)
+    cli.answer("number or path: ", str(broken))
+    cli.expect_line(r"^cannot read the metadata of 'broken\.jpg' \(segment FFE0 at byte 2 has "
+                    r"a bad length\); sending it as is$")
+    cli.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
+                    rf"{sha256(broken)}, .* MB/s, as is$")
+    srv.expect_line(received + r", .* \(metadata not readable\), saved at ")
+    cli.expect_prompt(">")
+    cli.type("3")
+    assert cli.wait_exit() == 0
+    assert files_in(env.server_received) == ["broken.jpg", "holiday (1).jpg", "holiday.jpg",
+                                             "plain.jpg"]
+    for tty in (cli, srv):
+        assert_clean(tty)
+
+
+def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Terminals):
+    from test_metadata import photo, stripped_bytes
+
+    env = terms.env
+    holiday = photo(terms.server_assets / "holiday.jpg")
+    broken = broken_photo(terms.server_assets / "broken.jpg")
+    stripped = stripped_bytes(holiday)
+    srv, port, _ = terms.console("--strip-metadata")
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(r"^client .* connected")
+    saved = (r"^\[server\] saved '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
+             r".* MB/s \((.+)\) at (.+)$")
+
+    # with the flag: no question, the photo goes without its metadata
+    srv.expect_prompt(">")
+    srv.type("2")
+    assert assets_carrying(srv, 2) == {"broken.jpg": ("1", "metadata not readable"),
+                                       "holiday.jpg": ("2", LISTED_EVERYTHING)}
+    srv.answer("number or path: ", "2")
+    digest = hashlib.sha256(stripped).hexdigest()
+    sent = srv.expect_line(r"^sent 'holiday\.jpg': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
+                           r".* MB/s, without metadata$")
+    assert sent.groups() == (str(len(stripped)), digest)
+    got = cli.expect_line(saved)
+    assert got.groups() == ("holiday.jpg", str(len(stripped)), digest, "no metadata",
+                            str(env.client_received / "holiday.jpg"))
+    assert (env.client_received / "holiday.jpg").read_bytes() == stripped
+
+    # one it cannot strip: Enter (no) keeps it; it goes as is only after a yes
+    srv.expect_prompt(">")
+    srv.type("2")
+    assets_carrying(srv, 2)
+    srv.answer("number or path: ", "1")
+    srv.expect_line(f"^{re.escape(BROKEN_WHY)}$")
+    srv.answer(CONSENT_QUESTION, "")
+    srv.expect_line("^not sent$")
+    srv.expect_prompt(">")
+    srv.type("2")
+    assets_carrying(srv, 2)
+    srv.answer("number or path: ", "1")
+    srv.expect_line(f"^{re.escape(BROKEN_WHY)}$")
+    srv.answer(CONSENT_QUESTION, "y")
+    srv.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
+                    rf"{sha256(broken)}, .* MB/s, as is$")
+    got = cli.expect_line(saved)
+    assert got.group(1, 4) == ("broken.jpg", "metadata not readable")
+    assert (env.client_received / "broken.jpg").read_bytes() == broken.read_bytes()
+    srv.expect_prompt(">")
+    srv.type("4")
+    assert srv.wait_exit() == 0
+    for tty in (cli, srv):
+        assert_clean(tty)
