@@ -33,9 +33,13 @@ from protocol import (
     MAX_FRAME,
     MLKEM1024_CT,
     MLKEM1024_EK,
+    NONCE_SIZE,
     P256_POINT,
     PROTOCOL_LABEL,
+    COMMITMENT_LABEL,
     AuthError,
+    ClientAuth,
+    HandshakeType,
     IdentityPublic,
     LocalProtocolError,
     RemoteProtocolError,
@@ -43,7 +47,7 @@ from protocol import (
 )
 
 KEY_SIZE = 32
-# Records per direction before the connection closes (no rekeying in v1).
+# Records per direction before the connection closes.
 MAX_RECORDS = 1 << 32
 DIRECTION_C2S = 0x01
 DIRECTION_S2C = 0x02
@@ -181,8 +185,8 @@ def ecdh_shared(private: ec.EllipticCurvePrivateKey, peer_point: bytes) -> bytes
 
 # --- long-term identities -----------------------------------------------------
 SIGNATURE_CONTEXT = {
-    "server": b"QSocket2 v1 server signature",
-    "client": b"QSocket2 v1 client signature",
+    "server": b"QSocket2 v2 server signature",
+    "client": b"QSocket2 v2 client signature",
 }
 
 
@@ -288,15 +292,18 @@ class Transcript:
 
 
 LABELS = {
-    "c2s enc": b"QSocket2 v1 c2s enc",
-    "c2s mac": b"QSocket2 v1 c2s mac",
-    "s2c enc": b"QSocket2 v1 s2c enc",
-    "s2c mac": b"QSocket2 v1 s2c mac",
-    "s2c iv": b"QSocket2 v1 s2c iv",
-    "c2s iv": b"QSocket2 v1 c2s iv",
-    "server finished": b"QSocket2 v1 server finished",
-    "client finished": b"QSocket2 v1 client finished",
-    "verification code": b"QSocket2 v1 verification code",
+    "c2s enc": b"QSocket2 v2 c2s enc",
+    "c2s mac": b"QSocket2 v2 c2s mac",
+    "s2c enc": b"QSocket2 v2 s2c enc",
+    "s2c mac": b"QSocket2 v2 s2c mac",
+    "s2c iv": b"QSocket2 v2 s2c iv",
+    "c2s iv": b"QSocket2 v2 c2s iv",
+    "auth enc": b"QSocket2 v2 client auth enc",
+    "auth mac": b"QSocket2 v2 client auth mac",
+    "auth iv": b"QSocket2 v2 client auth iv",
+    "server finished": b"QSocket2 v2 server finished",
+    "client finished": b"QSocket2 v2 client finished",
+    "verification code": b"QSocket2 v2 verification code",
 }
 
 
@@ -308,6 +315,9 @@ class SessionKeys:
     s2c_enc: bytes
     s2c_mac: bytes
     s2c_iv: bytes
+    auth_enc: bytes  # the handshake keys that seal the ClientAuth (client identity)
+    auth_mac: bytes
+    auth_iv: bytes
     server_finished: bytes
     client_finished: bytes
     verification: bytes
@@ -326,10 +336,45 @@ def derive_keys(ecdh_secret: bytes, mlkem_secret: bytes, transcript_hash: bytes)
     return SessionKeys(
         c2s_enc=expand("c2s enc"), c2s_mac=expand("c2s mac"), c2s_iv=expand("c2s iv", 8),
         s2c_enc=expand("s2c enc"), s2c_mac=expand("s2c mac"), s2c_iv=expand("s2c iv", 8),
+        auth_enc=expand("auth enc"), auth_mac=expand("auth mac"), auth_iv=expand("auth iv", 8),
         server_finished=expand("server finished"),
         client_finished=expand("client finished"),
-        verification=expand("verification code", 8),
+        verification=expand("verification code"),
     )
+
+
+# --- commit-then-reveal code nonce ---------------------------------------------------
+def commitment(nonce: bytes) -> bytes:
+    """SHA-256(COMMITMENT_LABEL || nonce_c): sent in the ClientHello, opened in the ClientAuth."""
+    if len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError("code nonce has the wrong length")
+    return hashlib.sha256(COMMITMENT_LABEL + nonce).digest()
+
+
+def check_commitment(expected: bytes, nonce: bytes) -> None:
+    if not hmac.compare_digest(commitment(nonce), expected):
+        raise AuthError("the client's nonce does not open its commitment")
+
+
+# --- the sealed ClientAuth -----------------------------------------------------------
+def _auth_keys(keys: SessionKeys) -> tuple[int, bytes, bytes, bytes]:
+    return DIRECTION_C2S, keys.auth_enc, keys.auth_mac, keys.auth_iv
+
+
+def seal_client_auth(keys: SessionKeys, inner: bytes) -> bytes:
+    """`0x03 || record`: the ClientAuth plaintext sealed as record seq 0 (type 0x03)
+    under the handshake keys, so only the server that proved itself can read it."""
+    pieces = RecordSender(*_auth_keys(keys)).seal(HandshakeType.CLIENT_AUTH, inner)
+    return bytes([HandshakeType.CLIENT_AUTH]) + b"".join(pieces[1:])
+
+
+def open_client_auth(keys: SessionKeys, body: bytes) -> ClientAuth:
+    """Check type and size, open the seal (AuthError on any failure), parse."""
+    ClientAuth.check_frame(body)
+    msg_type, inner = RecordReceiver(*_auth_keys(keys)).open(body[1:])
+    if msg_type != HandshakeType.CLIENT_AUTH:
+        raise AuthError(AUTH_FAILED)
+    return ClientAuth.decode_inner(bytes(inner))
 
 
 def finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
@@ -341,9 +386,17 @@ def check_finished(key: bytes, transcript_hash: bytes, received: bytes, who: str
         raise AuthError(f"the {who}'s Finished MAC does not verify")
 
 
-def verification_code(keys: SessionKeys) -> str:
-    """12 decimal digits in three groups, equal on both sides of one session."""
-    n = int.from_bytes(keys.verification, "big") % 10**12
+def verification_code(keys: SessionKeys, nonce: bytes) -> str:
+    """12 decimal digits in three groups, equal on both sides of one session.
+
+    HMAC(verification, nonce_c): the key comes from both secrets and the transcript
+    through the server's core (the client's commitment included), the nonce is the
+    one revealed in the ClientAuth; nothing either side chooses after the reveal
+    enters it, and no one can compute it before the reveal."""
+    if len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError("verification code nonce has the wrong length")
+    digest = hmac.new(keys.verification, nonce, hashlib.sha256).digest()
+    n = int.from_bytes(digest[:8], "big") % 10**12
     digits = f"{n:012d}"
     return "-".join(digits[i : i + 4] for i in range(0, 12, 4))
 

@@ -24,7 +24,7 @@ def test_unknown_host_in_batch_mode_is_refused_and_nothing_delivered(env: Env):
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: unknown server [127.0.0.1]:{srv.port} with fingerprint {srv.fingerprint}; "
         f"verify it, then use --fingerprint {srv.fingerprint} (or --accept-new-host)")
-    srv.wait_for(r"closed: peer refused: client does not trust this server")
+    srv.wait_for(r"closed: peer refused: authentication failed")
     assert "must not arrive" not in srv.output()
     assert not (env.client_home / "known_hosts").exists()
 
@@ -98,7 +98,7 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     for line in keylog.read_text().splitlines():
         label, client_random, key = line.split()
         keys[label] = bytes.fromhex(key)
-    # frames: ClientHello, ClientAuth (plaintext), then records client->server from seq 0
+    # frames: ClientHello, ClientAuth (sealed), then records client->server from seq 0
     frames, data = [], bytes(relay.c2s)
     while data:
         (n,) = struct.unpack(">I", data[:4])
