@@ -30,6 +30,7 @@ import crypt
 import protocol
 import server
 import server_data
+import transfer
 from protocol import (
     MESSAGES,
     AlertCode,
@@ -146,7 +147,7 @@ def doc_key_schedule() -> list[tuple[str, str, int]]:
     """(key name, label, length) for every HKDF-Expand line of section 7."""
     rows = re.findall(r'^(\w+)\s+= HKDF-Expand\(PRK, "([^"]+)", (\d+)\)$',
                       section("7. Key schedule"), re.M)
-    assert len(rows) == 9, rows
+    assert len(rows) == 12, rows
     return [(name, label, int(length)) for name, label, length in rows]
 
 
@@ -209,7 +210,8 @@ def run() -> Run:
                                     vb("server_identity_mldsa_seed"))
     c = client_data.ClientHandshake(cid, random=vb("client_random"),
                                     ecdh_scalar=vint("client_ecdh_scalar"),
-                                    mlkem_seed=vb("client_mlkem_seed"))
+                                    mlkem_seed=vb("client_mlkem_seed"),
+                                    nonce=vb("client_nonce"))
     s = server_data.ServerHandshake(sid, random=vb("server_random"),
                                     ecdh_scalar=vint("server_ecdh_scalar"))
     ch = c.create_client_hello()
@@ -226,6 +228,7 @@ def test_vector_has_every_entry():
     expected = {
         "client_random", "server_random", "client_ecdh_scalar", "server_ecdh_scalar",
         "client_mlkem_seed", "client_identity_ecdsa_scalar", "client_identity_mldsa_seed",
+        "client_nonce", "commitment", "auth_enc", "auth_mac", "auth_iv",
         "server_identity_ecdsa_scalar", "server_identity_mldsa_seed", "mlkem_secret",
         "mlkem_ciphertext", "client_ecdh_share", "server_ecdh_share", "client_mlkem_ek_sha256",
         "client_identity_ecdsa_public", "client_identity_mldsa_public_sha256",
@@ -295,8 +298,8 @@ def test_hello_hashes_and_transcript(run):
     assert sha256(LABEL).hex() == VECTOR["transcript_label"]
     assert sha256(LABEL + run.client_hello).hex() == VECTOR["transcript_h_ch"]
     assert sha256(LABEL + run.client_hello + core).hex() == VECTOR["transcript_h_core"]
-    # the whole transcript, as both cores end it
-    whole = sha256(LABEL + run.client_hello + run.server_hello + run.client_auth)
+    # the whole transcript, as both cores end it: the ClientAuth's plaintext, not its seal
+    whole = sha256(LABEL + run.client_hello + run.server_hello + doc_open_auth(run))
     assert run.client.transcript_hash == run.server.transcript_hash == whole
 
 
@@ -318,15 +321,42 @@ def test_key_schedule(run):
 
 
 def test_verification_code(run):
-    n = int.from_bytes(vb("verification"), "big") % 10**12
+    mac = hmac256(vb("verification"), vb("client_nonce"))
+    n = int.from_bytes(mac[:8], "big") % 10**12
     digits = f"{n:012d}"
     assert f"{digits[:4]}-{digits[4:8]}-{digits[8:]}" == VECTOR["verification_code"]
-    assert crypt.verification_code(run.client.keys) == VECTOR["verification_code"]
+    assert run.client.code == run.server.code == VECTOR["verification_code"]
+    assert crypt.verification_code(run.client.keys, vb("client_nonce")) == \
+        VECTOR["verification_code"]
     assert VECTOR["verification_code"] in section("6.9 Verification code")
 
 
+def test_commitment(run):
+    label = re.search(r"`SHA-256\(\"([^\"]+)\" \\\|\\\| nonce_c\)`",
+                      section("6.1 ClientHello")).group(1).encode()
+    assert label == protocol.COMMITMENT_LABEL
+    assert f"the {len(label)} ASCII bytes" in flat(section("6.1 ClientHello"))
+    assert sha256(label + vb("client_nonce")).hex() == VECTOR["commitment"]
+    assert crypt.commitment(vb("client_nonce")) == vb("commitment")
+    # the ClientAuth reveals exactly the committed nonce
+    assert crypt.open_client_auth(run.server.keys, run.client_auth).nonce == vb("client_nonce")
+
+
+def doc_open_auth(run) -> bytes:
+    """Section 6.3 with the primitives: check the tag, decrypt, drop the sealed type byte."""
+    ca = run.client_auth
+    iv, ct, tag = ca[1:17], ca[17:-32], ca[-32:]
+    assert iv == vb("auth_iv") + bytes(8)
+    assert tag == hmac256(vb("auth_mac"), bytes([crypt.DIRECTION_C2S]) + bytes(8) + iv + ct)
+    decryptor = Cipher(algorithms.AES(vb("auth_enc")), modes.CTR(iv)).decryptor()
+    plain = decryptor.update(ct) + decryptor.finalize()
+    assert plain[0] == 0x03
+    return plain[1:]
+
+
 def test_signatures_and_finished_follow_the_transcript(run):
-    ch, sh, ca = run.client_hello, run.server_hello, run.client_auth
+    ch, sh = run.client_hello, run.server_hello
+    ca = doc_open_auth(run)  # cauth: nonce, identity, signatures, Finished
     core, sigs_s, fin_s = sh[:3689], sh[3689:7062], sh[7062:]
     h_core = sha256(LABEL + ch + core)
     assert h_core.hex() == VECTOR["transcript_h_core"]
@@ -334,9 +364,11 @@ def test_signatures_and_finished_follow_the_transcript(run):
                sigs_s, h_core)
     assert fin_s == hmac256(vb("server_finished"), sha256(LABEL + ch + core + sigs_s))
     h_sfin = sha256(LABEL + ch + sh)
+    h_cid = sha256(LABEL + ch + sh + ca[:2049])
+    assert ca[:32] == vb("client_nonce")
     doc_verify("client", vb("client_identity_ecdsa_public"), run.client_id.public.mldsa,
-               ca[1:3374], h_sfin)
-    assert ca[3374:] == hmac256(vb("client_finished"), sha256(LABEL + ch + sh + ca[:3374]))
+               ca[2049:5422], h_cid)
+    assert ca[5422:] == hmac256(vb("client_finished"), sha256(LABEL + ch + sh + ca[:5422]))
     # a signature over another hash, or under the other role's context, does not verify
     with pytest.raises(InvalidSignature):
         doc_verify("server", vb("server_identity_ecdsa_public"), run.server_id.public.mldsa,
@@ -470,9 +502,9 @@ def test_client_hello_fields(run):
     assert _field(ch, f, "random") == vb("client_random")
     assert _field(ch, f, "ecdh_share") == vb("client_ecdh_share")
     assert sha256(_field(ch, f, "mlkem_ek")).hex() == VECTOR["client_mlkem_ek_sha256"]
-    assert _field(ch, f, "identity_ecdsa") == vb("client_identity_ecdsa_public")
-    assert sha256(_field(ch, f, "identity_mldsa")).hex() == \
-        VECTOR["client_identity_mldsa_public_sha256"]
+    assert _field(ch, f, "commitment") == vb("commitment")
+    # the client's identity is nowhere in the clear
+    assert vb("client_identity_ecdsa_public") not in ch + run.server_hello + run.client_auth
 
 
 def test_server_hello_fields(run):
@@ -495,13 +527,35 @@ def test_server_hello_fields(run):
 def test_client_auth_fields(run):
     f, ca = layout("6.3 ClientAuth"), run.client_auth
     _check_header(ca, f, protocol.HandshakeType.CLIENT_AUTH)
-    h_sfin = sha256(LABEL + run.client_hello + run.server_hello)
-    sigs = _field(ca, f, "sig_ecdsa") + _field(ca, f, "sig_mldsa")
+    assert _field(ca, f, "iv") == vb("auth_iv") + bytes(8)
+    inner_rows = tables(section("6.3 ClientAuth"))[1]
+    g, pos = {}, 0
+    for offset, size, name, _ in inner_rows:
+        assert int(offset) == pos
+        g[code(name)] = (pos, int(size), "")
+        pos += int(size)
+    assert pos == ClientAuth.INNER_SIZE
+    assert f["ciphertext"][1] == 1 + pos and f["<total>"][1] == ClientAuth.SIZE
+    cauth = doc_open_auth(run)
+    assert _field(cauth, g, "nonce") == vb("client_nonce")
+    assert _field(cauth, g, "identity_ecdsa") == vb("client_identity_ecdsa_public")
+    assert sha256(_field(cauth, g, "identity_mldsa")).hex() == \
+        VECTOR["client_identity_mldsa_public_sha256"]
+    h_cid = sha256(LABEL + run.client_hello + run.server_hello + cauth[: g["sig_ecdsa"][0]])
+    sigs = _field(cauth, g, "sig_ecdsa") + _field(cauth, g, "sig_mldsa")
     doc_verify("client", vb("client_identity_ecdsa_public"), run.client_id.public.mldsa,
-               sigs, h_sfin)
-    signed = ca[: f["finished"][0]]
-    assert _field(ca, f, "finished") == hmac256(
+               sigs, h_cid)
+    signed = cauth[: g["finished"][0]]
+    assert _field(cauth, g, "finished") == hmac256(
         vb("client_finished"), sha256(LABEL + run.client_hello + run.server_hello + signed))
+
+
+def test_name_sanitising_examples():
+    examples = fenced("qsocket2-names", section("11.3 Names"))
+    pairs = [line.split(" -> ") for line in examples.splitlines()]
+    assert len(pairs) == 8
+    for sent, saved in pairs:
+        assert transfer.sanitise_name(sent) == saved, sent
 
 
 def test_alert_tables():
