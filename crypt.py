@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from protocol import (
+    COMMITMENT_LABEL,
     ECDSA_SIG,
     HASH_SIZE,
     IV_SIZE,
@@ -36,7 +37,6 @@ from protocol import (
     NONCE_SIZE,
     P256_POINT,
     PROTOCOL_LABEL,
-    COMMITMENT_LABEL,
     AuthError,
     ClientAuth,
     HandshakeType,
