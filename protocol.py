@@ -371,6 +371,7 @@ class PeerAlert(RemoteProtocolError):
 class MsgType(enum.IntEnum):
     WELCOME = 0x01
     REFUSED = 0x02
+    KEY_UPDATE = 0x03
     TEXT = 0x10
     DELIVERED = 0x11
     FILE_OFFER = 0x20
@@ -436,6 +437,22 @@ class Welcome:
     def decode(cls, payload: bytes) -> Welcome:
         if payload:
             raise RemoteProtocolError("Welcome: unexpected payload")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """The sender's next record is under its next key epoch (crypt ratchets both ends)."""
+
+    TYPE = MsgType.KEY_UPDATE
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> KeyUpdate:
+        if payload:
+            raise RemoteProtocolError("KeyUpdate: unexpected payload")
         return cls()
 
 
@@ -627,7 +644,7 @@ class Error:
 
 MESSAGES = {
     cls.TYPE: cls
-    for cls in (Welcome, Refused, Text, Delivered, FileOffer, FileAccept, FileReject,
+    for cls in (Welcome, Refused, KeyUpdate, Text, Delivered, FileOffer, FileAccept, FileReject,
                 FileData, FileEnd, FileSaved, FileFailed, FileCancel, Bye, Error)
 }
 

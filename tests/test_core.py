@@ -249,11 +249,10 @@ def test_all_derived_keys_are_distinct_and_sized():
 
 # --- hybrid key schedule ---------------------------------------------------------------
 SECRETS = (bytes(range(32)), bytes(range(32, 64)), hashlib.sha256(b"transcript").digest())
-KEY_LENGTHS = {"c2s_enc": 32, "c2s_mac": 32, "c2s_iv": 8, "s2c_enc": 32, "s2c_mac": 32,
-               "s2c_iv": 8, "auth_enc": 32, "auth_mac": 32, "auth_iv": 8,
-               "server_finished": 32, "client_finished": 32, "verification": 32}
-FIELD_LABEL = {"c2s_enc": "c2s enc", "c2s_mac": "c2s mac", "c2s_iv": "c2s iv",
-               "s2c_enc": "s2c enc", "s2c_mac": "s2c mac", "s2c_iv": "s2c iv",
+# straight from the PRK; the record keys come from the two traffic secrets
+KEY_LENGTHS = {"c2s_traffic": 32, "s2c_traffic": 32, "auth_enc": 32, "auth_mac": 32,
+               "auth_iv": 8, "server_finished": 32, "client_finished": 32, "verification": 32}
+FIELD_LABEL = {"c2s_traffic": "c2s traffic", "s2c_traffic": "s2c traffic",
                "auth_enc": "auth enc", "auth_mac": "auth mac", "auth_iv": "auth iv",
                "server_finished": "server finished", "client_finished": "client finished",
                "verification": "verification code"}
@@ -262,8 +261,13 @@ FIELD_LABEL = {"c2s_enc": "c2s enc", "c2s_mac": "c2s mac", "c2s_iv": "c2s iv",
 def hkdf_reference(ecdh: bytes, mlkem: bytes, th: bytes) -> dict[str, bytes]:
     """An independent key schedule: Extract(salt=transcript hash, IKM=ECDH||ML-KEM)."""
     prk = HKDF.extract(hashes.SHA256(), th, ecdh + mlkem)
-    return {name: HKDFExpand(hashes.SHA256(), n, crypt.LABELS[FIELD_LABEL[name]]).derive(prk)
-            for name, n in KEY_LENGTHS.items()}
+    out = {name: HKDFExpand(hashes.SHA256(), n, crypt.LABELS[FIELD_LABEL[name]]).derive(prk)
+           for name, n in KEY_LENGTHS.items()}
+    for side in ("c2s", "s2c"):
+        for part, n in (("enc", 32), ("mac", 32), ("iv", 8)):
+            out[f"{side}_{part}"] = HKDFExpand(hashes.SHA256(), n, f"QSocket2 v2 traffic "
+                                               f"{part}".encode()).derive(out[f"{side}_traffic"])
+    return out
 
 
 def as_dict(keys: crypt.SessionKeys) -> dict[str, bytes]:
@@ -271,7 +275,9 @@ def as_dict(keys: crypt.SessionKeys) -> dict[str, bytes]:
 
 
 def test_key_schedule_is_hkdf_with_ecdh_secret_first():
-    assert set(KEY_LENGTHS) == {f.name for f in fields(crypt.SessionKeys)}
+    assert set(KEY_LENGTHS) | {f"{side}_{part}" for side in ("c2s", "s2c")
+                               for part in ("enc", "mac", "iv")} == \
+        {f.name for f in fields(crypt.SessionKeys)}
     ecdh, mlkem, th = SECRETS
     assert as_dict(crypt.derive_keys(ecdh, mlkem, th)) == hkdf_reference(ecdh, mlkem, th)
     # the order is part of the spec: ML-KEM first gives different keys
@@ -934,7 +940,11 @@ def test_record_iv_is_a_bijection_of_the_sequence_number():
 
 
 def test_sequence_number_bound_closes_the_connection():
-    _, cs, cr, ss, sr = record_pairs()
+    """A bare record layer (no traffic secret) holds MAX_RECORDS records."""
+    p = handshake_pair()
+    keys = (p.client.keys.c2s_enc, p.client.keys.c2s_mac, p.client.keys.c2s_iv)
+    cs = crypt.RecordSender(crypt.DIRECTION_C2S, *keys)
+    sr = crypt.RecordReceiver(crypt.DIRECTION_C2S, *keys)
     cs.seq = crypt.MAX_RECORDS
     with pytest.raises(LocalProtocolError):
         cs.seal(MsgType.TEXT, bytes(8))
@@ -946,6 +956,87 @@ def test_sequence_number_bound_closes_the_connection():
         cs.seal(MsgType.TEXT, bytes(8))
     with pytest.raises(protocol.ProtocolError):
         sr.open(body)
+    cs.seq = 0
+    with pytest.raises(LocalProtocolError, match="no traffic secret"):
+        cs.seal_key_update()
+
+
+# --- key updates -----------------------------------------------------------------------------
+def test_key_update_ratchets_the_traffic_secret_as_documented():
+    p = handshake_pair()
+    secret = p.client.keys.c2s_traffic
+    nxt = HKDFExpand(hashes.SHA256(), 32, b"QSocket2 v2 key update").derive(secret)
+    assert crypt.next_traffic_secret(secret) == nxt
+    assert crypt.traffic_keys(secret) == (p.client.keys.c2s_enc, p.client.keys.c2s_mac,
+                                          p.client.keys.c2s_iv)
+    new_keys = crypt.traffic_keys(nxt)
+    assert len(set(new_keys) | set(crypt.traffic_keys(secret))) == 6
+    cs, _ = p.client.records()
+    _, sr = p.server.records()
+    sealed(cs, MsgType.TEXT, bytes(8) + b"epoch 0")
+    ku = b"".join(bytes(x) for x in cs.seal_key_update())[4:]
+    assert cs.epoch == 1 and cs.seq == 0
+    after = sealed(cs, MsgType.TEXT, bytes(8) + b"epoch 1")
+    # the record after the update is exactly a seq 0 record under the new keys
+    assert after == sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *new_keys),
+                           MsgType.TEXT, bytes(8) + b"epoch 1")
+    assert sr.open(sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *crypt.traffic_keys(secret)),
+                          MsgType.TEXT, bytes(8) + b"epoch 0"))[0] == MsgType.TEXT
+    assert sr.open(ku) == (MsgType.KEY_UPDATE, b"")
+    assert sr.epoch == 1 and sr.seq == 0
+    assert sr.open(after) == (MsgType.TEXT, bytes(8) + b"epoch 1")
+
+
+@pytest.mark.parametrize("old_seq", [2, 0])
+def test_a_record_under_the_old_key_after_an_update_is_refused(old_seq):
+    """After a KeyUpdate the old epoch's key opens nothing: neither the record it would
+    seal next (seq 2) nor one numbered as the new epoch's first (seq 0)."""
+    p = handshake_pair()
+    cs, _ = p.client.records()
+    _, sr = p.server.records()
+    old = crypt.RecordSender(crypt.DIRECTION_C2S, p.client.keys.c2s_enc,
+                             p.client.keys.c2s_mac, p.client.keys.c2s_iv)
+    assert sr.open(sealed(cs, MsgType.TEXT, bytes(8)))[0] == MsgType.TEXT
+    assert sr.open(b"".join(bytes(x) for x in cs.seal_key_update())[4:])[0] == MsgType.KEY_UPDATE
+    old.seq = old_seq
+    with pytest.raises(AuthError):
+        sr.open(sealed(old, MsgType.TEXT, bytes(8)))
+
+
+def test_key_update_is_due_at_the_record_limit_and_after_an_hour():
+    p = handshake_pair()
+    cs, cr = crypt.record_pair(p.client.keys, "client", update_limit=4)
+    ss, sr = crypt.record_pair(p.server.keys, "server", update_limit=4)
+    now = 1000.0
+    for i in range(3):
+        assert not cs.update_due(now)
+        assert sr.open(sealed(cs, MsgType.TEXT, bytes(8)))[0] == MsgType.TEXT, i
+    assert cs.update_due(now)  # the 4th record of the epoch must be the KeyUpdate
+    sr.open(b"".join(bytes(x) for x in cs.seal_key_update(now))[4:])
+    assert cs.epoch == sr.epoch == 1 and not cs.update_due(now)
+    # a sender that does not update is refused by the receiver at the limit
+    for _ in range(4):
+        sr.open(sealed(cs, MsgType.TEXT, bytes(8)))
+    with pytest.raises(RemoteProtocolError, match="without a key update"):
+        sr.open(sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *crypt.traffic_keys(
+            crypt.next_traffic_secret(p.client.keys.c2s_traffic))), MsgType.TEXT, bytes(8)))
+    with pytest.raises(LocalProtocolError, match="a key update was due"):
+        cs.seal(MsgType.TEXT, bytes(8))
+    # time: the clock is the caller's; an hour in one epoch makes the update due
+    ss.update_due(now)
+    assert not ss.update_due(now + crypt.KEY_UPDATE_SECONDS - 1)
+    assert ss.update_due(now + crypt.KEY_UPDATE_SECONDS)
+    ss.seal_key_update(now + crypt.KEY_UPDATE_SECONDS)
+    assert not ss.update_due(now + crypt.KEY_UPDATE_SECONDS + 1)
+    assert crypt.KEY_UPDATE_RECORDS == 1 << 20 and crypt.KEY_UPDATE_SECONDS == 3600
+
+
+def test_a_key_update_with_a_payload_is_refused():
+    p = handshake_pair()
+    cs, _ = p.client.records()
+    _, sr = p.server.records()
+    with pytest.raises(RemoteProtocolError, match="KeyUpdate"):
+        sr.open(sealed(cs, MsgType.KEY_UPDATE, b"x"))
 
 
 # --- verification code and key log --------------------------------------------------------
@@ -1115,8 +1206,10 @@ def test_keylog_lines_format_and_contents():
     text = crypt.keylog_lines(p.client.random, p.client.keys)
     assert text.endswith("\n")
     lines = text.splitlines()
-    assert len(lines) == 6
-    expected = [("CLIENT_TRAFFIC_ENC", p.client.keys.c2s_enc),
+    assert len(lines) == 8
+    expected = [("CLIENT_TRAFFIC_SECRET", p.client.keys.c2s_traffic),
+                ("SERVER_TRAFFIC_SECRET", p.client.keys.s2c_traffic),
+                ("CLIENT_TRAFFIC_ENC", p.client.keys.c2s_enc),
                 ("CLIENT_TRAFFIC_MAC", p.client.keys.c2s_mac),
                 ("CLIENT_TRAFFIC_IV", p.client.keys.c2s_iv),
                 ("SERVER_TRAFFIC_ENC", p.client.keys.s2c_enc),
@@ -1128,7 +1221,7 @@ def test_keylog_lines_format_and_contents():
     # both sides write identical lines; nothing but traffic keys is logged
     assert crypt.keylog_lines(p.server.client_random, p.server.keys) == text
     for secret in (p.client.keys.server_finished, p.client.keys.client_finished,
-                   p.client.keys.verification):
+                   p.client.keys.verification, p.client.keys.auth_enc, p.client.keys.auth_mac):
         assert secret.hex() not in text
 
 

@@ -105,6 +105,16 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
         frames.append(data[4:4 + n])
         data = data[4 + n:]
     assert client_random == frames[0][7:39].hex()  # type, magic, version, then the random
+    # the logged traffic secret gives the epoch keys (docs/PROTOCOL.md section 7), so a
+    # tool can follow the session through key updates; epoch 0 is also logged as keys
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    secret = keys["QSOCKET2_CLIENT_TRAFFIC_SECRET"]
+    for part, n in (("ENC", 32), ("MAC", 32), ("IV", 8)):
+        label = f"QSocket2 v2 traffic {part.lower()}".encode()
+        assert HKDFExpand(hashes.SHA256(), n, label).derive(secret) == \
+            keys[f"QSOCKET2_CLIENT_TRAFFIC_{part}"]
     receiver = crypt.RecordReceiver(crypt.DIRECTION_C2S, keys["QSOCKET2_CLIENT_TRAFFIC_ENC"],
                                     keys["QSOCKET2_CLIENT_TRAFFIC_MAC"],
                                     keys["QSOCKET2_CLIENT_TRAFFIC_IV"])

@@ -147,8 +147,26 @@ def doc_key_schedule() -> list[tuple[str, str, int]]:
     """(key name, label, length) for every HKDF-Expand line of section 7."""
     rows = re.findall(r'^(\w+)\s+= HKDF-Expand\(PRK, "([^"]+)", (\d+)\)$',
                       section("7. Key schedule"), re.M)
-    assert len(rows) == 12, rows
+    assert len(rows) == 8, rows
     return [(name, label, int(length)) for name, label, length in rows]
+
+
+def doc_epoch_schedule() -> tuple[list[tuple[str, str, int]], str]:
+    """The epoch keys from a traffic secret, and the KeyUpdate label, of section 7."""
+    text = section("7. Key schedule")
+    rows = re.findall(r'^(\w+)\s+= HKDF-Expand\(secret, "([^"]+)", (\d+)\)$', text, re.M)
+    assert [name for name, _, _ in rows] == ["enc", "mac", "iv"], rows
+    update = re.search(r'^secret_\(i\+1\) = HKDF-Expand\(secret_i, "([^"]+)", 32\)$', text, re.M)
+    return [(n, label, int(length)) for n, label, length in rows], update.group(1)
+
+
+def doc_epoch_keys(secret: bytes) -> dict[str, bytes]:
+    rows, _ = doc_epoch_schedule()
+    return {name: hmac256(secret, label.encode() + b"\x01")[:n] for name, label, n in rows}
+
+
+def doc_next_secret(secret: bytes) -> bytes:
+    return hmac256(secret, doc_epoch_schedule()[1].encode() + b"\x01")
 
 
 def doc_derive(ecdh_secret: bytes, mlkem_secret: bytes, salt: bytes) -> dict[str, bytes]:
@@ -158,6 +176,9 @@ def doc_derive(ecdh_secret: bytes, mlkem_secret: bytes, salt: bytes) -> dict[str
     for name, label, length in doc_key_schedule():
         assert length <= 32
         keys[name] = hmac256(prk, label.encode() + b"\x01")[:length]
+    for side in ("c2s", "s2c"):  # epoch 0 record keys from the traffic secrets
+        for part, key in doc_epoch_keys(keys[f"{side}_traffic"]).items():
+            keys[f"{side}_{part}"] = key
     return keys
 
 
@@ -229,6 +250,8 @@ def test_vector_has_every_entry():
         "client_random", "server_random", "client_ecdh_scalar", "server_ecdh_scalar",
         "client_mlkem_seed", "client_identity_ecdsa_scalar", "client_identity_mldsa_seed",
         "client_nonce", "commitment", "auth_enc", "auth_mac", "auth_iv",
+        "c2s_traffic", "s2c_traffic", "record_c2s_2_key_update", "c2s_traffic_1", "c2s_enc_1",
+        "c2s_mac_1", "c2s_iv_1", "record_c2s_epoch_1_0_text_3_again",
         "server_identity_ecdsa_scalar", "server_identity_mldsa_seed", "mlkem_secret",
         "mlkem_ciphertext", "client_ecdh_share", "server_ecdh_share", "client_mlkem_ek_sha256",
         "client_identity_ecdsa_public", "client_identity_mldsa_public_sha256",
@@ -309,15 +332,55 @@ def test_key_schedule(run):
     code_keys = crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
                                   vb("transcript_h_core"))
     assert run.client.keys == run.server.keys == code_keys
-    for name, _, length in doc_key_schedule():
+    names = {f.name for f in crypt.SessionKeys.__dataclass_fields__.values()}
+    for name in names:
         assert keys[name].hex() == VECTOR[name], name
         assert getattr(code_keys, name) == keys[name], name
+    for name, _, length in doc_key_schedule():
         assert len(keys[name]) == length
     # the labels of section 7 are exactly the code's, one line per key
     assert sorted(label for _, label, _ in doc_key_schedule()) == sorted(
         label.decode() for label in crypt.LABELS.values())
-    assert {name for name, _, _ in doc_key_schedule()} == set(
-        crypt.SessionKeys.__dataclass_fields__)
+    rows, update = doc_epoch_schedule()
+    assert {f"traffic {n}": label for n, label, _ in rows} | {"key update": update} == {
+        f"traffic {k}" if k != "key update" else k: v.decode()
+        for k, v in crypt.TRAFFIC_LABELS.items()}
+    assert {name for name, _, _ in doc_key_schedule()} | {
+        f"{side}_{part}" for side in ("c2s", "s2c") for part in ("enc", "mac", "iv")} == names
+
+
+def test_first_key_update():
+    """Section 8: KeyUpdate sealed as the client's seq 2 of epoch 0, then epoch 1 from
+    the next secret, its first record at seq 0."""
+    secret_1 = doc_next_secret(vb("c2s_traffic"))
+    assert secret_1.hex() == VECTOR["c2s_traffic_1"]
+    assert crypt.next_traffic_secret(vb("c2s_traffic")) == secret_1
+    epoch_1 = doc_epoch_keys(secret_1)
+    for part in ("enc", "mac", "iv"):
+        assert epoch_1[part].hex() == VECTOR[f"c2s_{part}_1"]
+    assert crypt.traffic_keys(secret_1) == (epoch_1["enc"], epoch_1["mac"], epoch_1["iv"])
+    d = crypt.DIRECTION_C2S
+    assert doc_seal(d, *_keys(d), 2, MsgType.KEY_UPDATE, b"").hex() == \
+        VECTOR["record_c2s_2_key_update"]
+    assert doc_seal(d, epoch_1["enc"], epoch_1["mac"], epoch_1["iv"], 0, MsgType.TEXT,
+                    protocol.Text(3, "again").encode()).hex() == \
+        VECTOR["record_c2s_epoch_1_0_text_3_again"]
+    # the code: seal the session's records and the update; the server's side opens them
+    sender, _ = crypt.record_pair(crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
+                                                    vb("transcript_h_core")), "client")
+    _, receiver = crypt.record_pair(crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
+                                                      vb("transcript_h_core")), "server")
+    for name in ("record_c2s_0_text_1_hello", "record_c2s_1_text_2_world"):
+        msg = next(m for n, _, _, m in RECORDS if n == name)
+        assert b"".join(sender.seal(msg.TYPE, msg.encode())) == vb(name)
+        receiver.open(vb(name)[4:])
+    assert b"".join(sender.seal_key_update()) == vb("record_c2s_2_key_update")
+    assert receiver.open(vb("record_c2s_2_key_update")[4:]) == (MsgType.KEY_UPDATE, b"")
+    again = protocol.Text(3, "again")
+    assert b"".join(sender.seal(again.TYPE, again.encode())) == \
+        vb("record_c2s_epoch_1_0_text_3_again")
+    assert protocol.decode_message(*receiver.open(
+        vb("record_c2s_epoch_1_0_text_3_again")[4:])) == again
 
 
 def test_verification_code(run):
@@ -443,15 +506,20 @@ def test_keylog_example():
     keys = crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"), vb("transcript_h_core"))
     block = fenced("qsocket2-keylog")
     assert block == crypt.keylog_lines(vb("client_random"), keys)
-    names = ["CLIENT_TRAFFIC_ENC", "CLIENT_TRAFFIC_MAC", "CLIENT_TRAFFIC_IV",
+    names = ["CLIENT_TRAFFIC_SECRET", "SERVER_TRAFFIC_SECRET",
+             "CLIENT_TRAFFIC_ENC", "CLIENT_TRAFFIC_MAC", "CLIENT_TRAFFIC_IV",
              "SERVER_TRAFFIC_ENC", "SERVER_TRAFFIC_MAC", "SERVER_TRAFFIC_IV"]
-    fields = ["c2s_enc", "c2s_mac", "c2s_iv", "s2c_enc", "s2c_mac", "s2c_iv"]
+    fields = ["c2s_traffic", "s2c_traffic",
+              "c2s_enc", "c2s_mac", "c2s_iv", "s2c_enc", "s2c_mac", "s2c_iv"]
     lines = block.splitlines()
     assert lines == [f"QSOCKET2_{n} {VECTOR['client_random']} {VECTOR[f]}"
                      for n, f in zip(names, fields, strict=True)]
     prose = flat(section("14. Key log"))
     for n, f in zip(names, fields, strict=True):
         assert f"`{n}` = `{f}`" in prose
+    assert "appends eight lines" in prose
+    # the logged secrets give every later epoch, as section 14 says
+    assert doc_epoch_keys(doc_next_secret(vb("c2s_traffic")))["enc"] == vb("c2s_enc_1")
 
 
 # --- layouts ------------------------------------------------------------------------------
@@ -662,7 +730,7 @@ def test_size_and_limit_tables():
             continue
         assert _constant(name) == int(value), name
         checked += 1
-    assert checked == len(sizes) + 7
+    assert checked == len(sizes) + 9
     m = re.search(r"MAX_FRAME = IV_SIZE \+ \(1 \+ CHUNK_SIZE\) \+ MAC_SIZE = "
                   r"(\d+) \+ (\d+) \+ (\d+) = (\d+)", section("3. Framing"))
     assert tuple(int(x) for x in m.groups()) == (
