@@ -1,4 +1,5 @@
-"""End to end, protocol version 2 against a version 1 peer and the v2 handshake rules.
+"""Protocol version 2 against a version 1 peer, and the rules version 2 specifies for
+the first records (docs/PROTOCOL.md sections 2, 6.4, 9 and 11.2).
 
 A version 1 peer is crafted byte for byte (the v1 layouts of the old docs/PROTOCOL.md):
 whichever side notices the mismatch, the user sees one message and exit code 3.
@@ -6,13 +7,14 @@ whichever side notices the mismatch, the user sees one message and exit code 3.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
 import threading
 
 import pytest
-from conftest import Env, identity
+from conftest import Env, files_in, handshake_pair, identity
 
 import crypt
 import session
@@ -23,10 +25,21 @@ from protocol import (
     Alert,
     AlertCode,
     Delivered,
+    Error,
+    FileAccept,
+    FileData,
+    FileEnd,
+    FileOffer,
+    FileReject,
+    FileSaved,
+    MsgType,
+    Reason,
     Text,
     Welcome,
     decode_message,
+    encode_frame,
 )
+from server_data import ServerHandshake
 
 VERSION_ERROR = "error: the server speaks another protocol version (this client speaks 2)"
 V1_CLIENT_HELLO_SIZE = 3689  # type, magic, version, random, ecdh, ek, identity (v1)
@@ -122,3 +135,111 @@ def test_records_sent_right_after_the_client_auth_are_accepted(env: Env):
         assert isinstance(decode_message(*receiver.open(recv_frame(sock))), Welcome)
         assert decode_message(*receiver.open(recv_frame(sock))) == Delivered(1)
     srv.wait_for(r"\] pipelined$")
+
+
+# --- the first record: one rule for a bad one ---------------------------------------------------
+class HandshakingFakeServer(FakeServer):
+    """Completes a real version 2 handshake, then sends `first(sender)` as its first frame
+    and records whatever the client sends after its ClientAuth."""
+
+    def __init__(self, first) -> None:
+        self.first = first
+        super().__init__(b"")
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            hs = ServerHandshake(identity("server"))
+            hs.consume_client_hello(recv_frame(conn))
+            session.send_frame(conn, hs.create_server_hello())
+            hs.consume_client_auth(recv_frame(conn))
+            sender, _ = hs.records()
+            conn.sendall(self.first(sender))
+            try:
+                while True:
+                    self.after.append(recv_frame(conn))
+            except (session.ConnectionLost, OSError):
+                pass
+
+
+def _sealed(msg_type: int, payload: bytes):
+    return lambda sender: b"".join(bytes(p) for p in sender.seal(msg_type, payload))
+
+
+BAD_FIRST = {
+    "a Text": (_sealed(MsgType.TEXT, bytes(8) + b"hi"), "Text instead of Welcome or Refused"),
+    "Welcome with a payload": (_sealed(MsgType.WELCOME, b"x"), "Welcome: unexpected payload"),
+    "random bytes": (lambda sender: encode_frame(os.urandom(80)), "it does not verify"),
+    "a KeyUpdate": (_sealed(MsgType.KEY_UPDATE, b""), "KeyUpdate instead of Welcome or Refused"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIRST))
+def test_a_bad_first_record_is_one_rule_exit_4_and_nothing_sent(env: Env, case: str):
+    first, why = BAD_FIRST[case]
+    fake = HandshakingFakeServer(first)
+    r = env.client("--port", str(fake.port), "--accept-new-host", "--send-text", "x")
+    fake.close()
+    assert r.returncode == 4, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: handshake failed: bad first record from the server: {why}"]
+    assert "Traceback" not in r.stderr
+    assert fake.after == []  # the client closed without an Alert or a record
+
+
+def test_an_alert_after_the_client_auth_is_a_bad_record_to_the_server(env: Env):
+    """Section 6.4: after its ClientAuth the client sends only records; an Alert there
+    fails to open like any bad record and ends the session with an Error."""
+    srv = env.server()
+    hs = ClientHandshake(identity("client"))
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        session.send_frame(sock, hs.create_client_hello())
+        hs.consume_server_hello(recv_frame(sock))
+        session.send_frame(sock, hs.create_client_auth())
+        _, receiver = hs.records()
+        assert isinstance(decode_message(*receiver.open(recv_frame(sock))), Welcome)
+        session.send_frame(sock, Alert(AlertCode.AUTH_FAILED, "changed my mind").encode())
+        assert decode_message(*receiver.open(recv_frame(sock))) == \
+            Error("failed to decrypt and authenticate record")
+    srv.wait_for(r"connection closed: failed to decrypt and authenticate record$")
+
+
+# --- FileData before FileAccept -------------------------------------------------------------
+@pytest.mark.parametrize("accepted", [True, False])
+def test_file_data_sent_before_the_file_accept(tmp_path, accepted: bool):
+    """Section 11.2: the receiver takes FileData after an offer it accepted as the
+    transfer's data (it cannot tell the sender did not wait); after its FileReject the
+    same FileData is a protocol error that ends the session."""
+    pair = handshake_pair()
+    a, b = socket.socketpair()
+    events = _Quiet()
+    data = b"\xff\xd8\xff" + os.urandom(5000)
+    receiver = session.Connection(b, pair.server.records(), label="client", events=events,
+                                  received_dir=str(tmp_path),
+                                  max_file_size=10_000 if accepted else 1000).start()
+    sender, opener = pair.client.records()
+    try:
+        # offer, data and end in one write, before any reply was read
+        a.sendall(b"".join(
+            b"".join(bytes(p) for p in sender.seal(m.TYPE, m.encode()))
+            for m in (FileOffer(len(data), "early.jpg"), FileData(data),
+                      FileEnd(hashlib.sha256(data).digest()))))
+        replies = [decode_message(*opener.open(recv_frame(a))) for _ in range(2)]
+        if accepted:
+            assert replies == [FileAccept(), FileSaved(hashlib.sha256(data).digest(),
+                                                      "early.jpg")]
+            assert (tmp_path / "early.jpg").read_bytes() == data
+        else:
+            assert replies == [FileReject(Reason.TOO_LARGE, replies[0].detail),
+                               Error("protocol error: file data without an accepted offer")]
+            assert receiver.closed.wait(10)
+            assert files_in(tmp_path) == []
+    finally:
+        a.close()
+        receiver.close("done", timeout=5)
+
+
+class _Quiet(session.Events):
+    def out(self, line: str) -> None:
+        pass
