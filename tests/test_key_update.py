@@ -52,15 +52,18 @@ def test_key_updates_at_the_limit_and_on_demand_in_both_directions_during_transf
         down = jpeg_of_size(tmp_path / "down.jpg", 3_100_000)  # 3 FileData records
         results = {}
 
+        # on demand: each direction's first record is a KeyUpdate (so the counts below
+        # do not depend on how the two transfers interleave)
+        client.update_keys()
+        server.update_keys()
+
         def server_sends():
-            server.update_keys()  # on demand, before anything else in this direction
             results["down"] = server.send_file(str(down))
             server.send_text("after the download")
 
         t = threading.Thread(target=server_sends)
         t.start()
         client.send_text("before")
-        client.update_keys()  # on demand, between operations
         results["up"] = client.send_file(str(up))
         client.send_text("after the upload")
         t.join(60)
@@ -71,14 +74,15 @@ def test_key_updates_at_the_limit_and_on_demand_in_both_directions_during_transf
         assert files_in(s_dir) == ["up.jpg"] and files_in(c_dir) == ["down.jpg"]
         assert s_events.texts == ["before", "after the upload"]
         assert c_events.texts == ["after the download"]
-        # c2s carried 2 texts, offer, 5 chunks, end and the replies to the download
-        # (accept, saved, delivered): 13+ records, so at least 2 updates at the limit
-        # plus the one on demand; s2c: offer, 3 chunks, end, text and 5 replies
+        # epoch 0 is the on-demand KeyUpdate alone; then each epoch holds LIMIT - 1 = 4
+        # messages and the KeyUpdate sent at the limit.  c2s: 2 texts, offer, 5 chunks,
+        # end, and the replies to the download (accept, saved, delivered) = 12 messages:
+        # epochs 1, 2 full, 4 messages in epoch 3.  s2c: offer, 3 chunks, end, a text and
+        # the replies to the upload (2 delivered, accept, saved) = 10: 2 in epoch 3.
         c_send, c_recv = client._sender, client._receiver
         s_send, s_recv = server._sender, server._receiver
-        assert c_send.epoch == s_recv.epoch >= 3
-        assert s_send.epoch == c_recv.epoch >= 3
-        assert c_send.seq == s_recv.seq and s_send.seq == c_recv.seq
+        assert (c_send.epoch, c_send.seq) == (s_recv.epoch, s_recv.seq) == (3, 4)
+        assert (s_send.epoch, s_send.seq) == (c_recv.epoch, c_recv.seq) == (3, 2)
         assert not client.closed.is_set() and not server.closed.is_set()
     finally:
         client.close("done", timeout=5)

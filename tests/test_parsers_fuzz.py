@@ -273,7 +273,7 @@ def test_handshake_decoders_round_trip_the_genuine_messages():
 
 # --- application messages -----------------------------------------------------------------
 VALID_MESSAGES = [
-    protocol.Welcome(), protocol.Refused(protocol.Reason.BUSY, "busy"),
+    protocol.Welcome(), protocol.Refused(protocol.Reason.BUSY, "busy"), protocol.KeyUpdate(),
     protocol.Text(7, "héllo"), protocol.Delivered(7), protocol.FileOffer(1234, "a.jpg"),
     protocol.FileAccept(), protocol.FileReject(protocol.Reason.NOT_JPEG, "no"),
     protocol.FileData(b"\xff\xd8\xff" + bytes(20)), protocol.FileEnd(bytes(32)),
