@@ -502,13 +502,17 @@ class RecordSender(_RecordLayer):
 
     _epoch_start: float | None = None
 
+    def start_clock(self, now: float) -> None:
+        """The session began at `now`: the time rule counts from here."""
+        if self._epoch_start is None:
+            self._epoch_start = now
+
     def update_due(self, now: float) -> bool:
         """Must the next record be a KeyUpdate?  At the last record of an epoch, or once
         KEY_UPDATE_SECONDS of `now` (the caller's monotonic clock) passed in it."""
         if self._secret is None:
             return False
-        if self._epoch_start is None:
-            self._epoch_start = now
+        self.start_clock(now)
         return self.seq >= self.limit - 1 or now - self._epoch_start >= KEY_UPDATE_SECONDS
 
     def seal_key_update(self, now: float | None = None) -> list:

@@ -392,6 +392,7 @@ class Connection:
                                         name=f"writer {label}")
 
     def start(self) -> Connection:
+        self._sender.start_clock(time.monotonic())  # the hour of a key epoch counts from here
         self._writer.start()
         self._reader.start()
         return self
