@@ -1193,12 +1193,20 @@ def test_the_same_man_in_the_middle_grinds_the_version_1_code():
     alone, M speaking second) makes ONE victim session show TARGET, where chance is
     10^-4: M evaluates each candidate offline and stops at a match (expected after
     ~10^4 tries; capped at 6*10^4, which misses with chance e^-6 for a random seed).
-    So the test above would catch the old design."""
+    So the test above would catch the old design.  The same search against the version 2
+    rule is blind: what M finds holds only for its guess of the nonce."""
     rng = random.Random(12)
     ch, nonce = _victim_hello(rng)
     chosen, tried = _grind(ch, rng, 6 * TRIES, _v1_code, None)
     assert _v1_code(_session(ch, chosen), nonce)[:CODE_DIGITS] == TARGET
     assert tried > 1  # found by search, not by the first candidate
+    # the same search against the version 2 rule "finds" a candidate under M's guess of
+    # the nonce, which shows another code once the real nonce is revealed (chance: 10^-4)
+    rng = random.Random(12)
+    ch, nonce = _victim_hello(rng)
+    chosen, tried = _grind(ch, rng, 6 * TRIES, _v2_code, bytes(32))
+    assert _v2_code(_session(ch, chosen), bytes(32))[:CODE_DIGITS] == TARGET
+    assert _v2_code(_session(ch, chosen), nonce)[:CODE_DIGITS] != TARGET
 
 
 def test_keylog_lines_format_and_contents():
