@@ -121,6 +121,13 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     first = decode_message(*receiver.open(frames[2]))
     assert isinstance(first, Text) and first.text == "read me from the capture"
     assert b"read me" not in bytes(relay.c2s)  # and it was not in the clear on the wire
+    # protocol version 2: the client's identity never travels in the clear
+    import keystore
+
+    client_id, created = keystore.load_identity(keystore.open_home(env.client_home))
+    assert not created
+    assert client_id.public.ecdsa not in bytes(relay.c2s)
+    assert client_id.public.mldsa[:64] not in bytes(relay.c2s)
 
 
 def test_keylog_is_off_by_default(env: Env):
