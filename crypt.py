@@ -461,6 +461,8 @@ class _RecordLayer:
                  secret: bytes | None = None, update_limit: int = KEY_UPDATE_RECORDS) -> None:
         """With `secret` (the epoch's traffic secret) the layer can ratchet (KeyUpdate)
         and holds at most `update_limit` records per epoch; without, MAX_RECORDS."""
+        if update_limit < 2:  # room for one message and the KeyUpdate
+            raise LocalProtocolError("a key epoch must hold at least 2 records")
         self._direction = direction
         self._install(enc_key, mac_key, iv_mask)
         self._secret = secret
