@@ -26,8 +26,10 @@ from client_data import (
     normalise_fingerprint,
 )
 from protocol import (
+    ALERT_MEANING,
     MAX_HANDSHAKE,
     MAX_TEXT,
+    VERSION,
     Alert,
     AlertCode,
     AuthError,
@@ -36,6 +38,7 @@ from protocol import (
     Reason,
     Refused,
     RemoteProtocolError,
+    VersionMismatch,
     Welcome,
     decode_message,
     neutralise,
@@ -48,7 +51,9 @@ EXIT_INTERRUPTED = 130
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 30.0
 ALERT_EXIT = {AlertCode.BUSY: EXIT_CONNECT, AlertCode.TIMEOUT: EXIT_CONNECT,
-              AlertCode.AUTH_FAILED: EXIT_AUTH}
+              AlertCode.AUTH_FAILED: EXIT_AUTH, AlertCode.BAD_VERSION: EXIT_CONNECT}
+# one exit code and one message for a version mismatch, whichever side notices it
+VERSION_MESSAGE = f"the server speaks another protocol version (this client speaks {VERSION})"
 
 
 class Fatal(Exception):
@@ -75,7 +80,8 @@ def build_parser() -> session.Parser:
         description="QSocket 2 client: end-to-end encrypted chat and JPG transfer with a "
                     "hybrid ECDH P-256 + ML-KEM-1024 key exchange and ECDSA + ML-DSA-65 "
                     "identities.  Without --send-text/--send-file it opens an interactive menu.",
-        epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 cannot connect or server busy, "
+        epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 cannot connect, server busy or "
+               "another protocol version, "
                "4 authentication failed (bad proof, unknown or changed host key, not authorised), "
                "5 a text or file was not delivered, 130 interrupted",
     )
@@ -134,7 +140,14 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
         sock.settimeout(None)
     except PeerAlert as e:
         code = ALERT_EXIT.get(e.alert.code, EXIT_ERROR)
-        raise Fatal(code, f"server refused the connection: {neutralise(str(e.alert.reason))}")
+        if e.alert.code == AlertCode.BAD_VERSION:
+            raise Fatal(code, VERSION_MESSAGE) from None
+        # the alert's free text is unauthenticated: show only what its code means
+        raise Fatal(code, f"server refused the connection: {ALERT_MEANING[e.alert.code]}") \
+            from None
+    except VersionMismatch:
+        tell_server(sock, Alert(AlertCode.BAD_VERSION, f"client speaks version {VERSION}"))
+        raise Fatal(ALERT_EXIT[AlertCode.BAD_VERSION], VERSION_MESSAGE) from None
     except AuthError as e:
         tell_server(sock, Alert(AlertCode.AUTH_FAILED, str(e)))
         raise Fatal(EXIT_AUTH, f"authentication failed: {e}") from e
@@ -146,8 +159,6 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
     if isinstance(welcome, Refused):
         code = EXIT_CONNECT if welcome.reason == Reason.BUSY else EXIT_AUTH
         raise Fatal(code, f"server refused this client: {neutralise(welcome.detail)}")
-    if not isinstance(welcome, Welcome):
-        raise Fatal(EXIT_ERROR, f"expected Welcome, got {type(welcome).__name__}")
     session.write_keylog(hs.random, hs.keys)
     return hs, records
 
@@ -170,15 +181,26 @@ and connect again to pin the new identity."""
 def first_record(receiver, body: bytes):
     """Welcome or Refused, sealed; or the server's plaintext Alert when it rejected
     our ClientAuth.  A genuine record always verifies, so trying the record first
-    and the alert second is unambiguous."""
+    and the alert second is unambiguous.  Anything else (a record that does not open
+    and is no Alert, another message type, a malformed Welcome or Refused) is one
+    case: the client closes without sending anything and exits 4."""
     try:
-        return decode_message(*receiver.open(body))
+        msg = decode_message(*receiver.open(body))
     except AuthError:
         try:
             alert = Alert.decode(bytes(body))
         except RemoteProtocolError:
-            raise AuthError("the server's first record does not verify") from None
+            raise bad_first_record("it does not verify") from None
         raise PeerAlert(alert) from None
+    except RemoteProtocolError as e:
+        raise bad_first_record(str(e)) from None
+    if not isinstance(msg, Welcome | Refused):
+        raise bad_first_record(f"{type(msg).__name__} instead of Welcome or Refused")
+    return msg
+
+
+def bad_first_record(why: str) -> Fatal:
+    return Fatal(EXIT_AUTH, f"handshake failed: bad first record from the server: {why}")
 
 
 def tell_server(sock, alert: Alert) -> None:
@@ -409,7 +431,7 @@ def run(args) -> int:
     hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
     if args.verbose or interactive:
         print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
-        print(f"verification code: {crypt.verification_code(hs.keys)}  (compare with the "
+        print(f"verification code: {hs.code}  (compare with the "
               f"server's to rule out a man in the middle)")
     events = ClientEvents()
     conn = session.Connection(sock, records, label="server", events=events,

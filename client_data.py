@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import crypt
 from protocol import (
+    NONCE_SIZE,
     RANDOM_SIZE,
     ClientAuth,
     ClientHello,
@@ -36,17 +37,21 @@ class ClientHandshake:
     """ClientHello -> (ServerHello) -> ClientAuth.  Any failure is final (FAILED)."""
 
     def __init__(self, identity: crypt.Identity, kem=None, *, random: bytes | None = None,
-                 ecdh_scalar: int | None = None, mlkem_seed: bytes | None = None) -> None:
+                 ecdh_scalar: int | None = None, mlkem_seed: bytes | None = None,
+                 nonce: bytes | None = None) -> None:
         self.state = ClientState.START
         self._identity = identity
         self._kem = kem or crypt.CryptographyKEM()
         # fixed values exist only for the documented test vector
         self.random = random if random is not None else os.urandom(RANDOM_SIZE)
+        # the code nonce: committed to in the ClientHello, revealed in the ClientAuth
+        self._nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         self._ecdh, self._ecdh_share = crypt.ecdh_generate(ecdh_scalar)
         self._mlkem, self._mlkem_ek = self._kem.generate(mlkem_seed)
         self._transcript = crypt.Transcript()
         self.keys: crypt.SessionKeys | None = None
         self.server: ServerInfo | None = None
+        self.code: str | None = None  # the verification code, once DONE
 
     def _expect(self, state: ClientState) -> None:
         if self.state is not state:
@@ -56,7 +61,7 @@ class ClientHandshake:
     def create_client_hello(self) -> bytes:
         self._expect(ClientState.START)
         body = ClientHello(self.random, self._ecdh_share, self._mlkem_ek,
-                           self._identity.public).encode()
+                           crypt.commitment(self._nonce)).encode()
         self._transcript.add(body)
         self.state = ClientState.WAIT_SERVER_HELLO
         return body
@@ -94,15 +99,18 @@ class ClientHandshake:
         return self.server
 
     def create_client_auth(self) -> bytes:
-        """Sign the transcript through the server's Finished and confirm the keys."""
+        """Reveal the nonce and our identity, sign them with the transcript through the
+        server's Finished, confirm the keys; all of it sealed under the handshake keys."""
         self._expect(ClientState.SERVER_VERIFIED)
-        sigs = self._identity.sign("client", self._transcript.digest())
-        signed = ClientAuth(sigs, bytes(32)).signed_part()
-        signed_hash = self._transcript.add(signed)
+        cauth_id = ClientAuth.encode_id(self._nonce, self._identity.public)
+        sigs = self._identity.sign("client", self._transcript.add(cauth_id))
+        signed_hash = self._transcript.add(sigs.encode())
         finished = crypt.finished_mac(self.keys.client_finished, signed_hash)
         self._transcript.add(finished)
+        auth = ClientAuth(self._nonce, self._identity.public, sigs, finished)
+        self.code = crypt.verification_code(self.keys, self._nonce)
         self.state = ClientState.DONE
-        return signed + finished
+        return crypt.seal_client_auth(self.keys, auth.encode_inner())
 
     def fail(self) -> None:
         self.state = ClientState.FAILED

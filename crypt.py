@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from protocol import (
+    COMMITMENT_LABEL,
     ECDSA_SIG,
     HASH_SIZE,
     IV_SIZE,
@@ -33,18 +34,27 @@ from protocol import (
     MAX_FRAME,
     MLKEM1024_CT,
     MLKEM1024_EK,
+    NONCE_SIZE,
     P256_POINT,
     PROTOCOL_LABEL,
     AuthError,
+    ClientAuth,
+    HandshakeType,
     IdentityPublic,
     LocalProtocolError,
+    MsgType,
     RemoteProtocolError,
     Signatures,
 )
 
 KEY_SIZE = 32
-# Records per direction before the connection closes (no rekeying in v1).
+# Records under one key without key updates (handshake keys, bare record layers).
 MAX_RECORDS = 1 << 32
+# Records per direction and key epoch: the sender's KeyUpdate is at the latest the
+# last of them; a receiver refuses one more.  And at least once per this much
+# session time (the shell passes the time in; the core never reads a clock).
+KEY_UPDATE_RECORDS = 1 << 20
+KEY_UPDATE_SECONDS = 3600.0
 DIRECTION_C2S = 0x01
 DIRECTION_S2C = 0x02
 AUTH_FAILED = "failed to decrypt and authenticate record"
@@ -181,8 +191,8 @@ def ecdh_shared(private: ec.EllipticCurvePrivateKey, peer_point: bytes) -> bytes
 
 # --- long-term identities -----------------------------------------------------
 SIGNATURE_CONTEXT = {
-    "server": b"QSocket2 v1 server signature",
-    "client": b"QSocket2 v1 client signature",
+    "server": b"QSocket2 v2 server signature",
+    "client": b"QSocket2 v2 client signature",
 }
 
 
@@ -288,26 +298,50 @@ class Transcript:
 
 
 LABELS = {
-    "c2s enc": b"QSocket2 v1 c2s enc",
-    "c2s mac": b"QSocket2 v1 c2s mac",
-    "s2c enc": b"QSocket2 v1 s2c enc",
-    "s2c mac": b"QSocket2 v1 s2c mac",
-    "s2c iv": b"QSocket2 v1 s2c iv",
-    "c2s iv": b"QSocket2 v1 c2s iv",
-    "server finished": b"QSocket2 v1 server finished",
-    "client finished": b"QSocket2 v1 client finished",
-    "verification code": b"QSocket2 v1 verification code",
+    "c2s traffic": b"QSocket2 v2 c2s traffic",
+    "s2c traffic": b"QSocket2 v2 s2c traffic",
+    "auth enc": b"QSocket2 v2 client auth enc",
+    "auth mac": b"QSocket2 v2 client auth mac",
+    "auth iv": b"QSocket2 v2 client auth iv",
+    "server finished": b"QSocket2 v2 server finished",
+    "client finished": b"QSocket2 v2 client finished",
+    "verification code": b"QSocket2 v2 verification code",
 }
+# Labels of the expansions of one direction's traffic secret (keys, and the next secret).
+TRAFFIC_LABELS = {
+    "enc": b"QSocket2 v2 traffic enc",
+    "mac": b"QSocket2 v2 traffic mac",
+    "iv": b"QSocket2 v2 traffic iv",
+    "key update": b"QSocket2 v2 key update",
+}
+
+
+def traffic_keys(secret: bytes) -> tuple[bytes, bytes, bytes]:
+    """(enc, mac, iv mask) of one key epoch, from that epoch's traffic secret."""
+    def expand(label: str, length: int) -> bytes:
+        return HKDFExpand(hashes.SHA256(), length, TRAFFIC_LABELS[label]).derive(secret)
+
+    return expand("enc", KEY_SIZE), expand("mac", KEY_SIZE), expand("iv", 8)
+
+
+def next_traffic_secret(secret: bytes) -> bytes:
+    """The KeyUpdate ratchet: HKDF-Expand(secret, "QSocket2 v2 key update", 32)."""
+    return HKDFExpand(hashes.SHA256(), KEY_SIZE, TRAFFIC_LABELS["key update"]).derive(secret)
 
 
 @dataclass(frozen=True)
 class SessionKeys:
+    c2s_traffic: bytes  # epoch 0 traffic secrets; the keys below derive from them
+    s2c_traffic: bytes
     c2s_enc: bytes
     c2s_mac: bytes
     c2s_iv: bytes
     s2c_enc: bytes
     s2c_mac: bytes
     s2c_iv: bytes
+    auth_enc: bytes  # the handshake keys that seal the ClientAuth (client identity)
+    auth_mac: bytes
+    auth_iv: bytes
     server_finished: bytes
     client_finished: bytes
     verification: bytes
@@ -323,13 +357,51 @@ def derive_keys(ecdh_secret: bytes, mlkem_secret: bytes, transcript_hash: bytes)
     def expand(label: str, length: int = KEY_SIZE) -> bytes:
         return HKDFExpand(hashes.SHA256(), length, LABELS[label]).derive(prk)
 
+    c2s, s2c = expand("c2s traffic"), expand("s2c traffic")
+    (c2s_enc, c2s_mac, c2s_iv), (s2c_enc, s2c_mac, s2c_iv) = traffic_keys(c2s), traffic_keys(s2c)
     return SessionKeys(
-        c2s_enc=expand("c2s enc"), c2s_mac=expand("c2s mac"), c2s_iv=expand("c2s iv", 8),
-        s2c_enc=expand("s2c enc"), s2c_mac=expand("s2c mac"), s2c_iv=expand("s2c iv", 8),
+        c2s_traffic=c2s, s2c_traffic=s2c,
+        c2s_enc=c2s_enc, c2s_mac=c2s_mac, c2s_iv=c2s_iv,
+        s2c_enc=s2c_enc, s2c_mac=s2c_mac, s2c_iv=s2c_iv,
+        auth_enc=expand("auth enc"), auth_mac=expand("auth mac"), auth_iv=expand("auth iv", 8),
         server_finished=expand("server finished"),
         client_finished=expand("client finished"),
-        verification=expand("verification code", 8),
+        verification=expand("verification code"),
     )
+
+
+# --- commit-then-reveal code nonce ---------------------------------------------------
+def commitment(nonce: bytes) -> bytes:
+    """SHA-256(COMMITMENT_LABEL || nonce_c): sent in the ClientHello, opened in the ClientAuth."""
+    if len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError("code nonce has the wrong length")
+    return hashlib.sha256(COMMITMENT_LABEL + nonce).digest()
+
+
+def check_commitment(expected: bytes, nonce: bytes) -> None:
+    if not hmac.compare_digest(commitment(nonce), expected):
+        raise AuthError("the client's nonce does not open its commitment")
+
+
+# --- the sealed ClientAuth -----------------------------------------------------------
+def _auth_keys(keys: SessionKeys) -> tuple[int, bytes, bytes, bytes]:
+    return DIRECTION_C2S, keys.auth_enc, keys.auth_mac, keys.auth_iv
+
+
+def seal_client_auth(keys: SessionKeys, inner: bytes) -> bytes:
+    """`0x03 || record`: the ClientAuth plaintext sealed as record seq 0 (type 0x03)
+    under the handshake keys, so only the server that proved itself can read it."""
+    pieces = RecordSender(*_auth_keys(keys)).seal(HandshakeType.CLIENT_AUTH, inner)
+    return bytes([HandshakeType.CLIENT_AUTH]) + b"".join(pieces[1:])
+
+
+def open_client_auth(keys: SessionKeys, body: bytes) -> ClientAuth:
+    """Check type and size, open the seal (AuthError on any failure), parse."""
+    ClientAuth.check_frame(body)
+    msg_type, inner = RecordReceiver(*_auth_keys(keys)).open(body[1:])
+    if msg_type != HandshakeType.CLIENT_AUTH:
+        raise AuthError(AUTH_FAILED)
+    return ClientAuth.decode_inner(bytes(inner))
 
 
 def finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
@@ -341,9 +413,17 @@ def check_finished(key: bytes, transcript_hash: bytes, received: bytes, who: str
         raise AuthError(f"the {who}'s Finished MAC does not verify")
 
 
-def verification_code(keys: SessionKeys) -> str:
-    """12 decimal digits in three groups, equal on both sides of one session."""
-    n = int.from_bytes(keys.verification, "big") % 10**12
+def verification_code(keys: SessionKeys, nonce: bytes) -> str:
+    """12 decimal digits in three groups, equal on both sides of one session.
+
+    HMAC(verification, nonce_c): the key comes from both secrets and the transcript
+    through the server's core (the client's commitment included), the nonce is the
+    one revealed in the ClientAuth; nothing either side chooses after the reveal
+    enters it, and no one can compute it before the reveal."""
+    if len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError("verification code nonce has the wrong length")
+    digest = hmac.new(keys.verification, nonce, hashlib.sha256).digest()
+    n = int.from_bytes(digest[:8], "big") % 10**12
     digits = f"{n:012d}"
     return "-".join(digits[i : i + 4] for i in range(0, 12, 4))
 
@@ -352,6 +432,7 @@ def keylog_lines(client_random: bytes, keys: SessionKeys) -> str:
     """Lines in the QSOCKET_KEYLOGFILE format (see docs/PROTOCOL.md)."""
     cr = client_random.hex()
     rows = [
+        ("CLIENT_TRAFFIC_SECRET", keys.c2s_traffic), ("SERVER_TRAFFIC_SECRET", keys.s2c_traffic),
         ("CLIENT_TRAFFIC_ENC", keys.c2s_enc), ("CLIENT_TRAFFIC_MAC", keys.c2s_mac),
         ("CLIENT_TRAFFIC_IV", keys.c2s_iv),
         ("SERVER_TRAFFIC_ENC", keys.s2c_enc), ("SERVER_TRAFFIC_MAC", keys.s2c_mac),
@@ -376,17 +457,40 @@ def record_iv(iv_mask: bytes, seq: int) -> bytes:
 
 
 class _RecordLayer:
-    def __init__(self, direction: int, enc_key: bytes, mac_key: bytes, iv_mask: bytes) -> None:
+    def __init__(self, direction: int, enc_key: bytes, mac_key: bytes, iv_mask: bytes, *,
+                 secret: bytes | None = None, update_limit: int = KEY_UPDATE_RECORDS) -> None:
+        """With `secret` (the epoch's traffic secret) the layer can ratchet (KeyUpdate)
+        and holds at most `update_limit` records per epoch; without, MAX_RECORDS."""
+        if update_limit < 2:  # room for one message and the KeyUpdate
+            raise LocalProtocolError("a key epoch must hold at least 2 records")
+        self._direction = direction
+        self._install(enc_key, mac_key, iv_mask)
+        self._secret = secret
+        self.limit = MAX_RECORDS if secret is None else update_limit
+        self.epoch = 0
+
+    def _install(self, enc_key: bytes, mac_key: bytes, iv_mask: bytes) -> None:
         if len(enc_key) != KEY_SIZE or len(mac_key) != KEY_SIZE or len(iv_mask) != 8:
             raise LocalProtocolError("record keys have the wrong length")
-        self._direction = direction
         self._aes = algorithms.AES(enc_key)
         self._mac = hmac.new(mac_key, digestmod=hashlib.sha256)
         self._iv_mask = iv_mask
         self.seq = 0
 
+    def _ratchet(self) -> None:
+        """Next epoch: new secret and keys, sequence number 0; the old ones are dropped
+        (Python cannot promise their bytes are wiped from memory)."""
+        if self._secret is None:
+            raise LocalProtocolError("this record layer has no traffic secret to update")
+        self._secret = next_traffic_secret(self._secret)
+        self._install(*traffic_keys(self._secret))
+        self.epoch += 1
+
     def _next(self) -> tuple[int, bytes, hmac.HMAC]:
-        if self.seq >= MAX_RECORDS:
+        if self.seq >= self.limit:
+            if self._secret is not None:
+                raise LocalProtocolError(f"{self.limit} records under one key: "
+                                         f"a key update was due")
             raise LocalProtocolError("record sequence number exhausted; reconnect")
         seq = self.seq
         self.seq += 1
@@ -397,6 +501,28 @@ class _RecordLayer:
 
 class RecordSender(_RecordLayer):
     """Seals records: IV || AES-256-CTR(type || payload) || HMAC-SHA-256."""
+
+    _epoch_start: float | None = None
+
+    def start_clock(self, now: float) -> None:
+        """The session began at `now`: the time rule counts from here."""
+        if self._epoch_start is None:
+            self._epoch_start = now
+
+    def update_due(self, now: float) -> bool:
+        """Must the next record be a KeyUpdate?  At the last record of an epoch, or once
+        KEY_UPDATE_SECONDS of `now` (the caller's monotonic clock) passed in it."""
+        if self._secret is None:
+            return False
+        self.start_clock(now)
+        return self.seq >= self.limit - 1 or now - self._epoch_start >= KEY_UPDATE_SECONDS
+
+    def seal_key_update(self, now: float | None = None) -> list:
+        """Seal a KeyUpdate under the current keys, then ratchet to the next epoch."""
+        pieces = self.seal(MsgType.KEY_UPDATE, b"")
+        self._ratchet()
+        self._epoch_start = now
+        return pieces
 
     def seal(self, msg_type: int, payload: bytes | memoryview = b"",
              out: memoryview | None = None) -> list:
@@ -431,6 +557,9 @@ class RecordReceiver(_RecordLayer):
 
         With `out` (at least len(body) bytes) the plaintext is written there and
         the payload returned is a view of it, valid until `out` is reused."""
+        if self.seq >= self.limit:
+            raise RemoteProtocolError(f"peer sent more than {self.limit} records without "
+                                      f"a key update")
         if len(body) < IV_SIZE + 1 + MAC_SIZE:
             raise AuthError(AUTH_FAILED)
         body = memoryview(body)
@@ -444,14 +573,26 @@ class RecordReceiver(_RecordLayer):
         dec = Cipher(self._aes, modes.CTR(expected_iv)).decryptor()
         if out is None:
             plain = dec.update(ct)
-            return plain[0], plain[1:]
-        n = dec.update_into(ct, out)
-        return out[0], out[1:n]
+            msg_type, payload = plain[0], plain[1:]
+        else:
+            n = dec.update_into(ct, out)
+            msg_type, payload = out[0], out[1:n]
+        if msg_type == MsgType.KEY_UPDATE and self._secret is not None:
+            # the peer's next record is under the next epoch's keys
+            if len(payload):
+                raise RemoteProtocolError("KeyUpdate: unexpected payload")
+            self._ratchet()
+        return msg_type, payload
 
 
-def record_pair(keys: SessionKeys, role: str) -> tuple[RecordSender, RecordReceiver]:
+def record_pair(keys: SessionKeys, role: str, update_limit: int = KEY_UPDATE_RECORDS
+                ) -> tuple[RecordSender, RecordReceiver]:
+    """The session's two record layers; `update_limit` (records per key epoch) is
+    lowered only by tests."""
     c2s = (DIRECTION_C2S, keys.c2s_enc, keys.c2s_mac, keys.c2s_iv)
     s2c = (DIRECTION_S2C, keys.s2c_enc, keys.s2c_mac, keys.s2c_iv)
+    c2s_kw = {"secret": keys.c2s_traffic, "update_limit": update_limit}
+    s2c_kw = {"secret": keys.s2c_traffic, "update_limit": update_limit}
     if role == "client":
-        return RecordSender(*c2s), RecordReceiver(*s2c)
-    return RecordSender(*s2c), RecordReceiver(*c2s)
+        return RecordSender(*c2s, **c2s_kw), RecordReceiver(*s2c, **s2c_kw)
+    return RecordSender(*s2c, **s2c_kw), RecordReceiver(*c2s, **c2s_kw)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 # --- identity of the protocol -------------------------------------------------
 MAGIC = b"QSK2"
-VERSION = 1
+VERSION = 2
 # One suite, no negotiation: the label names every algorithm and is hashed first
 # into the transcript, so a different suite or version can never verify.
 PROTOCOL_LABEL = (
-    b"QSocket2 v1 ECDH-P256+MLKEM1024 ECDSA-P256+MLDSA65 AES256CTR+HMACSHA256"
+    b"QSocket2 v2 ECDH-P256+MLKEM1024 ECDSA-P256+MLDSA65 AES256CTR+HMACSHA256"
 )
+# The ClientHello commits to the client's code nonce: SHA-256(COMMITMENT_LABEL || nonce_c).
+COMMITMENT_LABEL = b"QSocket2 v2 code commitment"
 
 # --- sizes ---------------------------------------------------------------------
 RANDOM_SIZE = 32
@@ -31,6 +33,7 @@ ECDSA_SIG = 64  # r || s, 32 bytes each, big-endian
 MAC_SIZE = 32  # HMAC-SHA-256, never truncated
 IV_SIZE = 16
 HASH_SIZE = 32
+NONCE_SIZE = 32  # the client's code nonce, revealed in the ClientAuth
 
 FRAME_HEADER = struct.Struct(">I")
 CHUNK_SIZE = 1 << 20  # file data per record
@@ -99,6 +102,18 @@ class AlertCode(enum.IntEnum):
     INTERNAL = 6
 
 
+# What a receiver shows for an Alert: the code's meaning only, never the sender's
+# free text, which nothing authenticates.
+ALERT_MEANING = {
+    AlertCode.BAD_MESSAGE: "malformed handshake message",
+    AlertCode.BAD_VERSION: "another protocol version",
+    AlertCode.AUTH_FAILED: "authentication failed",
+    AlertCode.BUSY: "server busy",
+    AlertCode.TIMEOUT: "handshake timed out",
+    AlertCode.INTERNAL: "internal error",
+}
+
+
 def _check_size(kind: str, body: bytes, size: int) -> None:
     if len(body) != size:
         raise RemoteProtocolError(f"{kind}: {len(body)} bytes, expected {size}")
@@ -164,15 +179,17 @@ class ClientHello:
     random: bytes
     ecdh_share: bytes
     mlkem_ek: bytes
-    identity: IdentityPublic
+    commitment: bytes  # SHA-256(COMMITMENT_LABEL || nonce_c); the identity comes later
 
-    SIZE = 1 + _VERSION.size + RANDOM_SIZE + P256_POINT + MLKEM1024_EK + IdentityPublic.SIZE
+    SIZE = 1 + _VERSION.size + RANDOM_SIZE + P256_POINT + MLKEM1024_EK + HASH_SIZE
 
     def __post_init__(self) -> None:
         if len(self.random) != RANDOM_SIZE:
             raise RemoteProtocolError("ClientHello: bad random size")
         if len(self.ecdh_share) != P256_POINT or len(self.mlkem_ek) != MLKEM1024_EK:
             raise RemoteProtocolError("ClientHello: bad key share size")
+        if len(self.commitment) != HASH_SIZE:
+            raise RemoteProtocolError("ClientHello: bad commitment size")
 
     def encode(self) -> bytes:
         return (
@@ -181,7 +198,7 @@ class ClientHello:
             + self.random
             + self.ecdh_share
             + self.mlkem_ek
-            + self.identity.encode()
+            + self.commitment
         )
 
     @classmethod
@@ -190,11 +207,10 @@ class ClientHello:
         expect_type(body, HandshakeType.CLIENT_HELLO)
         _check_version("ClientHello", body)
         _check_size("ClientHello", body, cls.SIZE)
-        rnd, ecdh, ek, ident = _split(
-            body[1 + _VERSION.size :],
-            (RANDOM_SIZE, P256_POINT, MLKEM1024_EK, IdentityPublic.SIZE),
+        rnd, ecdh, ek, commitment = _split(
+            body[1 + _VERSION.size :], (RANDOM_SIZE, P256_POINT, MLKEM1024_EK, HASH_SIZE)
         )
-        return cls(rnd, ecdh, ek, IdentityPublic.decode(ident))
+        return cls(rnd, ecdh, ek, commitment)
 
 
 def _check_version(kind: str, body: bytes) -> None:
@@ -268,27 +284,45 @@ class ServerHello:
 
 @dataclass(frozen=True, slots=True)
 class ClientAuth:
+    """The client's proof, sent sealed under the handshake keys (crypt.seal_client_auth):
+    the code nonce, the client's identity, its signatures and its Finished."""
+
+    nonce: bytes
+    identity: IdentityPublic
     signatures: Signatures
     finished: bytes
 
-    SIZE = 1 + Signatures.SIZE + MAC_SIZE
+    # plaintext inside the seal; the frame adds the type byte, IV, sealed type byte and tag
+    INNER_SIZE = NONCE_SIZE + IdentityPublic.SIZE + Signatures.SIZE + MAC_SIZE
+    SIZE = 1 + IV_SIZE + 1 + INNER_SIZE + MAC_SIZE
 
     def __post_init__(self) -> None:
+        if len(self.nonce) != NONCE_SIZE:
+            raise RemoteProtocolError("ClientAuth: bad nonce size")
         if len(self.finished) != MAC_SIZE:
             raise RemoteProtocolError("ClientAuth: bad Finished size")
 
-    def signed_part(self) -> bytes:
-        return bytes([HandshakeType.CLIENT_AUTH]) + self.signatures.encode()
+    @staticmethod
+    def encode_id(nonce: bytes, identity: IdentityPublic) -> bytes:
+        """`cauth_id`: the part of the transcript the client's signatures cover."""
+        return nonce + identity.encode()
 
-    def encode(self) -> bytes:
-        return self.signed_part() + self.finished
+    def encode_inner(self) -> bytes:
+        return (self.encode_id(self.nonce, self.identity) + self.signatures.encode()
+                + self.finished)
 
     @classmethod
-    def decode(cls, body: bytes) -> ClientAuth:
+    def decode_inner(cls, inner: bytes) -> ClientAuth:
+        _check_size("ClientAuth", inner, cls.INNER_SIZE)
+        nonce, ident, sigs, fin = _split(
+            inner, (NONCE_SIZE, IdentityPublic.SIZE, Signatures.SIZE, MAC_SIZE))
+        return cls(nonce, IdentityPublic.decode(ident), Signatures.decode(sigs), fin)
+
+    @classmethod
+    def check_frame(cls, body: bytes) -> None:
+        """Type and size of the sealed frame, before anything is opened."""
         expect_type(body, HandshakeType.CLIENT_AUTH)
         _check_size("ClientAuth", body, cls.SIZE)
-        sigs, fin = _split(body[1:], (Signatures.SIZE, MAC_SIZE))
-        return cls(Signatures.decode(sigs), fin)
 
 
 # The largest handshake frame (the ServerHello); a handshake read allocates no more.
@@ -329,7 +363,7 @@ class PeerAlert(RemoteProtocolError):
     """the peer closed the handshake"""
 
     def __init__(self, alert: Alert) -> None:
-        super().__init__(f"peer refused: {alert.reason or alert.code.name.lower()}")
+        super().__init__(f"peer refused: {ALERT_MEANING[alert.code]}")
         self.alert = alert
 
 
@@ -337,6 +371,7 @@ class PeerAlert(RemoteProtocolError):
 class MsgType(enum.IntEnum):
     WELCOME = 0x01
     REFUSED = 0x02
+    KEY_UPDATE = 0x03
     TEXT = 0x10
     DELIVERED = 0x11
     FILE_OFFER = 0x20
@@ -402,6 +437,22 @@ class Welcome:
     def decode(cls, payload: bytes) -> Welcome:
         if payload:
             raise RemoteProtocolError("Welcome: unexpected payload")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """The sender's next record is under its next key epoch (crypt ratchets both ends)."""
+
+    TYPE = MsgType.KEY_UPDATE
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> KeyUpdate:
+        if payload:
+            raise RemoteProtocolError("KeyUpdate: unexpected payload")
         return cls()
 
 
@@ -593,7 +644,7 @@ class Error:
 
 MESSAGES = {
     cls.TYPE: cls
-    for cls in (Welcome, Refused, Text, Delivered, FileOffer, FileAccept, FileReject,
+    for cls in (Welcome, Refused, KeyUpdate, Text, Delivered, FileOffer, FileAccept, FileReject,
                 FileData, FileEnd, FileSaved, FileFailed, FileCancel, Bye, Error)
 }
 

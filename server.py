@@ -194,7 +194,7 @@ class Server:
         # announced only once the console can pick it (and shutdown can say goodbye to it)
         self.log(f"client {label} connected from {peer}")
         if self.args.verbose or not self.args.headless:
-            self.log(f"[{label}] verification code: {crypt.verification_code(hs.keys)}")
+            self.log(f"[{label}] verification code: {hs.code}")
         conn.start()
         if late:
             conn.close("server shutting down")

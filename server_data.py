@@ -47,6 +47,7 @@ class ServerHandshake:
         self.keys: crypt.SessionKeys | None = None
         self.client: ClientInfo | None = None
         self.client_random: bytes | None = None
+        self.code: str | None = None  # the verification code, once DONE
 
     def _expect(self, state: ServerState) -> None:
         if self.state is not state:
@@ -107,18 +108,23 @@ class ServerHandshake:
         return info
 
     def _consume_client_auth(self, body: bytes) -> ClientInfo:
-        auth = ClientAuth.decode(body)
+        # only the holder of the session keys can seal it; nobody else sees the identity
+        auth = crypt.open_client_auth(self.keys, body)
 
-        # verify the client's signatures over the transcript through our Finished
-        crypt.verify_signatures("client", self._hello.identity, auth.signatures,
-                                self._transcript.digest())
+        # the nonce must open the commitment of the ClientHello
+        crypt.check_commitment(self._hello.commitment, auth.nonce)
+
+        # verify the client's signatures over the transcript through its identity
+        cid_hash = self._transcript.add(ClientAuth.encode_id(auth.nonce, auth.identity))
+        crypt.verify_signatures("client", auth.identity, auth.signatures, cid_hash)
 
         # verify the client's Finished
-        signed_hash = self._transcript.add(auth.signed_part())
+        signed_hash = self._transcript.add(auth.signatures.encode())
         crypt.check_finished(self.keys.client_finished, signed_hash, auth.finished, "client")
         self._transcript.add(auth.finished)
 
-        self.client = ClientInfo(self._hello.identity, crypt.fingerprint(self._hello.identity))
+        self.code = crypt.verification_code(self.keys, auth.nonce)
+        self.client = ClientInfo(auth.identity, crypt.fingerprint(auth.identity))
         return self.client
 
     def fail(self) -> None:

@@ -36,6 +36,7 @@ from protocol import (
     FileOffer,
     FileReject,
     FileSaved,
+    KeyUpdate,
     ProtocolError,
     Reason,
     RemoteProtocolError,
@@ -475,6 +476,7 @@ class Connection:
                                         name=f"writer {label}")
 
     def start(self) -> Connection:
+        self._sender.start_clock(time.monotonic())  # the hour of a key epoch counts from here
         self._writer.start()
         self._reader.start()
         return self
@@ -490,8 +492,17 @@ class Connection:
             # up unless it stopped reading: it may not make us buffer without bound
             raise RemoteProtocolError("peer is not reading what we send")
         with self._seal_lock:
+            if self._sender.update_due(time.monotonic()):
+                self._out.put((self._sender.seal_key_update(time.monotonic()), None))
             pieces = self._sender.seal(msg.TYPE, msg.encode(), out)
             self._out.put((pieces, on_sent))
+
+    def update_keys(self) -> None:
+        """Send a KeyUpdate now (on demand): our direction moves to its next key epoch."""
+        if self.closed.is_set():
+            raise ConnectionLost(self.close_reason or "connection closed")
+        with self._seal_lock:
+            self._out.put((self._sender.seal_key_update(time.monotonic()), None))
 
     def _write_loop(self) -> None:
         while True:
@@ -582,6 +593,8 @@ class Connection:
         elif isinstance(msg, Error):
             self.close_reason = f"peer reported an error: {neutralise(msg.reason)}"
             return True
+        elif isinstance(msg, KeyUpdate):
+            pass  # the record layer has already moved to the peer's next key epoch
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} in a session")
         return False

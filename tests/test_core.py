@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import random
 import re
 import struct
 import subprocess
@@ -30,6 +31,7 @@ from client_data import ClientHandshake, ClientState, Trust, TrustResult, check_
 from protocol import (
     CHUNK_SIZE,
     ECDSA_SIG,
+    HASH_SIZE,
     IV_SIZE,
     MAC_SIZE,
     MAX_FRAME,
@@ -37,6 +39,7 @@ from protocol import (
     MLDSA65_SIG,
     MLKEM1024_CT,
     MLKEM1024_EK,
+    NONCE_SIZE,
     P256_POINT,
     PROTOCOL_LABEL,
     RANDOM_SIZE,
@@ -69,14 +72,16 @@ def layout(*sized: tuple[str, int]) -> dict[str, tuple[int, int]]:
 
 HEADER = (("type", 1), ("magic", 4), ("version", 2))
 CH_FIELDS = layout(*HEADER, ("random", RANDOM_SIZE), ("ecdh_share", P256_POINT),
-                   ("mlkem_ek", MLKEM1024_EK), ("identity_ecdsa", P256_POINT),
-                   ("identity_mldsa", MLDSA65_PUB))
+                   ("mlkem_ek", MLKEM1024_EK), ("commitment", HASH_SIZE))
 SH_FIELDS = layout(*HEADER, ("random", RANDOM_SIZE), ("ecdh_share", P256_POINT),
                    ("mlkem_ct", MLKEM1024_CT), ("identity_ecdsa", P256_POINT),
                    ("identity_mldsa", MLDSA65_PUB), ("sig_ecdsa", ECDSA_SIG),
                    ("sig_mldsa", MLDSA65_SIG), ("finished", MAC_SIZE))
-CA_FIELDS = layout(("type", 1), ("sig_ecdsa", ECDSA_SIG), ("sig_mldsa", MLDSA65_SIG),
-                   ("finished", MAC_SIZE))
+# the sealed ClientAuth: type, then a record (IV, sealed type and contents, tag)
+CA_FIELDS = layout(("type", 1), ("iv", IV_SIZE), ("sealed_type", 1), ("nonce", NONCE_SIZE),
+                   ("identity_ecdsa", P256_POINT), ("identity_mldsa", MLDSA65_PUB),
+                   ("sig_ecdsa", ECDSA_SIG), ("sig_mldsa", MLDSA65_SIG),
+                   ("finished", MAC_SIZE), ("tag", MAC_SIZE))
 
 
 def _end(fields_: dict[str, tuple[int, int]]) -> int:
@@ -192,9 +197,12 @@ def test_full_handshake_agrees_on_keys_transcript_and_fingerprints():
     p = handshake_pair(cid, sid)
     assert p.client.state is ClientState.DONE and p.server.state is ServerState.DONE
     assert p.client.keys == p.server.keys
-    # the transcript is the protocol label and every handshake message, nothing else
+    # the transcript is the protocol label and every handshake message (the ClientAuth's
+    # plaintext, not its seal), nothing else
+    inner = crypt.open_client_auth(p.server.keys, p.client_auth).encode_inner()
+    assert len(inner) == ClientAuth.INNER_SIZE
     expected = hashlib.sha256(PROTOCOL_LABEL + p.client_hello + p.server_hello
-                              + p.client_auth).digest()
+                              + inner).digest()
     assert p.client.transcript_hash == p.server.transcript_hash == expected
     # each side learns the other's long-term identity, not anything ephemeral
     assert p.client.server.fingerprint == sid.fingerprint()
@@ -221,8 +229,10 @@ def test_every_session_uses_fresh_ephemeral_keys():
     assert cha.mlkem_ek != chb.mlkem_ek
     assert sha.ecdh_share != shb.ecdh_share
     assert sha.mlkem_ct != shb.mlkem_ct
-    # identities are long-term: the same in both sessions
-    assert cha.identity == chb.identity and sha.identity == shb.identity
+    # identities are long-term: the same in both sessions; the code nonce is fresh
+    assert a.server.client.identity == b.server.client.identity
+    assert sha.identity == shb.identity
+    assert cha.commitment != chb.commitment
     for f in fields(crypt.SessionKeys):
         assert getattr(a.client.keys, f.name) != getattr(b.client.keys, f.name), f.name
     assert a.client.transcript_hash != b.client.transcript_hash
@@ -239,10 +249,11 @@ def test_all_derived_keys_are_distinct_and_sized():
 
 # --- hybrid key schedule ---------------------------------------------------------------
 SECRETS = (bytes(range(32)), bytes(range(32, 64)), hashlib.sha256(b"transcript").digest())
-KEY_LENGTHS = {"c2s_enc": 32, "c2s_mac": 32, "c2s_iv": 8, "s2c_enc": 32, "s2c_mac": 32,
-               "s2c_iv": 8, "server_finished": 32, "client_finished": 32, "verification": 8}
-FIELD_LABEL = {"c2s_enc": "c2s enc", "c2s_mac": "c2s mac", "c2s_iv": "c2s iv",
-               "s2c_enc": "s2c enc", "s2c_mac": "s2c mac", "s2c_iv": "s2c iv",
+# straight from the PRK; the record keys come from the two traffic secrets
+KEY_LENGTHS = {"c2s_traffic": 32, "s2c_traffic": 32, "auth_enc": 32, "auth_mac": 32,
+               "auth_iv": 8, "server_finished": 32, "client_finished": 32, "verification": 32}
+FIELD_LABEL = {"c2s_traffic": "c2s traffic", "s2c_traffic": "s2c traffic",
+               "auth_enc": "auth enc", "auth_mac": "auth mac", "auth_iv": "auth iv",
                "server_finished": "server finished", "client_finished": "client finished",
                "verification": "verification code"}
 
@@ -250,8 +261,13 @@ FIELD_LABEL = {"c2s_enc": "c2s enc", "c2s_mac": "c2s mac", "c2s_iv": "c2s iv",
 def hkdf_reference(ecdh: bytes, mlkem: bytes, th: bytes) -> dict[str, bytes]:
     """An independent key schedule: Extract(salt=transcript hash, IKM=ECDH||ML-KEM)."""
     prk = HKDF.extract(hashes.SHA256(), th, ecdh + mlkem)
-    return {name: HKDFExpand(hashes.SHA256(), n, crypt.LABELS[FIELD_LABEL[name]]).derive(prk)
-            for name, n in KEY_LENGTHS.items()}
+    out = {name: HKDFExpand(hashes.SHA256(), n, crypt.LABELS[FIELD_LABEL[name]]).derive(prk)
+           for name, n in KEY_LENGTHS.items()}
+    for side in ("c2s", "s2c"):
+        for part, n in (("enc", 32), ("mac", 32), ("iv", 8)):
+            out[f"{side}_{part}"] = HKDFExpand(hashes.SHA256(), n, f"QSocket2 v2 traffic "
+                                               f"{part}".encode()).derive(out[f"{side}_traffic"])
+    return out
 
 
 def as_dict(keys: crypt.SessionKeys) -> dict[str, bytes]:
@@ -259,7 +275,9 @@ def as_dict(keys: crypt.SessionKeys) -> dict[str, bytes]:
 
 
 def test_key_schedule_is_hkdf_with_ecdh_secret_first():
-    assert set(KEY_LENGTHS) == {f.name for f in fields(crypt.SessionKeys)}
+    assert set(KEY_LENGTHS) | {f"{side}_{part}" for side in ("c2s", "s2c")
+                               for part in ("enc", "mac", "iv")} == \
+        {f.name for f in fields(crypt.SessionKeys)}
     ecdh, mlkem, th = SECRETS
     assert as_dict(crypt.derive_keys(ecdh, mlkem, th)) == hkdf_reference(ecdh, mlkem, th)
     # the order is part of the spec: ML-KEM first gives different keys
@@ -323,8 +341,8 @@ CH_EXPECT = {
     "random": ("client", AuthError),
     "ecdh_share": ("server", RemoteProtocolError),  # no longer a point on the curve
     "mlkem_ek": (None, None),  # depends on whether the flipped key passes FIPS 203
-    "identity_ecdsa": ("client", AuthError),
-    "identity_mldsa": ("client", AuthError),
+    # covered by the server's signature; the server's check of the nonce catches it too
+    "commitment": ("client", AuthError),
 }
 
 
@@ -381,8 +399,8 @@ def test_server_hello_bit_flip_is_rejected(name, pos, bit):
     assert_client_failed_for_good(c)
 
 
-CA_EXPECT = {"type": RemoteProtocolError, "sig_ecdsa": AuthError, "sig_mldsa": AuthError,
-             "finished": AuthError}
+# everything after the type byte is sealed: any flip fails the seal's tag
+CA_EXPECT = {name: AuthError for name in CA_FIELDS} | {"type": RemoteProtocolError}
 
 
 @pytest.mark.parametrize("name,pos,bit", flip_positions(CA_FIELDS))
@@ -922,7 +940,11 @@ def test_record_iv_is_a_bijection_of_the_sequence_number():
 
 
 def test_sequence_number_bound_closes_the_connection():
-    _, cs, cr, ss, sr = record_pairs()
+    """A bare record layer (no traffic secret) holds MAX_RECORDS records."""
+    p = handshake_pair()
+    keys = (p.client.keys.c2s_enc, p.client.keys.c2s_mac, p.client.keys.c2s_iv)
+    cs = crypt.RecordSender(crypt.DIRECTION_C2S, *keys)
+    sr = crypt.RecordReceiver(crypt.DIRECTION_C2S, *keys)
     cs.seq = crypt.MAX_RECORDS
     with pytest.raises(LocalProtocolError):
         cs.seal(MsgType.TEXT, bytes(8))
@@ -934,24 +956,257 @@ def test_sequence_number_bound_closes_the_connection():
         cs.seal(MsgType.TEXT, bytes(8))
     with pytest.raises(protocol.ProtocolError):
         sr.open(body)
+    cs.seq = 0
+    with pytest.raises(LocalProtocolError, match="no traffic secret"):
+        cs.seal_key_update()
+
+
+# --- key updates -----------------------------------------------------------------------------
+def test_key_update_ratchets_the_traffic_secret_as_documented():
+    p = handshake_pair()
+    secret = p.client.keys.c2s_traffic
+    nxt = HKDFExpand(hashes.SHA256(), 32, b"QSocket2 v2 key update").derive(secret)
+    assert crypt.next_traffic_secret(secret) == nxt
+    assert crypt.traffic_keys(secret) == (p.client.keys.c2s_enc, p.client.keys.c2s_mac,
+                                          p.client.keys.c2s_iv)
+    new_keys = crypt.traffic_keys(nxt)
+    assert len(set(new_keys) | set(crypt.traffic_keys(secret))) == 6
+    cs, _ = p.client.records()
+    _, sr = p.server.records()
+    sealed(cs, MsgType.TEXT, bytes(8) + b"epoch 0")
+    ku = b"".join(bytes(x) for x in cs.seal_key_update())[4:]
+    assert cs.epoch == 1 and cs.seq == 0
+    after = sealed(cs, MsgType.TEXT, bytes(8) + b"epoch 1")
+    # the record after the update is exactly a seq 0 record under the new keys
+    assert after == sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *new_keys),
+                           MsgType.TEXT, bytes(8) + b"epoch 1")
+    assert sr.open(sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *crypt.traffic_keys(secret)),
+                          MsgType.TEXT, bytes(8) + b"epoch 0"))[0] == MsgType.TEXT
+    assert sr.open(ku) == (MsgType.KEY_UPDATE, b"")
+    assert sr.epoch == 1 and sr.seq == 0
+    assert sr.open(after) == (MsgType.TEXT, bytes(8) + b"epoch 1")
+
+
+@pytest.mark.parametrize("old_seq", [2, 0])
+def test_a_record_under_the_old_key_after_an_update_is_refused(old_seq):
+    """After a KeyUpdate the old epoch's key opens nothing: neither the record it would
+    seal next (seq 2) nor one numbered as the new epoch's first (seq 0)."""
+    p = handshake_pair()
+    cs, _ = p.client.records()
+    _, sr = p.server.records()
+    old = crypt.RecordSender(crypt.DIRECTION_C2S, p.client.keys.c2s_enc,
+                             p.client.keys.c2s_mac, p.client.keys.c2s_iv)
+    assert sr.open(sealed(cs, MsgType.TEXT, bytes(8)))[0] == MsgType.TEXT
+    assert sr.open(b"".join(bytes(x) for x in cs.seal_key_update())[4:])[0] == MsgType.KEY_UPDATE
+    old.seq = old_seq
+    with pytest.raises(AuthError):
+        sr.open(sealed(old, MsgType.TEXT, bytes(8)))
+
+
+def test_key_update_is_due_at_the_record_limit_and_after_an_hour():
+    p = handshake_pair()
+    cs, cr = crypt.record_pair(p.client.keys, "client", update_limit=4)
+    ss, sr = crypt.record_pair(p.server.keys, "server", update_limit=4)
+    now = 1000.0
+    for i in range(3):
+        assert not cs.update_due(now)
+        assert sr.open(sealed(cs, MsgType.TEXT, bytes(8)))[0] == MsgType.TEXT, i
+    assert cs.update_due(now)  # the 4th record of the epoch must be the KeyUpdate
+    sr.open(b"".join(bytes(x) for x in cs.seal_key_update(now))[4:])
+    assert cs.epoch == sr.epoch == 1 and not cs.update_due(now)
+    # a sender that does not update is refused by the receiver at the limit
+    for _ in range(4):
+        sr.open(sealed(cs, MsgType.TEXT, bytes(8)))
+    with pytest.raises(RemoteProtocolError, match="without a key update"):
+        sr.open(sealed(crypt.RecordSender(crypt.DIRECTION_C2S, *crypt.traffic_keys(
+            crypt.next_traffic_secret(p.client.keys.c2s_traffic))), MsgType.TEXT, bytes(8)))
+    with pytest.raises(LocalProtocolError, match="a key update was due"):
+        cs.seal(MsgType.TEXT, bytes(8))
+    # time: the clock is the caller's; an hour in one epoch makes the update due
+    ss.update_due(now)
+    assert not ss.update_due(now + crypt.KEY_UPDATE_SECONDS - 1)
+    assert ss.update_due(now + crypt.KEY_UPDATE_SECONDS)
+    ss.seal_key_update(now + crypt.KEY_UPDATE_SECONDS)
+    assert not ss.update_due(now + crypt.KEY_UPDATE_SECONDS + 1)
+    assert crypt.KEY_UPDATE_RECORDS == 1 << 20 and crypt.KEY_UPDATE_SECONDS == 3600
+
+
+def test_a_key_update_with_a_payload_is_refused():
+    p = handshake_pair()
+    cs, _ = p.client.records()
+    _, sr = p.server.records()
+    with pytest.raises(RemoteProtocolError, match="KeyUpdate"):
+        sr.open(sealed(cs, MsgType.KEY_UPDATE, b"x"))
 
 
 # --- verification code and key log --------------------------------------------------------
 def test_verification_code_matches_within_a_session_and_differs_between_sessions():
     a, b = handshake_pair(), handshake_pair()
-    code_a = crypt.verification_code(a.client.keys)
-    assert code_a == crypt.verification_code(a.server.keys)
+    code_a = a.client.code
+    assert code_a == a.server.code
     assert re.fullmatch(r"\d{4}-\d{4}-\d{4}", code_a)
-    assert code_a != crypt.verification_code(b.client.keys)
-    assert crypt.verification_code(b.client.keys) == crypt.verification_code(b.server.keys)
-    # it comes from its own key, not from anything the key log reveals
+    assert code_a != b.client.code
+    assert b.client.code == b.server.code
+    # the code is HMAC(verification, nonce_c), cut to 12 digits
     keys = a.client.keys
+    nonce = crypt.open_client_auth(keys, a.client_auth).nonce
+    digest = hmac.new(keys.verification, nonce, hashlib.sha256).digest()
+    digits = f"{int.from_bytes(digest[:8], 'big') % 10**12:012d}"
+    assert code_a == f"{digits[:4]}-{digits[4:8]}-{digits[8:]}"
+    assert crypt.verification_code(keys, nonce) == code_a
+    # it depends on its key (both secrets, the transcript through the core) and the nonce
     assert crypt.verification_code(dataclasses.replace(
-        keys, verification=flip(keys.verification, 7, 0))) != code_a
+        keys, verification=flip(keys.verification, 7, 0)), nonce) != code_a
+    assert crypt.verification_code(keys, flip(nonce, 31)) != code_a
+    # ... and on nothing the key log reveals
     logged = {"c2s_enc", "c2s_mac", "c2s_iv", "s2c_enc", "s2c_mac", "s2c_iv"}
     other = dataclasses.replace(keys, **{name: bytes(len(getattr(keys, name)))
                                          for name in logged})
-    assert crypt.verification_code(other) == code_a
+    assert crypt.verification_code(other, nonce) == code_a
+
+
+# --- commit-then-reveal -------------------------------------------------------------------
+def test_client_hello_commits_to_the_nonce_the_client_auth_reveals():
+    nonce = bytes(range(NONCE_SIZE))
+    c, s = ClientHandshake(identity("client"), nonce=nonce), ServerHandshake(identity("server"))
+    ch, _, ca = run(c, s)
+    assert field(ch, CH_FIELDS, "commitment") == hashlib.sha256(
+        b"QSocket2 v2 code commitment" + nonce).digest()
+    assert crypt.open_client_auth(s.keys, ca).nonce == nonce
+    assert c.code == s.code
+
+
+def test_a_nonce_that_does_not_open_the_commitment_is_refused():
+    """A client (or a man in the middle) that reveals another nonce than it committed to
+    is refused with AUTH_FAILED, even though everything else verifies."""
+    c = ClientHandshake(identity("client"), nonce=bytes(32))
+    s = ServerHandshake(identity("server"))
+    ch = c.create_client_hello()
+    s.consume_client_hello(ch)
+    c.consume_server_hello(s.create_server_hello())
+    c._nonce = bytes(31) + b"\x01"  # sign and seal a different nonce, validly
+    with pytest.raises(AuthError, match="does not open its commitment"):
+        s.consume_client_auth(c.create_client_auth())
+    assert s.client is None and s.code is None
+    assert_server_failed_for_good(s)
+
+
+def test_client_identity_is_absent_from_the_plaintext_handshake():
+    """Only the server identity travels in the clear; the client's is sealed (v2)."""
+    cid = identity("client")
+    p = handshake_pair(cid, identity("server"))
+    wire = p.client_hello + p.server_hello + p.client_auth
+    for part in (cid.public.ecdsa, cid.public.mldsa, cid.public.ecdsa[1:33],
+                 cid.public.mldsa[:32], cid.public.mldsa[-32:],
+                 cid.fingerprint().encode()):
+        assert part not in wire
+    assert identity("server").public.mldsa in wire  # the client needs it for its pin
+    # the server still learns and authenticates it
+    assert p.server.client.identity == cid.public
+
+
+def test_sealed_client_identity_is_bound_by_the_signature():
+    """A man in the middle holding the handshake keys cannot swap in another identity:
+    the client's signature covers nonce and identity (here: the real client's
+    signature resealed under another identity is refused)."""
+    c, s = fresh()
+    s.consume_client_hello(c.create_client_hello())
+    c.consume_server_hello(s.create_server_hello())
+    auth = crypt.open_client_auth(c.keys, c.create_client_auth())
+    other = ClientAuth(auth.nonce, identity("other").public, auth.signatures, auth.finished)
+    with pytest.raises(AuthError, match="signature does not verify"):
+        s.consume_client_auth(crypt.seal_client_auth(s.keys, other.encode_inner()))
+    assert_server_failed_for_good(s)
+
+
+# --- a grinding man in the middle -------------------------------------------------------
+# The attack of issue 12: a man in the middle M has finished its own handshake with the
+# real server, so the code the server will show (TARGET) is fixed.  Playing the server
+# toward the victim, M picks the ServerHello after seeing the victim's ClientHello,
+# grinding server randoms offline.  The model below computes both codes with the core's
+# functions (messages, commitment, key schedule, Finished, code); to stay fast it keeps
+# the ephemeral secrets fixed between tries and varies only the randoms and the nonce.
+CODE_DIGITS = 4
+TRIES = 10**4
+TARGET = "4711"  # any fixed value: M's session with the real server is fixed beforehand
+MITM_ID = crypt.Identity.from_seeds(0x4D4D, bytes(range(32)))
+MITM_ECDH, MITM_SHARE = crypt.ecdh_generate(0x5E5E)
+VICTIM_ECDH, VICTIM_SHARE = crypt.ecdh_generate(0x1C1C)
+VICTIM_EK = crypt.CryptographyKEM().generate(bytes(64))[1]
+MODEL_ECDH = crypt.ecdh_shared(MITM_ECDH, VICTIM_SHARE)
+MODEL_MLKEM, MODEL_CT = hashlib.sha256(b"model").digest(), bytes(MLKEM1024_CT)
+
+
+def _session(ch: bytes, server_random: bytes) -> crypt.SessionKeys:
+    """The keys of a session with this ClientHello and server random."""
+    core = ServerHello.encode_core(server_random, MITM_SHARE, MODEL_CT, MITM_ID.public)
+    return crypt.derive_keys(MODEL_ECDH, MODEL_MLKEM,
+                             hashlib.sha256(PROTOCOL_LABEL + ch + core).digest())
+
+
+def _v1_code(keys, nonce) -> str:
+    """The version 1 rule: the code from the key schedule alone (no committed nonce)."""
+    n = int.from_bytes(keys.verification[:8], "big") % 10**12
+    return f"{n:012d}"
+
+
+def _v2_code(keys, nonce) -> str:
+    return crypt.verification_code(keys, nonce).replace("-", "")
+
+
+def _victim_hello(rng) -> tuple[bytes, bytes]:
+    nonce = rng.randbytes(32)
+    return ClientHello(rng.randbytes(32), VICTIM_SHARE, VICTIM_EK,
+                       crypt.commitment(nonce)).encode(), nonce
+
+
+def _grind(ch: bytes, rng, tries: int, code_rule, nonce_known) -> tuple[bytes, int]:
+    """M's best server random: the first of `tries` whose code, as M can compute it,
+    shows TARGET (else the first), and how many it tried.  M knows the nonce only where
+    the design gives it away (v1 uses none)."""
+    first = None
+    for i in range(1, tries + 1):
+        server_random = rng.randbytes(32)
+        first = first or server_random
+        if code_rule(_session(ch, server_random), nonce_known)[:CODE_DIGITS] == TARGET:
+            return server_random, i
+    return first, tries
+
+
+def test_a_grinding_man_in_the_middle_matches_the_code_only_by_chance():
+    """Version 2: the victim reveals its nonce only after M has sent its ServerHello,
+    so M's offline grinding cannot see the code it produces.  Each of TRIES attempts
+    (one victim session each, M grinding 3 candidates against its best guess of the
+    nonce) matches 4 digits with chance 10^-4, so the matches are Binomial(10^4, 10^-4),
+    mean 1: P(X >= 9) < 1.2e-6, and 8 is the bound."""
+    rng = random.Random(12)
+    matches = 0
+    for _ in range(TRIES):
+        ch, nonce = _victim_hello(rng)
+        chosen, _ = _grind(ch, rng, 3, _v2_code, bytes(32))  # M's guess: it has no better
+        matches += _v2_code(_session(ch, chosen), nonce)[:CODE_DIGITS] == TARGET
+    assert matches <= 8
+
+
+def test_the_same_man_in_the_middle_grinds_the_version_1_code():
+    """The control: the same harness against the version 1 rule (code from the keys
+    alone, M speaking second) makes ONE victim session show TARGET, where chance is
+    10^-4: M evaluates each candidate offline and stops at a match (expected after
+    ~10^4 tries; capped at 6*10^4, which misses with chance e^-6 for a random seed).
+    So the test above would catch the old design.  The same search against the version 2
+    rule is blind: what M finds holds only for its guess of the nonce."""
+    rng = random.Random(12)
+    ch, nonce = _victim_hello(rng)
+    chosen, tried = _grind(ch, rng, 6 * TRIES, _v1_code, None)
+    assert _v1_code(_session(ch, chosen), nonce)[:CODE_DIGITS] == TARGET
+    assert tried > 1  # found by search, not by the first candidate
+    # the same search against the version 2 rule "finds" a candidate under M's guess of
+    # the nonce, which shows another code once the real nonce is revealed (chance: 10^-4)
+    rng = random.Random(12)
+    ch, nonce = _victim_hello(rng)
+    chosen, tried = _grind(ch, rng, 6 * TRIES, _v2_code, bytes(32))
+    assert _v2_code(_session(ch, chosen), bytes(32))[:CODE_DIGITS] == TARGET
+    assert _v2_code(_session(ch, chosen), nonce)[:CODE_DIGITS] != TARGET
 
 
 def test_keylog_lines_format_and_contents():
@@ -959,8 +1214,10 @@ def test_keylog_lines_format_and_contents():
     text = crypt.keylog_lines(p.client.random, p.client.keys)
     assert text.endswith("\n")
     lines = text.splitlines()
-    assert len(lines) == 6
-    expected = [("CLIENT_TRAFFIC_ENC", p.client.keys.c2s_enc),
+    assert len(lines) == 8
+    expected = [("CLIENT_TRAFFIC_SECRET", p.client.keys.c2s_traffic),
+                ("SERVER_TRAFFIC_SECRET", p.client.keys.s2c_traffic),
+                ("CLIENT_TRAFFIC_ENC", p.client.keys.c2s_enc),
                 ("CLIENT_TRAFFIC_MAC", p.client.keys.c2s_mac),
                 ("CLIENT_TRAFFIC_IV", p.client.keys.c2s_iv),
                 ("SERVER_TRAFFIC_ENC", p.client.keys.s2c_enc),
@@ -972,7 +1229,7 @@ def test_keylog_lines_format_and_contents():
     # both sides write identical lines; nothing but traffic keys is logged
     assert crypt.keylog_lines(p.server.client_random, p.server.keys) == text
     for secret in (p.client.keys.server_finished, p.client.keys.client_finished,
-                   p.client.keys.verification):
+                   p.client.keys.verification, p.client.keys.auth_enc, p.client.keys.auth_mac):
         assert secret.hex() not in text
 
 

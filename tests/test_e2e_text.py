@@ -24,7 +24,7 @@ def test_unknown_host_in_batch_mode_is_refused_and_nothing_delivered(env: Env):
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: unknown server [127.0.0.1]:{srv.port} with fingerprint {srv.fingerprint}; "
         f"verify it, then use --fingerprint {srv.fingerprint} (or --accept-new-host)")
-    srv.wait_for(r"closed: peer refused: client does not trust this server")
+    srv.wait_for(r"closed: peer refused: authentication failed")
     assert "must not arrive" not in srv.output()
     assert not (env.client_home / "known_hosts").exists()
 
@@ -98,19 +98,36 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     for line in keylog.read_text().splitlines():
         label, client_random, key = line.split()
         keys[label] = bytes.fromhex(key)
-    # frames: ClientHello, ClientAuth (plaintext), then records client->server from seq 0
+    # frames: ClientHello, ClientAuth (sealed), then records client->server from seq 0
     frames, data = [], bytes(relay.c2s)
     while data:
         (n,) = struct.unpack(">I", data[:4])
         frames.append(data[4:4 + n])
         data = data[4 + n:]
     assert client_random == frames[0][7:39].hex()  # type, magic, version, then the random
+    # the logged traffic secret gives the epoch keys (docs/PROTOCOL.md section 7), so a
+    # tool can follow the session through key updates; epoch 0 is also logged as keys
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    secret = keys["QSOCKET2_CLIENT_TRAFFIC_SECRET"]
+    for part, n in (("ENC", 32), ("MAC", 32), ("IV", 8)):
+        label = f"QSocket2 v2 traffic {part.lower()}".encode()
+        assert HKDFExpand(hashes.SHA256(), n, label).derive(secret) == \
+            keys[f"QSOCKET2_CLIENT_TRAFFIC_{part}"]
     receiver = crypt.RecordReceiver(crypt.DIRECTION_C2S, keys["QSOCKET2_CLIENT_TRAFFIC_ENC"],
                                     keys["QSOCKET2_CLIENT_TRAFFIC_MAC"],
                                     keys["QSOCKET2_CLIENT_TRAFFIC_IV"])
     first = decode_message(*receiver.open(frames[2]))
     assert isinstance(first, Text) and first.text == "read me from the capture"
     assert b"read me" not in bytes(relay.c2s)  # and it was not in the clear on the wire
+    # protocol version 2: the client's identity never travels in the clear
+    import keystore
+
+    client_id, created = keystore.load_identity(keystore.open_home(env.client_home))
+    assert not created
+    assert client_id.public.ecdsa not in bytes(relay.c2s)
+    assert client_id.public.mldsa[:64] not in bytes(relay.c2s)
 
 
 def test_keylog_is_off_by_default(env: Env):

@@ -508,7 +508,7 @@ def test_first_contact_question(terms: Terminals, answer: str):
         cli.expect_line(r"^error: server not trusted; nothing recorded$")
         assert cli.wait_exit() == 4
         assert not known_hosts.exists() or known_hosts.read_text() == ""
-        srv.wait_for(r"closed: peer refused: client does not trust this server")
+        srv.wait_for(r"closed: peer refused: authentication failed")
         assert "connected from" not in srv.output()
     else:
         cli.expect_line(rf"^recorded {re.escape(key)} {re.escape(srv.fingerprint)} in "

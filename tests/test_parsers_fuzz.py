@@ -49,11 +49,12 @@ SLOW = settings(max_examples=150, deadline=None,
 C_RANDOM = bytes(range(32))
 C_SCALAR = 0xC0FFEE
 C_SEED = bytes(range(64, 128))
+C_NONCE = bytes(range(128, 160))
 
 
 def fixed_client() -> ClientHandshake:
     return ClientHandshake(identity("client"), random=C_RANDOM, ecdh_scalar=C_SCALAR,
-                           mlkem_seed=C_SEED)
+                           mlkem_seed=C_SEED, nonce=C_NONCE)
 
 
 _GENUINE: dict[str, object] = {}
@@ -215,7 +216,26 @@ def test_read_frame_refuses_a_bad_length_before_any_data(length, tail):
 
 
 # --- handshake message decoders --------------------------------------------------------------
-DECODERS = {"ch": ClientHello.decode, "sh": ServerHello.decode, "ca": ClientAuth.decode}
+class _Sealed:
+    """A ClientAuth opened with the genuine session's handshake keys; encode() reseals."""
+
+    def __init__(self, auth: ClientAuth) -> None:
+        self.auth = auth
+
+    def encode(self) -> bytes:
+        return crypt.seal_client_auth(genuine()["keys"], self.auth.encode_inner())
+
+
+def decode_client_auth(body: bytes) -> _Sealed:
+    """The ClientAuth is sealed: its decoder is the opening, which fails as an AuthError
+    (the seal does not verify) or a RemoteProtocolError (type, size), nothing else."""
+    try:
+        return _Sealed(crypt.open_client_auth(genuine()["keys"], body))
+    except protocol.AuthError as e:
+        raise RemoteProtocolError(str(e)) from e
+
+
+DECODERS = {"ch": ClientHello.decode, "sh": ServerHello.decode, "ca": decode_client_auth}
 
 
 @pytest.mark.parametrize("kind", sorted(DECODERS))
@@ -253,7 +273,7 @@ def test_handshake_decoders_round_trip_the_genuine_messages():
 
 # --- application messages -----------------------------------------------------------------
 VALID_MESSAGES = [
-    protocol.Welcome(), protocol.Refused(protocol.Reason.BUSY, "busy"),
+    protocol.Welcome(), protocol.Refused(protocol.Reason.BUSY, "busy"), protocol.KeyUpdate(),
     protocol.Text(7, "héllo"), protocol.Delivered(7), protocol.FileOffer(1234, "a.jpg"),
     protocol.FileAccept(), protocol.FileReject(protocol.Reason.NOT_JPEG, "no"),
     protocol.FileData(b"\xff\xd8\xff" + bytes(20)), protocol.FileEnd(bytes(32)),

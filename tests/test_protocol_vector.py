@@ -30,6 +30,7 @@ import crypt
 import protocol
 import server
 import server_data
+import transfer
 from protocol import (
     MESSAGES,
     AlertCode,
@@ -146,8 +147,26 @@ def doc_key_schedule() -> list[tuple[str, str, int]]:
     """(key name, label, length) for every HKDF-Expand line of section 7."""
     rows = re.findall(r'^(\w+)\s+= HKDF-Expand\(PRK, "([^"]+)", (\d+)\)$',
                       section("7. Key schedule"), re.M)
-    assert len(rows) == 9, rows
+    assert len(rows) == 8, rows
     return [(name, label, int(length)) for name, label, length in rows]
+
+
+def doc_epoch_schedule() -> tuple[list[tuple[str, str, int]], str]:
+    """The epoch keys from a traffic secret, and the KeyUpdate label, of section 7."""
+    text = section("7. Key schedule")
+    rows = re.findall(r'^(\w+)\s+= HKDF-Expand\(secret, "([^"]+)", (\d+)\)$', text, re.M)
+    assert [name for name, _, _ in rows] == ["enc", "mac", "iv"], rows
+    update = re.search(r'^secret_\(i\+1\) = HKDF-Expand\(secret_i, "([^"]+)", 32\)$', text, re.M)
+    return [(n, label, int(length)) for n, label, length in rows], update.group(1)
+
+
+def doc_epoch_keys(secret: bytes) -> dict[str, bytes]:
+    rows, _ = doc_epoch_schedule()
+    return {name: hmac256(secret, label.encode() + b"\x01")[:n] for name, label, n in rows}
+
+
+def doc_next_secret(secret: bytes) -> bytes:
+    return hmac256(secret, doc_epoch_schedule()[1].encode() + b"\x01")
 
 
 def doc_derive(ecdh_secret: bytes, mlkem_secret: bytes, salt: bytes) -> dict[str, bytes]:
@@ -157,6 +176,9 @@ def doc_derive(ecdh_secret: bytes, mlkem_secret: bytes, salt: bytes) -> dict[str
     for name, label, length in doc_key_schedule():
         assert length <= 32
         keys[name] = hmac256(prk, label.encode() + b"\x01")[:length]
+    for side in ("c2s", "s2c"):  # epoch 0 record keys from the traffic secrets
+        for part, key in doc_epoch_keys(keys[f"{side}_traffic"]).items():
+            keys[f"{side}_{part}"] = key
     return keys
 
 
@@ -209,7 +231,8 @@ def run() -> Run:
                                     vb("server_identity_mldsa_seed"))
     c = client_data.ClientHandshake(cid, random=vb("client_random"),
                                     ecdh_scalar=vint("client_ecdh_scalar"),
-                                    mlkem_seed=vb("client_mlkem_seed"))
+                                    mlkem_seed=vb("client_mlkem_seed"),
+                                    nonce=vb("client_nonce"))
     s = server_data.ServerHandshake(sid, random=vb("server_random"),
                                     ecdh_scalar=vint("server_ecdh_scalar"))
     ch = c.create_client_hello()
@@ -226,6 +249,9 @@ def test_vector_has_every_entry():
     expected = {
         "client_random", "server_random", "client_ecdh_scalar", "server_ecdh_scalar",
         "client_mlkem_seed", "client_identity_ecdsa_scalar", "client_identity_mldsa_seed",
+        "client_nonce", "commitment", "auth_enc", "auth_mac", "auth_iv",
+        "c2s_traffic", "s2c_traffic", "record_c2s_2_key_update", "c2s_traffic_1", "c2s_enc_1",
+        "c2s_mac_1", "c2s_iv_1", "record_c2s_epoch_1_0_text_3_again",
         "server_identity_ecdsa_scalar", "server_identity_mldsa_seed", "mlkem_secret",
         "mlkem_ciphertext", "client_ecdh_share", "server_ecdh_share", "client_mlkem_ek_sha256",
         "client_identity_ecdsa_public", "client_identity_mldsa_public_sha256",
@@ -295,8 +321,8 @@ def test_hello_hashes_and_transcript(run):
     assert sha256(LABEL).hex() == VECTOR["transcript_label"]
     assert sha256(LABEL + run.client_hello).hex() == VECTOR["transcript_h_ch"]
     assert sha256(LABEL + run.client_hello + core).hex() == VECTOR["transcript_h_core"]
-    # the whole transcript, as both cores end it
-    whole = sha256(LABEL + run.client_hello + run.server_hello + run.client_auth)
+    # the whole transcript, as both cores end it: the ClientAuth's plaintext, not its seal
+    whole = sha256(LABEL + run.client_hello + run.server_hello + doc_open_auth(run))
     assert run.client.transcript_hash == run.server.transcript_hash == whole
 
 
@@ -306,27 +332,94 @@ def test_key_schedule(run):
     code_keys = crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
                                   vb("transcript_h_core"))
     assert run.client.keys == run.server.keys == code_keys
-    for name, _, length in doc_key_schedule():
+    names = {f.name for f in crypt.SessionKeys.__dataclass_fields__.values()}
+    for name in names:
         assert keys[name].hex() == VECTOR[name], name
         assert getattr(code_keys, name) == keys[name], name
+    for name, _, length in doc_key_schedule():
         assert len(keys[name]) == length
     # the labels of section 7 are exactly the code's, one line per key
     assert sorted(label for _, label, _ in doc_key_schedule()) == sorted(
         label.decode() for label in crypt.LABELS.values())
-    assert {name for name, _, _ in doc_key_schedule()} == set(
-        crypt.SessionKeys.__dataclass_fields__)
+    rows, update = doc_epoch_schedule()
+    assert {f"traffic {n}": label for n, label, _ in rows} | {"key update": update} == {
+        f"traffic {k}" if k != "key update" else k: v.decode()
+        for k, v in crypt.TRAFFIC_LABELS.items()}
+    assert {name for name, _, _ in doc_key_schedule()} | {
+        f"{side}_{part}" for side in ("c2s", "s2c") for part in ("enc", "mac", "iv")} == names
+
+
+def test_first_key_update():
+    """Section 8: KeyUpdate sealed as the client's seq 2 of epoch 0, then epoch 1 from
+    the next secret, its first record at seq 0."""
+    secret_1 = doc_next_secret(vb("c2s_traffic"))
+    assert secret_1.hex() == VECTOR["c2s_traffic_1"]
+    assert crypt.next_traffic_secret(vb("c2s_traffic")) == secret_1
+    epoch_1 = doc_epoch_keys(secret_1)
+    for part in ("enc", "mac", "iv"):
+        assert epoch_1[part].hex() == VECTOR[f"c2s_{part}_1"]
+    assert crypt.traffic_keys(secret_1) == (epoch_1["enc"], epoch_1["mac"], epoch_1["iv"])
+    d = crypt.DIRECTION_C2S
+    assert doc_seal(d, *_keys(d), 2, MsgType.KEY_UPDATE, b"").hex() == \
+        VECTOR["record_c2s_2_key_update"]
+    assert doc_seal(d, epoch_1["enc"], epoch_1["mac"], epoch_1["iv"], 0, MsgType.TEXT,
+                    protocol.Text(3, "again").encode()).hex() == \
+        VECTOR["record_c2s_epoch_1_0_text_3_again"]
+    # the code: seal the session's records and the update; the server's side opens them
+    sender, _ = crypt.record_pair(crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
+                                                    vb("transcript_h_core")), "client")
+    _, receiver = crypt.record_pair(crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
+                                                      vb("transcript_h_core")), "server")
+    for name in ("record_c2s_0_text_1_hello", "record_c2s_1_text_2_world"):
+        msg = next(m for n, _, _, m in RECORDS if n == name)
+        assert b"".join(sender.seal(msg.TYPE, msg.encode())) == vb(name)
+        receiver.open(vb(name)[4:])
+    assert b"".join(sender.seal_key_update()) == vb("record_c2s_2_key_update")
+    assert receiver.open(vb("record_c2s_2_key_update")[4:]) == (MsgType.KEY_UPDATE, b"")
+    again = protocol.Text(3, "again")
+    assert b"".join(sender.seal(again.TYPE, again.encode())) == \
+        vb("record_c2s_epoch_1_0_text_3_again")
+    assert protocol.decode_message(*receiver.open(
+        vb("record_c2s_epoch_1_0_text_3_again")[4:])) == again
 
 
 def test_verification_code(run):
-    n = int.from_bytes(vb("verification"), "big") % 10**12
+    mac = hmac256(vb("verification"), vb("client_nonce"))
+    n = int.from_bytes(mac[:8], "big") % 10**12
     digits = f"{n:012d}"
     assert f"{digits[:4]}-{digits[4:8]}-{digits[8:]}" == VECTOR["verification_code"]
-    assert crypt.verification_code(run.client.keys) == VECTOR["verification_code"]
+    assert run.client.code == run.server.code == VECTOR["verification_code"]
+    assert crypt.verification_code(run.client.keys, vb("client_nonce")) == \
+        VECTOR["verification_code"]
     assert VECTOR["verification_code"] in section("6.9 Verification code")
 
 
+def test_commitment(run):
+    label = re.search(r"`SHA-256\(\"([^\"]+)\" \\\|\\\| nonce_c\)`",
+                      section("6.1 ClientHello")).group(1).encode()
+    assert label == protocol.COMMITMENT_LABEL
+    assert f"the {len(label)} ASCII bytes" in flat(section("6.1 ClientHello"))
+    assert sha256(label + vb("client_nonce")).hex() == VECTOR["commitment"]
+    assert crypt.commitment(vb("client_nonce")) == vb("commitment")
+    # the ClientAuth reveals exactly the committed nonce
+    assert crypt.open_client_auth(run.server.keys, run.client_auth).nonce == vb("client_nonce")
+
+
+def doc_open_auth(run) -> bytes:
+    """Section 6.3 with the primitives: check the tag, decrypt, drop the sealed type byte."""
+    ca = run.client_auth
+    iv, ct, tag = ca[1:17], ca[17:-32], ca[-32:]
+    assert iv == vb("auth_iv") + bytes(8)
+    assert tag == hmac256(vb("auth_mac"), bytes([crypt.DIRECTION_C2S]) + bytes(8) + iv + ct)
+    decryptor = Cipher(algorithms.AES(vb("auth_enc")), modes.CTR(iv)).decryptor()
+    plain = decryptor.update(ct) + decryptor.finalize()
+    assert plain[0] == 0x03
+    return plain[1:]
+
+
 def test_signatures_and_finished_follow_the_transcript(run):
-    ch, sh, ca = run.client_hello, run.server_hello, run.client_auth
+    ch, sh = run.client_hello, run.server_hello
+    ca = doc_open_auth(run)  # cauth: nonce, identity, signatures, Finished
     core, sigs_s, fin_s = sh[:3689], sh[3689:7062], sh[7062:]
     h_core = sha256(LABEL + ch + core)
     assert h_core.hex() == VECTOR["transcript_h_core"]
@@ -334,9 +427,11 @@ def test_signatures_and_finished_follow_the_transcript(run):
                sigs_s, h_core)
     assert fin_s == hmac256(vb("server_finished"), sha256(LABEL + ch + core + sigs_s))
     h_sfin = sha256(LABEL + ch + sh)
+    h_cid = sha256(LABEL + ch + sh + ca[:2049])
+    assert ca[:32] == vb("client_nonce")
     doc_verify("client", vb("client_identity_ecdsa_public"), run.client_id.public.mldsa,
-               ca[1:3374], h_sfin)
-    assert ca[3374:] == hmac256(vb("client_finished"), sha256(LABEL + ch + sh + ca[:3374]))
+               ca[2049:5422], h_cid)
+    assert ca[5422:] == hmac256(vb("client_finished"), sha256(LABEL + ch + sh + ca[:5422]))
     # a signature over another hash, or under the other role's context, does not verify
     with pytest.raises(InvalidSignature):
         doc_verify("server", vb("server_identity_ecdsa_public"), run.server_id.public.mldsa,
@@ -411,15 +506,20 @@ def test_keylog_example():
     keys = crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"), vb("transcript_h_core"))
     block = fenced("qsocket2-keylog")
     assert block == crypt.keylog_lines(vb("client_random"), keys)
-    names = ["CLIENT_TRAFFIC_ENC", "CLIENT_TRAFFIC_MAC", "CLIENT_TRAFFIC_IV",
+    names = ["CLIENT_TRAFFIC_SECRET", "SERVER_TRAFFIC_SECRET",
+             "CLIENT_TRAFFIC_ENC", "CLIENT_TRAFFIC_MAC", "CLIENT_TRAFFIC_IV",
              "SERVER_TRAFFIC_ENC", "SERVER_TRAFFIC_MAC", "SERVER_TRAFFIC_IV"]
-    fields = ["c2s_enc", "c2s_mac", "c2s_iv", "s2c_enc", "s2c_mac", "s2c_iv"]
+    fields = ["c2s_traffic", "s2c_traffic",
+              "c2s_enc", "c2s_mac", "c2s_iv", "s2c_enc", "s2c_mac", "s2c_iv"]
     lines = block.splitlines()
     assert lines == [f"QSOCKET2_{n} {VECTOR['client_random']} {VECTOR[f]}"
                      for n, f in zip(names, fields, strict=True)]
     prose = flat(section("14. Key log"))
     for n, f in zip(names, fields, strict=True):
         assert f"`{n}` = `{f}`" in prose
+    assert "appends eight lines" in prose
+    # the logged secrets give every later epoch, as section 14 says
+    assert doc_epoch_keys(doc_next_secret(vb("c2s_traffic")))["enc"] == vb("c2s_enc_1")
 
 
 # --- layouts ------------------------------------------------------------------------------
@@ -470,9 +570,9 @@ def test_client_hello_fields(run):
     assert _field(ch, f, "random") == vb("client_random")
     assert _field(ch, f, "ecdh_share") == vb("client_ecdh_share")
     assert sha256(_field(ch, f, "mlkem_ek")).hex() == VECTOR["client_mlkem_ek_sha256"]
-    assert _field(ch, f, "identity_ecdsa") == vb("client_identity_ecdsa_public")
-    assert sha256(_field(ch, f, "identity_mldsa")).hex() == \
-        VECTOR["client_identity_mldsa_public_sha256"]
+    assert _field(ch, f, "commitment") == vb("commitment")
+    # the client's identity is nowhere in the clear
+    assert vb("client_identity_ecdsa_public") not in ch + run.server_hello + run.client_auth
 
 
 def test_server_hello_fields(run):
@@ -495,13 +595,35 @@ def test_server_hello_fields(run):
 def test_client_auth_fields(run):
     f, ca = layout("6.3 ClientAuth"), run.client_auth
     _check_header(ca, f, protocol.HandshakeType.CLIENT_AUTH)
-    h_sfin = sha256(LABEL + run.client_hello + run.server_hello)
-    sigs = _field(ca, f, "sig_ecdsa") + _field(ca, f, "sig_mldsa")
+    assert _field(ca, f, "iv") == vb("auth_iv") + bytes(8)
+    inner_rows = tables(section("6.3 ClientAuth"))[1]
+    g, pos = {}, 0
+    for offset, size, name, _ in inner_rows:
+        assert int(offset) == pos
+        g[code(name)] = (pos, int(size), "")
+        pos += int(size)
+    assert pos == ClientAuth.INNER_SIZE
+    assert f["ciphertext"][1] == 1 + pos and f["<total>"][1] == ClientAuth.SIZE
+    cauth = doc_open_auth(run)
+    assert _field(cauth, g, "nonce") == vb("client_nonce")
+    assert _field(cauth, g, "identity_ecdsa") == vb("client_identity_ecdsa_public")
+    assert sha256(_field(cauth, g, "identity_mldsa")).hex() == \
+        VECTOR["client_identity_mldsa_public_sha256"]
+    h_cid = sha256(LABEL + run.client_hello + run.server_hello + cauth[: g["sig_ecdsa"][0]])
+    sigs = _field(cauth, g, "sig_ecdsa") + _field(cauth, g, "sig_mldsa")
     doc_verify("client", vb("client_identity_ecdsa_public"), run.client_id.public.mldsa,
-               sigs, h_sfin)
-    signed = ca[: f["finished"][0]]
-    assert _field(ca, f, "finished") == hmac256(
+               sigs, h_cid)
+    signed = cauth[: g["finished"][0]]
+    assert _field(cauth, g, "finished") == hmac256(
         vb("client_finished"), sha256(LABEL + run.client_hello + run.server_hello + signed))
+
+
+def test_name_sanitising_examples():
+    examples = fenced("qsocket2-names", section("11.3 Names"))
+    pairs = [line.split(" -> ") for line in examples.splitlines()]
+    assert len(pairs) == 8
+    for sent, saved in pairs:
+        assert transfer.sanitise_name(sent) == saved, sent
 
 
 def test_alert_tables():
@@ -608,7 +730,7 @@ def test_size_and_limit_tables():
             continue
         assert _constant(name) == int(value), name
         checked += 1
-    assert checked == len(sizes) + 7
+    assert checked == len(sizes) + 9
     m = re.search(r"MAX_FRAME = IV_SIZE \+ \(1 \+ CHUNK_SIZE\) \+ MAC_SIZE = "
                   r"(\d+) \+ (\d+) \+ (\d+) = (\d+)", section("3. Framing"))
     assert tuple(int(x) for x in m.groups()) == (
