@@ -309,9 +309,15 @@ class Server:
                          f"admitted but no longer recorded (use --authorized-clients to "
                          f"admit only known ones)")
                 return
-            self.known_clients.add(fp)
             when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            keystore.append_line(path, known_clients_line(fp, peer, when))
+            try:
+                keystore.append_line(path, known_clients_line(fp, peer, when))
+            except keystore.HomeError as e:
+                # a record, not an access list: a full disk or no free fd must not
+                # turn clients away; the next session of this client tries again
+                self.log(f"warning: client {fp} not recorded: {e}")
+                return
+            self.known_clients.add(fp)
         self.log(f"new client {fp} recorded in {path}")
 
     # shutting down ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import base64
 import errno
 import hashlib
 import re
+import resource
 import socket
 import subprocess
 import threading
@@ -401,3 +402,58 @@ def test_max_startups_per_source_must_be_positive(env: Env):
     assert r.returncode == 2
     assert r.stderr.splitlines() == ["error: --max-startups-per-source must be at least 1 "
                                      "(see --help)"]
+
+
+def test_a_server_out_of_file_descriptors_logs_once_and_serves_when_they_return(env: Env):
+    """A real EMFILE: the server's fd limit is lowered so that two held connections use
+    it up.  The third connection (a real client) waits in the backlog while accept()
+    fails; one log line for the burst; once the two go, the client is served (even if
+    known_clients cannot be written yet for want of an fd: a record, not a gate)."""
+    srv = env.server("--handshake-timeout", "60")
+    pin(env, srv)
+    pid = srv.p.pid
+    _, fds = idle_counts(pid)
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (fds + 2, hard))
+    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=IO_TIMEOUT)
+            for _ in range(2)]
+    try:
+        wait_until(lambda: counts(pid)[1] == fds + 2, IO_TIMEOUT, "both connections accepted")
+        late = subprocess.Popen([PY, "client.py", "--home", str(env.client_home), "--port",
+                                 str(srv.port), "--send-text", "served after EMFILE"],
+                                cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        srv.wait_for(r"^accept failed: Too many open files; retrying with a growing back-off "
+                     r"\(at most 1 s\)$")
+    finally:
+        for sock in held:
+            sock.close()
+    out, err = late.communicate(timeout=60)
+    assert late.returncode == 0, err
+    srv.wait_for(r"\] served after EMFILE$")
+    assert srv.output().count("accept failed") == 1
+    assert "Traceback" not in srv.output()
+
+
+def test_a_known_clients_file_that_cannot_be_written_does_not_turn_clients_away(
+        tmp_path: Path, monkeypatch):
+    srv, lines = in_process_server(tmp_path)
+
+    def cannot_write(path, line):
+        raise server.keystore.HomeError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(server.keystore, "append_line", cannot_write)
+    loop = run_accept_loop(srv)
+    try:
+        for _ in range(2):  # admitted each time, and each time it tries to record again
+            sock, _ = raw_session(srv.listener.getsockname()[1], "unrecorded")
+            sock.close()
+        fp = identity("unrecorded").fingerprint()
+        path = tmp_path / "home" / "known_clients"
+        warning = (f"warning: client {fp} not recorded: cannot write {path}: No space left "
+                   f"on device")
+        wait_until(lambda: lines.count(warning) == 2, IO_TIMEOUT, "two warnings")
+        assert srv.known_clients == set()
+    finally:
+        srv.shutdown()
+        loop.join(IO_TIMEOUT)
