@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean mutants
+.PHONY: test demo bench soak lint clean mutants
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ mutants: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+
+# About 2 minutes of honest and hostile load against one server, then leak checks;
+# longer with: make soak SOAK_SECONDS=1800
+SOAK_SECONDS ?= 120
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS)
 
 # A headless server on a free port with a temporary home, one batch-mode text, both
 # sides' output, then the server is stopped.

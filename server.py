@@ -5,6 +5,7 @@ runs until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import sys
@@ -40,6 +41,11 @@ from server_data import (
 __version__ = "2.0.0"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 SHUTDOWN_GRACE = 4.0
+# accept() failing (EMFILE, ENFILE, ENOBUFS, ENOMEM...): wait, doubling from the first
+# delay up to the cap, as Go's net/http does, rather than spin on a listener that stays
+# readable while the error lasts
+ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP = 0.005, 1.0
+MAX_KNOWN_CLIENTS = 10_000  # lines in known_clients: strangers cannot grow it without bound
 
 
 def build_parser() -> session.Parser:
@@ -62,6 +68,9 @@ def build_parser() -> session.Parser:
                         "one more gets a 'server busy' refusal")
     p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a connection has to finish the handshake (default 10)")
+    p.add_argument("--max-startups-per-source", type=int, default=10, metavar="N",
+                   help="connections from one address still in the handshake (default 10, "
+                        "as OpenSSH's MaxStartups); one more gets a 'busy' refusal")
     p.add_argument("--authorized-clients", type=Path, metavar="FILE",
                    help="admit only the client fingerprints listed in FILE "
                         "(one per line, optional name after it, # comments)")
@@ -102,9 +111,11 @@ class Server:
         self.clients: dict[int, Client] = {}
         self.threads: set[threading.Thread] = set()
         self.slots = threading.BoundedSemaphore(args.max_clients)
+        self.startups: dict[str, int] = {}  # source address: connections in the handshake
         self.listener: socket.socket | None = None
         # read once: re-reading a growing file on every connection costs each handshake
         self.known_clients = parse_known_clients(keystore.read_text(home / keystore.KNOWN_CLIENTS))
+        self.known_clients_full = False
         self._next = 0
 
     def log(self, line: str) -> None:
@@ -125,58 +136,115 @@ class Server:
         return sock.getsockname()[:2]
 
     def accept_loop(self) -> None:
+        """Accept until shutdown.  Nothing one connection does, and no lack of
+        resources, ends this loop: it backs off and serves again once they return."""
+        backoff = 0.0
         while not self.stopping.is_set():
             try:
                 sock, addr = self.listener.accept()
-            except OSError:
+            except OSError as e:
                 if self.stopping.is_set():
                     return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue  # that connection is gone; the next one may be fine
+                if not backoff:  # one line per burst, not one per failed accept
+                    self.log(f"accept failed: {e.strerror or e}; retrying with a growing "
+                             f"back-off (at most {ACCEPT_BACKOFF_CAP:g} s)")
+                backoff = min(backoff * 2 or ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP)
+                self.back_off(backoff)
                 continue
+            backoff = 0.0
             peer = f"{addr[0]}:{addr[1]}"
-            if not self.slots.acquire(blocking=False):
-                # polite and cheap: a plaintext alert, never a thread
-                self.log(f"connection from {peer} refused: server busy "
-                         f"({self.args.max_clients} connections)")
-                refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
-                continue
-            t = threading.Thread(target=self.serve, args=(sock, peer), daemon=True,
-                                 name=f"client {peer}")
+            try:
+                self.admit(sock, peer, addr[0])
+            except Exception as e:  # last resort: that connection only, never the loop
+                self.log(f"connection from {peer} refused: internal error: {e!r}")
+                sock.close()
+
+    def back_off(self, seconds: float) -> None:
+        self.stopping.wait(seconds)
+
+    def admit(self, sock: socket.socket, peer: str, source: str) -> None:
+        """Give one accepted connection a slot and a thread, or refuse it cheaply:
+        a plaintext alert, never a thread."""
+        if not self.slots.acquire(blocking=False):
+            self.log(f"connection from {peer} refused: server busy "
+                     f"({self.args.max_clients} connections)")
+            refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
+            return
+        if not self.start_handshake(source):
+            self.slots.release()
+            self.log(f"connection from {peer} refused: {self.args.max_startups_per_source} "
+                     f"handshakes from {source} already in progress")
+            refuse(sock, Alert(AlertCode.BUSY, "too many handshakes from your address, "
+                                               "try again later"))
+            return
+        t = threading.Thread(target=self.serve, args=(sock, peer, source), daemon=True,
+                             name=f"client {peer}")
+        try:
             with self.lock:
                 self.threads.add(t)
             t.start()
+        except Exception as e:  # e.g. RuntimeError: can't start new thread
+            with self.lock:
+                self.threads.discard(t)
+            self.end_handshake(source)
+            self.slots.release()
+            self.log(f"connection from {peer} refused: cannot serve it: {e}")
+            refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
+
+    def start_handshake(self, source: str) -> bool:
+        """Count one more connection from `source` in the handshake, unless it already
+        has as many as allowed (OpenSSH's PerSourceMaxStartups)."""
+        with self.lock:
+            n = self.startups.get(source, 0)
+            if n >= self.args.max_startups_per_source:
+                return False
+            self.startups[source] = n + 1
+            return True
+
+    def end_handshake(self, source: str) -> None:
+        with self.lock:
+            n = self.startups.pop(source) - 1
+            if n:
+                self.startups[source] = n
 
     # one connection ------------------------------------------------------------------------
-    def serve(self, sock: socket.socket, peer: str) -> None:
+    def serve(self, sock: socket.socket, peer: str, source: str) -> None:
         try:
-            self._serve(sock, peer)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                result = self.handshake(sock, peer)
+            finally:
+                self.end_handshake(source)  # a session no longer counts as a startup
+            if result is not None:
+                self._serve(sock, peer, *result)
         except Exception as e:  # a bad peer must never take the server down
             self.log(f"connection from {peer} closed: internal error: {e!r}")
         finally:
+            session.shut_down(sock)
             sock.close()
+            # the slot is free only now: _serve returned once the session's threads ended
             self.slots.release()
             with self.lock:
                 self.threads.discard(threading.current_thread())
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        result = self.handshake(sock, peer)
-        if result is None:
-            return
-        hs, fp = result
+    def _serve(self, sock: socket.socket, peer: str, hs: ServerHandshake, fp: str) -> None:
         name = (self.authorized or {}).get(fp, "")
         label = f"{name} {fp}" if name else fp
         records = hs.records()
         sender = records[0]
 
         # admission: authorised list, then welcome
-        self.record_client(fp, peer)  # refused ones too: the operator may add them
         if self.authorized is not None and fp not in self.authorized:
+            # logged, not recorded: strangers must not grow a file on our disk
             self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
             session.send_pieces(sock, sender.seal(Refused.TYPE, Refused(
                 Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
             ).encode()))
             sock.shutdown(socket.SHUT_WR)
             return
+        self.record_client(fp, peer)
         session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
         sock.settimeout(None)
         session.write_keylog(hs.client_random, hs.keys)
@@ -234,11 +302,23 @@ class Server:
     def record_client(self, fp: str, peer: str) -> None:
         path = self.home / keystore.KNOWN_CLIENTS
         with self.lock:
-            if fp in self.known_clients:
+            if fp in self.known_clients or self.known_clients_full:
+                return
+            if len(self.known_clients) >= MAX_KNOWN_CLIENTS:
+                self.known_clients_full = True
+                self.log(f"warning: {path} holds {MAX_KNOWN_CLIENTS} clients; new clients are "
+                         f"admitted but no longer recorded (use --authorized-clients to "
+                         f"admit only known ones)")
+                return
+            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            try:
+                keystore.append_line(path, known_clients_line(fp, peer, when))
+            except keystore.HomeError as e:
+                # a record, not an access list: a full disk or no free fd must not
+                # turn clients away; the next session of this client tries again
+                self.log(f"warning: client {fp} not recorded: {e}")
                 return
             self.known_clients.add(fp)
-            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            keystore.append_line(path, known_clients_line(fp, peer, when))
         self.log(f"new client {fp} recorded in {path}")
 
     # shutting down ---------------------------------------------------------------------------
@@ -351,6 +431,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_clients < 1:
         build_parser().error("--max-clients must be at least 1")
+    if args.max_startups_per_source < 1:
+        build_parser().error("--max-startups-per-source must be at least 1")
     if args.handshake_timeout <= 0:
         build_parser().error("--handshake-timeout must be positive")
     try:

@@ -12,6 +12,7 @@ import mmap
 import os
 import queue
 import socket
+import struct
 import sys
 import threading
 import time
@@ -53,6 +54,8 @@ MAX_BACKLOG = 64  # records waiting for the writer before the peer counts as not
 REPLY_TIMEOUT = 30.0  # seconds for Delivered and FileAccept, answered at once by the peer
 SAVED_TIMEOUT = 600.0  # seconds for FileSaved: the receiver flushes the whole file first
 STALL_TIMEOUT = 120.0  # seconds a file stream may make no progress before we give up
+SEND_TIMEOUT = 60.0  # seconds the writer may make no progress before the session ends
+EXIT_TIMEOUT = 5.0  # seconds a connection's threads get to exit once its socket is shut down
 
 
 class ConnectionLost(Exception):
@@ -185,6 +188,26 @@ def send_pieces(sock: socket.socket, pieces: list) -> None:
             views.pop(0)
         if sent:
             views[0] = views[0][sent:]
+
+
+def set_send_deadline(sock: socket.socket, seconds: float) -> None:
+    """A blocking send that makes no progress for `seconds` fails (SO_SNDTIMEO), and
+    so does a TCP connection whose sent data stays unacknowledged that long
+    (TCP_USER_TIMEOUT: a peer that vanished, not only one that stopped reading)."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("@ll", whole, int((seconds - whole) * 1_000_000)))
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
+def shut_down(sock: socket.socket) -> None:
+    """shutdown() before close(): close() alone does not wake a thread blocked in
+    sendmsg or recv on the same socket, which would then live on with it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more
 
 
 def write_keylog(client_random: bytes, keys: crypt.SessionKeys) -> None:
@@ -443,8 +466,10 @@ class Connection:
     (send_text, send_file) for the caller, one at a time."""
 
     def __init__(self, sock: socket.socket, records, *, label: str, events: Events,
-                 received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE) -> None:
+                 received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE,
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         self.sock = sock
+        self.send_timeout = send_timeout
         self.label = label
         self.events = events
         self.received_dir = received_dir
@@ -477,6 +502,7 @@ class Connection:
 
     def start(self) -> Connection:
         self._sender.start_clock(time.monotonic())  # the hour of a key epoch counts from here
+        set_send_deadline(self.sock, self.send_timeout)
         self._writer.start()
         self._reader.start()
         return self
@@ -505,15 +531,24 @@ class Connection:
             self._out.put((self._sender.seal_key_update(time.monotonic()), None))
 
     def _write_loop(self) -> None:
+        failed = False
         while True:
             item = self._out.get()
             if item is None:
                 break
             pieces, on_sent = item
             try:
-                send_pieces(self.sock, pieces)
+                if not failed:  # after a failure the rest is dropped, never retried
+                    send_pieces(self.sock, pieces)
+            except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
+                failed = True
+                self._end(f"connection closed: the peer stopped reading for "
+                          f"{self.send_timeout:g} s")
+                shut_down(self.sock)  # wakes the reader: the session is over
             except OSError as e:
+                failed = True
                 self._end(f"connection lost: {e.strerror or e}")
+                shut_down(self.sock)
             finally:
                 if on_sent is not None:
                     on_sent()
@@ -827,16 +862,25 @@ class Connection:
 
         Waiting for the peer's EOF (rather than closing at once) keeps the kernel
         from answering late data with a reset that could destroy our goodbye."""
-        self._writer.join(max(0.0, deadline - time.monotonic()))
-        self._reader.join(max(0.0, deadline - time.monotonic()))
-        if self._reader.is_alive():
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._reader.join(1.0)
+        for thread in (self._writer, self._reader):
+            _join(thread, deadline)
+        if self._writer.is_alive():
+            # what it still holds will never be read: reset rather than leave the
+            # kernel to keep it (and the socket) for a peer that does not read
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("@ii", 1, 0))
+        shut_down(self.sock)  # wakes a writer blocked in sendmsg, a reader in recv
+        exit_by = time.monotonic() + EXIT_TIMEOUT
+        for thread in (self._writer, self._reader):
+            _join(thread, exit_by)
         self.sock.close()
 
     def close(self, reason: str = "", timeout: float = 3.0) -> None:
         self.begin_close(reason)
         self.finish_close(time.monotonic() + timeout)
+
+
+def _join(thread: threading.Thread, deadline: float) -> None:
+    if thread.ident is not None:  # shutdown may meet a session that is still starting
+        thread.join(max(0.0, deadline - time.monotonic()))
