@@ -150,14 +150,18 @@ def test_server_text_and_file_name_are_neutralised_on_the_client(env: Env):
     assert Text(1, "hello") in srv.received
 
 
-@pytest.mark.parametrize("mode,code,prefix", [
-    ("refused", 4, "error: server refused this client: "),
-    ("alert", 3, "error: server refused the connection: "),
-], ids=["refused", "alert"])
-def test_server_refusal_reasons_are_neutralised_on_the_client(env: Env, mode, code, prefix):
-    _, r = run_client(env, mode)
-    assert r.returncode == code, r.stderr
-    assert r.stderr.splitlines()[-1] == prefix + SHOWN
+def test_server_refusal_reasons_are_neutralised_on_the_client(env: Env):
+    _, r = run_client(env, "refused")
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.splitlines()[-1] == "error: server refused this client: " + SHOWN
+
+
+def test_an_alerts_unauthenticated_text_never_reaches_the_client_terminal(env: Env):
+    # protocol v2: a plaintext Alert is shown by its code's meaning only
+    _, r = run_client(env, "alert")
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines()[-1] == "error: server refused the connection: server busy"
+    assert not any(raw in r.stderr for raw in RAW) and "pwned" not in r.stderr
 
 
 def test_server_text_and_file_name_are_neutralised_on_the_interactive_console(env: Env):
