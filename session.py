@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import mmap
 import os
 import queue
 import socket
+import stat
 import sys
 import threading
 import time
@@ -183,19 +185,57 @@ def send_pieces(sock: socket.socket, pieces: list) -> None:
 
 
 def write_keylog(client_random: bytes, keys: crypt.SessionKeys) -> None:
-    """Append this session's traffic keys when QSOCKET_KEYLOGFILE is set (debugging)."""
+    """Append this session's traffic keys when QSOCKET_KEYLOGFILE is set (debugging).
+
+    The keys open every record of the session, so they go only into a regular file
+    of ours that nobody else can read: never through a symlink, never into a file
+    another user owns or could read.  Any other path is refused; the session goes on."""
     path = os.environ.get(KEYLOG_ENV)
     if not path:
         return
-    print(f"warning: {KEYLOG_ENV} is set: writing this session's traffic keys to {path}; "
-          f"anyone with that file can read the traffic", file=sys.stderr, flush=True)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+             | os.O_NONBLOCK)  # a FIFO without a reader must not hang the session
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(crypt.keylog_lines(client_random, keys))
+        fd = os.open(path, flags, 0o600)
     except OSError as e:  # a debugging aid must not end the session
-        print(f"warning: cannot write the key log {path}: {e.strerror or e}",
-              file=sys.stderr, flush=True)
+        if e.errno == errno.ELOOP:
+            _refuse_keylog(path, f"it is a symbolic link; set {KEYLOG_ENV} to a regular file")
+        elif e.errno in (errno.EISDIR, errno.ENXIO):
+            _refuse_keylog(path, f"it is not a regular file; set {KEYLOG_ENV} to one")
+        else:
+            print(f"warning: cannot write the key log {path}: {e.strerror or e}",
+                  file=sys.stderr, flush=True)
+        return
+    with os.fdopen(fd, "a") as f:
+        why = _keylog_unsafe(os.fstat(fd), path)
+        if why:
+            _refuse_keylog(path, why)
+            return
+        print(f"warning: {KEYLOG_ENV} is set: writing this session's traffic keys to {path}; "
+              f"anyone with that file can read the traffic", file=sys.stderr, flush=True)
+        try:
+            f.write(crypt.keylog_lines(client_random, keys))
+            f.flush()
+        except OSError as e:
+            print(f"warning: cannot write the key log {path}: {e.strerror or e}",
+                  file=sys.stderr, flush=True)
+
+
+def _keylog_unsafe(st: os.stat_result, path: str) -> str:
+    """Why an opened key log must not be written to ("" when it is fine)."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"it is not a regular file; set {KEYLOG_ENV} to one"
+    if st.st_uid != os.geteuid():
+        return (f"it is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); "
+                f"remove it or set {KEYLOG_ENV} to another path")
+    if st.st_mode & 0o077:
+        return (f"it is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"fix it with: chmod 600 {path}")
+    return ""
+
+
+def _refuse_keylog(path: str, why: str) -> None:
+    print(f"error: not writing the key log {path}: {why}", file=sys.stderr, flush=True)
 
 
 # --- what the user sees ------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""What the scripts do with local files and the process's own signals (issue 9,
+items 5-9): the key log, --home ownership, interrupts mid-transfer, partial files
+after a crash, and flag values checked before anything else happens."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from conftest import Env, child_env
+
+NOBODY = 65534
+KEYLOG = "QSOCKET_KEYLOGFILE"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+
+
+def _complaints(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "warning:"))]
+
+
+# --- 5. the key log goes only into a private regular file of ours ------------------------
+def _keylog_case(env: Env, case: str):
+    """Make the key log path for `case`; returns (path, what must stay as it is, why)."""
+    path = env.root / "keys.log"
+    if case == "symlink":
+        target = env.root / "target.txt"
+        target.write_text("precious\n")
+        target.chmod(0o600)
+        path.symlink_to(target)
+        return path, target, f"it is a symbolic link; set {KEYLOG} to a regular file"
+    if case == "world-readable":
+        path.write_text("old lines\n")
+        path.chmod(0o644)
+        return path, path, ("it is accessible by group or others (mode 0644); "
+                            f"fix it with: chmod 600 {path}")
+    if case == "other-owner":
+        path.write_text("old lines\n")
+        path.chmod(0o600)
+        os.chown(path, NOBODY, NOBODY)
+        return path, path, (f"it is owned by uid {NOBODY}, not by you (uid {os.geteuid()}); "
+                            f"remove it or set {KEYLOG} to another path")
+    if case == "fifo":
+        os.mkfifo(path, 0o600)
+        return path, None, f"it is not a regular file; set {KEYLOG} to one"
+    if case == "directory":
+        path.mkdir(mode=0o700)
+        return path, None, f"it is not a regular file; set {KEYLOG} to one"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["symlink", "world-readable", pytest.param(
+    "other-owner", marks=needs_root), "fifo", "directory"])
+def test_an_unsafe_keylog_is_refused_untouched_and_the_session_goes_on(env: Env, case: str):
+    path, kept, why = _keylog_case(env, case)
+    before = kept.read_bytes() if kept else None
+    mode_before = os.lstat(path).st_mode
+    srv = env.server()
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "still here",
+                   env=child_env(QSOCKET_KEYLOGFILE=str(path)))
+    assert r.returncode == 0, r.stderr
+    assert "delivered: still here" in r.stdout
+    srv.wait_for(r"\] still here$")
+    assert _complaints(r.stderr) == [f"error: not writing the key log {path}: {why}"]
+    assert os.lstat(path).st_mode == mode_before
+    if kept is not None:
+        assert kept.read_bytes() == before
+    if case == "symlink":
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_a_private_keylog_of_ours_is_appended_to(env: Env):
+    path = env.root / "keys.log"
+    path.write_text("earlier session\n")
+    path.chmod(0o600)
+    srv = env.server()
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "x",
+                   env=child_env(QSOCKET_KEYLOGFILE=str(path)))
+    assert r.returncode == 0, r.stderr
+    lines = path.read_text().splitlines()
+    assert lines[0] == "earlier session"
+    assert [line.split()[0] for line in lines[1:]] == [
+        "QSOCKET2_CLIENT_TRAFFIC_ENC", "QSOCKET2_CLIENT_TRAFFIC_MAC", "QSOCKET2_CLIENT_TRAFFIC_IV",
+        "QSOCKET2_SERVER_TRAFFIC_ENC", "QSOCKET2_SERVER_TRAFFIC_MAC", "QSOCKET2_SERVER_TRAFFIC_IV"]
