@@ -82,3 +82,68 @@ def test_a_private_keylog_of_ours_is_appended_to(env: Env):
     assert [line.split()[0] for line in lines[1:]] == [
         "QSOCKET2_CLIENT_TRAFFIC_ENC", "QSOCKET2_CLIENT_TRAFFIC_MAC", "QSOCKET2_CLIENT_TRAFFIC_IV",
         "QSOCKET2_SERVER_TRAFFIC_ENC", "QSOCKET2_SERVER_TRAFFIC_MAC", "QSOCKET2_SERVER_TRAFFIC_IV"]
+
+
+# --- 6. --home and the files in it must be ours (or root's), as ssh's StrictModes -------
+def _run_script(script: str, home, *args: str):
+    import subprocess
+
+    from conftest import PY, ROOT
+
+    return subprocess.run([PY, script, "--home", str(home), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=child_env(),
+                          stdin=subprocess.DEVNULL)
+
+
+@needs_root
+@pytest.mark.parametrize("script", ["client.py", "server.py"])
+@pytest.mark.parametrize("owned", ["home", "identity_ecdsa_p256.pem", "identity_mldsa65.pem",
+                                   "known_hosts", "known_clients"])
+def test_a_home_or_home_file_owned_by_another_user_is_refused(env: Env, script: str,
+                                                             owned: str):
+    home = env.root / "home"
+    assert _run_script(script, home, "--show-identity").returncode == 0
+    for name in ("known_hosts", "known_clients"):
+        (home / name).write_text("")
+        (home / name).chmod(0o600)
+    target = home if owned == "home" else home / owned
+    before = {p.name: p.read_bytes() for p in home.iterdir()}
+    os.chown(target, NOBODY, NOBODY)
+    r = _run_script(script, home, "--show-identity")
+    what = {"home": "home directory", "known_hosts": "trust file",
+            "known_clients": "trust file"}.get(owned, "private key")
+    assert r.returncode == 1, r
+    assert r.stdout == ""
+    assert _complaints(r.stderr) == [
+        f"error: {what} {target} is owned by uid {NOBODY}, not by you (uid 0) or root; "
+        f"fix it with: chown root {target}"]
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in home.iterdir()} == before  # nothing created
+
+
+@needs_root
+def test_a_known_hosts_pin_planted_by_another_user_is_refused_before_connecting(env: Env):
+    srv = env.server()
+    assert env.client("--show-identity").returncode == 0
+    known_hosts = env.client_home / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{srv.port} {srv.fingerprint}\n")
+    os.chown(known_hosts, NOBODY, NOBODY)
+    r = env.client("--port", str(srv.port), "--send-text", "must not go")
+    assert r.returncode == 1, r
+    assert _complaints(r.stderr) == [
+        f"error: trust file {known_hosts} is owned by uid {NOBODY}, not by you (uid 0) or "
+        f"root; fix it with: chown root {known_hosts}"]
+    assert "connection from" not in srv.output()  # refused before connecting
+
+
+def test_a_group_writable_trust_file_is_refused(env: Env):
+    assert env.client("--show-identity").returncode == 0
+    known_hosts = env.client_home / "known_hosts"
+    known_hosts.write_text("")
+    known_hosts.chmod(0o664)
+    r = env.client("--port", "1", "--send-text", "x")
+    assert r.returncode == 1, r
+    assert _complaints(r.stderr) == [
+        f"error: trust file {known_hosts} is writable by group or others (mode 0664); "
+        f"fix it with: chmod 600 {known_hosts}"]
+
