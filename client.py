@@ -79,7 +79,8 @@ def build_parser() -> session.Parser:
                "4 authentication failed (bad proof, unknown or changed host key, not authorised), "
                "5 a text or file was not delivered, 130 interrupted",
     )
-    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--host", type=session.host_name, default="127.0.0.1",
+                   help="server address (default 127.0.0.1)")
     p.add_argument("--port", type=session.port_number, default=5555,
                    help="server port (default 5555)")
     p.add_argument("--send-text", action=Ordered, metavar="TEXT", dest="batch_text",
@@ -89,7 +90,7 @@ def build_parser() -> session.Parser:
                         "it with a matching SHA-256 (repeatable, in order with --send-text)")
     p.add_argument("--accept-new-host", action="store_true",
                    help="trust and record an unknown server (first contact) without asking")
-    p.add_argument("--fingerprint", metavar="FP",
+    p.add_argument("--fingerprint", type=session.fingerprint, metavar="FP",
                    help="expect this server fingerprint (SHA256:...); recorded when it matches")
     session.add_common_arguments(p, "client", __version__)
     return p

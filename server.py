@@ -51,16 +51,17 @@ def build_parser() -> session.Parser:
         epilog="exit codes: 0 stopped by SIGINT/SIGTERM or the console's quit, 1 start-up "
                "error (home, keys, --authorized-clients, cannot listen), 2 usage",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", type=session.host_name, default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=session.listen_port, default=5555,
                    help="port to listen on (default 5555; 0 picks a free port)")
     p.add_argument("--headless", action="store_true",
                    help="no console; run until SIGINT/SIGTERM (implied when stdin is not a "
                         "terminal)")
-    p.add_argument("--max-clients", type=int, default=64, metavar="N",
+    p.add_argument("--max-clients", type=session.positive_count, default=64, metavar="N",
                    help="connections at once, handshaking ones included (default 64); "
                         "one more gets a 'server busy' refusal")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--handshake-timeout", type=session.seconds, default=10.0, metavar="S",
                    help="seconds a connection has to finish the handshake (default 10)")
     p.add_argument("--authorized-clients", type=Path, metavar="FILE",
                    help="admit only the client fingerprints listed in FILE "
@@ -348,10 +349,6 @@ def reply_jpg(server: Server, client: Client, ps) -> None:
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_clients < 1:
-        build_parser().error("--max-clients must be at least 1")
-    if args.handshake_timeout <= 0:
-        build_parser().error("--handshake-timeout must be positive")
     try:
         return run(args)
     except keystore.HomeError as e:

@@ -5,12 +5,15 @@ and receiving texts and files, the key log."""
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import mmap
 import os
 import queue
+import re
 import socket
 import stat
 import sys
@@ -75,10 +78,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def port_number(text: str, lowest: int = 1) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    port = int(text)
     if not lowest <= port < 65536:
         raise argparse.ArgumentTypeError(f"port {port} is outside {lowest}-65535")
     return port
@@ -110,15 +112,79 @@ def add_common_arguments(p: argparse.ArgumentParser, role: str, version: str) ->
     p.add_argument("--version", action="version", version=f"QSocket 2 {role} {version}")
 
 
+# Flag values are checked here, before anything else happens, so that a bad one is
+# a usage error (exit 2) with one line, never a traceback or a surprise later on.
+_DECIMAL = re.compile(r"-?[0-9]+")  # int() would also take "1_000", " 7" and other digits
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_FINGERPRINT = re.compile(r"(?:SHA256:)?([A-Za-z0-9+/]{43})")
+MAX_HOST_NAME = 253  # bytes, without a final dot (RFC 1035)
+MAX_SECONDS = 3600.0  # a longer timeout is a typo, and sockets refuse huge ones
+MAX_SIZE = (1 << 64) - 1  # the offer's size field
+
+
 def byte_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes)") from None
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes)")
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("size must not be negative")
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {value} is above the protocol's limit of "
+                                         f"{MAX_SIZE} bytes")
     return value
 
+
+def positive_count(text: str) -> int:
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}")
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A timeout: a finite number of seconds above 0 (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value <= MAX_SECONDS):  # also false for nan
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r} (seconds: a number above "
+                                         f"0, at most {MAX_SECONDS:g})")
+    return value
+
+
+def host_name(text: str) -> str:
+    """An IP address, or a host name of dot-separated labels of 1-63 letters, digits,
+    hyphens or underscores once IDNA-encoded.  Whether it resolves is found out when
+    connecting (exit 3), not here."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text)
+        return text
+    problem = f"invalid host name {text!r} (an IP address, or dot-separated labels of " \
+              f"1-63 letters, digits, '-' or '_')"
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:  # e.g. a label over 63 characters
+        raise argparse.ArgumentTypeError(problem) from None
+    labels = ascii_name.removesuffix(".").split(".")
+    if len(ascii_name.removesuffix(".")) > MAX_HOST_NAME or \
+            not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def fingerprint(text: str) -> str:
+    """SHA256:<43 base64 characters> (the prefix may be left out), as printed by
+    --show-identity; returned with the prefix."""
+    m = _FINGERPRINT.fullmatch(text.strip())
+    raw = base64.b64decode(m.group(1) + "=") if m else b""
+    if m is None or base64.b64encode(raw).decode().rstrip("=") != m.group(1):
+        raise argparse.ArgumentTypeError(
+            f"invalid fingerprint {text!r} (expected SHA256: and 43 base64 characters, as "
+            f"the other side's --show-identity prints it)")
+    return f"SHA256:{m.group(1)}"
 
 
 # --- frames on a socket --------------------------------------------------------------

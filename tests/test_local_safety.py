@@ -147,3 +147,85 @@ def test_a_group_writable_trust_file_is_refused(env: Env):
         f"error: trust file {known_hosts} is writable by group or others (mode 0664); "
         f"fix it with: chmod 600 {known_hosts}"]
 
+
+
+# --- 9. every flag value is checked up front: one error line, exit 2 ------------------------
+LONG_LABEL = "a" * 64
+HOST_RULE = "(an IP address, or dot-separated labels of 1-63 letters, digits, '-' or '_')"
+FP_RULE = "(expected SHA256: and 43 base64 characters, as the other side's --show-identity " \
+          "prints it)"
+TIMEOUT_RULE = "(seconds: a number above 0, at most 3600)"
+BAD_FLAGS = [
+    ("client.py", ["--host", f"{LONG_LABEL}.example", "--send-text", "x"],
+     f"argument --host: invalid host name '{LONG_LABEL}.example' {HOST_RULE}"),
+    ("server.py", ["--host", LONG_LABEL],
+     f"argument --host: invalid host name '{LONG_LABEL}' {HOST_RULE}"),
+    ("client.py", ["--host", "\u00df" * 70, "--send-text", "x"],
+     f"argument --host: invalid host name '{'ß' * 70}' {HOST_RULE}"),
+    ("client.py", ["--host", "a..b", "--send-text", "x"],
+     f"argument --host: invalid host name 'a..b' {HOST_RULE}"),
+    ("client.py", ["--host", "bad host", "--send-text", "x"],
+     f"argument --host: invalid host name 'bad host' {HOST_RULE}"),
+    ("server.py", ["--host", ""], f"argument --host: invalid host name '' {HOST_RULE}"),
+    ("server.py", ["--handshake-timeout", "nan"],
+     f"argument --handshake-timeout: invalid timeout 'nan' {TIMEOUT_RULE}"),
+    ("server.py", ["--handshake-timeout", "inf"],
+     f"argument --handshake-timeout: invalid timeout 'inf' {TIMEOUT_RULE}"),
+    ("server.py", ["--handshake-timeout", "0"],
+     f"argument --handshake-timeout: invalid timeout '0' {TIMEOUT_RULE}"),
+    ("server.py", ["--handshake-timeout", "-1"],
+     f"argument --handshake-timeout: invalid timeout '-1' {TIMEOUT_RULE}"),
+    ("server.py", ["--handshake-timeout", "1e300"],
+     f"argument --handshake-timeout: invalid timeout '1e300' {TIMEOUT_RULE}"),
+    ("client.py", ["--fingerprint", "garbage", "--send-text", "x"],
+     f"argument --fingerprint: invalid fingerprint 'garbage' {FP_RULE}"),
+    ("client.py", ["--fingerprint", "SHA256:" + "A" * 42, "--send-text", "x"],
+     f"argument --fingerprint: invalid fingerprint 'SHA256:{'A' * 42}' {FP_RULE}"),
+    ("client.py", ["--fingerprint", "A" * 42 + "B", "--send-text", "x"],  # not canonical
+     f"argument --fingerprint: invalid fingerprint '{'A' * 42}B' {FP_RULE}"),
+    ("client.py", ["--max-file-size", "1_000", "--send-text", "x"],
+     "argument --max-file-size: invalid size '1_000' (bytes)"),
+    ("server.py", ["--max-file-size", "-1"], "argument --max-file-size: size must not be negative"),
+    ("server.py", ["--max-file-size", str(1 << 64)],
+     f"argument --max-file-size: size {1 << 64} is above the protocol's limit of "
+     f"{(1 << 64) - 1} bytes"),
+    ("client.py", ["--port", "\u0668\u0660", "--send-text", "x"],  # Arabic-Indic "80"
+     "argument --port: invalid port '\u0668\u0660'"),
+    ("server.py", ["--port", "65536"], "argument --port: port 65536 is outside 0-65535"),
+    ("server.py", ["--max-clients", "0"], "argument --max-clients: 0 is not at least 1"),
+    ("server.py", ["--max-clients", "many"], "argument --max-clients: invalid number 'many'"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), BAD_FLAGS,
+                         ids=[f"{s}-{' '.join(a)[:40]}" for s, a, _ in BAD_FLAGS])
+def test_a_bad_flag_value_is_one_usage_error(env: Env, script: str, args: list[str],
+                                             message: str):
+    home = env.root / "home"
+    r = _run_script(script, home, "--port", "0" if script == "server.py" else "1", *args)
+    assert (r.returncode, r.stderr, r.stdout) == (2, f"error: {message} (see --help)\n", "")
+    assert not home.exists()  # refused before anything else happened
+
+
+@pytest.mark.parametrize("fp", ["SHA256:{}", "{}", "  SHA256:{}  "])
+def test_a_well_formed_fingerprint_is_accepted_with_or_without_prefix(env: Env, fp: str):
+    srv = env.server()
+    r = env.client("--port", str(srv.port), "--fingerprint", fp.format(srv.fingerprint[7:]),
+                   "--send-text", "pinned")
+    assert r.returncode == 0, r.stderr
+    assert (env.client_home / "known_hosts").read_text() == \
+        f"[127.0.0.1]:{srv.port} {srv.fingerprint}\n"
+
+
+def test_a_host_name_that_does_not_resolve_is_still_a_connect_error(env: Env):
+    r = env.client("--host", "no-such-host.invalid", "--port", "1", "--send-text", "x")
+    assert r.returncode == 3, r
+    assert _complaints(r.stderr)[-1].startswith(
+        "error: cannot connect to no-such-host.invalid:1: ")
+    assert "Traceback" not in r.stderr
+
+
+def test_an_internationalised_host_name_is_accepted(env: Env):
+    r = env.client("--host", "b\u00fccher.invalid", "--port", "1", "--send-text", "x")
+    assert r.returncode == 3, r  # valid, so it gets as far as the lookup
+    assert _complaints(r.stderr)[-1].startswith("error: cannot connect to b\u00fccher.invalid:1: ")
