@@ -403,6 +403,9 @@ def run(args) -> int:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Fatal(EXIT_ERROR, f"cannot create {args.received_dir}: {e.strerror}") from e
+    for name in transfer.remove_stale_temps(args.received_dir):
+        print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
+              file=sys.stderr)
 
     hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
     if args.verbose or interactive:

@@ -16,6 +16,7 @@ from pathlib import Path
 import crypt
 import keystore
 import session
+import transfer
 from protocol import (
     MAX_HANDSHAKE,
     Alert,
@@ -388,6 +389,9 @@ def run(args) -> int:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise keystore.HomeError(f"cannot create {args.received_dir}: {e.strerror}") from e
+    for name in transfer.remove_stale_temps(args.received_dir):
+        print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
+              flush=True)
     headless = args.headless or not sys.stdin.isatty()
     args.headless = headless
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from conftest import Env, child_env
+
+from transfer import TEMP_NAME
 
 NOBODY = 65534
 KEYLOG = "QSOCKET_KEYLOGFILE"
@@ -229,3 +232,156 @@ def test_an_internationalised_host_name_is_accepted(env: Env):
     r = env.client("--host", "b\u00fccher.invalid", "--port", "1", "--send-text", "x")
     assert r.returncode == 3, r  # valid, so it gets as far as the lookup
     assert _complaints(r.stderr)[-1].startswith("error: cannot connect to b\u00fccher.invalid:1: ")
+
+
+# --- 8. nothing partial survives a crash -------------------------------------------------
+def _stale(directory, name: str = ".qsocket-abcdefgh.part", data: bytes = b"\xff\xd8\xffpart"):
+    path = directory / name
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+def test_start_up_clean_up_removes_only_unlocked_temp_files_of_ours(tmp_path):
+    import fcntl
+
+    import transfer
+
+    stale = _stale(tmp_path, ".qsocket-stale001.part")
+    held = _stale(tmp_path, ".qsocket-held0001.part")
+    theirs = _stale(tmp_path, ".qsocket-theirs01.part")
+    os.chown(theirs, NOBODY, NOBODY)
+    target = _stale(tmp_path, "precious.jpg", b"keep me")
+    (tmp_path / ".qsocket-symlink1.part").symlink_to(target)
+    for name in (".qsocket-x.part", ".qsocket-abcdefgh.partial", "photo.jpg",
+                 ".qsocket-ABCDEFGH.part"):
+        _stale(tmp_path, name)
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a live receiver holds its temp file
+        assert transfer.remove_stale_temps(tmp_path) == [".qsocket-stale001.part"]
+        assert not stale.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+            ".qsocket-held0001.part", ".qsocket-theirs01.part", ".qsocket-symlink1.part",
+            "precious.jpg", ".qsocket-x.part", ".qsocket-abcdefgh.partial", "photo.jpg",
+            ".qsocket-ABCDEFGH.part"])
+        assert target.read_bytes() == b"keep me"
+    finally:
+        os.close(fd)
+    assert transfer.remove_stale_temps(tmp_path) == [".qsocket-held0001.part"]  # unlocked now
+
+
+def test_a_live_fallback_temp_file_survives_a_clean_up_and_is_saved(tmp_path, monkeypatch):
+    import hashlib
+
+    import transfer
+
+    monkeypatch.setattr(transfer, "USE_O_TMPFILE", False)
+    data = b"\xff\xd8\xff" + os.urandom(10000)
+    inc = transfer.IncomingFile(tmp_path, "photo.jpg", len(data))
+    inc.write(data[:5000])
+    assert transfer.remove_stale_temps(tmp_path) == []  # locked by us: a live transfer
+    inc.write(data[5000:])
+    assert inc.finish(hashlib.sha256(data).digest())[0] == "photo.jpg"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+    assert (tmp_path / "photo.jpg").read_bytes() == data
+
+
+def test_a_clean_up_between_creating_and_locking_the_temp_file_is_survived(tmp_path,
+                                                                          monkeypatch):
+    import hashlib
+    import tempfile
+
+    import transfer
+
+    monkeypatch.setattr(transfer, "USE_O_TMPFILE", False)
+    real_mkstemp, made = tempfile.mkstemp, []
+
+    def mkstemp(**kw):  # another process's start-up clean-up runs right after creation
+        fd, path = real_mkstemp(**kw)
+        made.append(path)
+        if len(made) == 1:
+            assert transfer.remove_stale_temps(tmp_path) == [os.path.basename(path)]
+        return fd, path
+
+    monkeypatch.setattr(transfer.tempfile, "mkstemp", mkstemp)
+    data = b"\xff\xd8\xff" + os.urandom(5000)
+    inc = transfer.IncomingFile(tmp_path, "photo.jpg", len(data))
+    assert len(made) == 2 and inc.temp == Path(made[1])
+    inc.write(data)
+    assert inc.finish(hashlib.sha256(data).digest())[0] == "photo.jpg"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+
+def _server_without_o_tmpfile(env: Env):
+    """A headless server whose transfer module has no O_TMPFILE (as on a filesystem
+    without it), started through runpy so server.py itself is unchanged."""
+    from conftest import PY, Proc
+
+    code = ("import runpy, sys, transfer; transfer.USE_O_TMPFILE = False; "
+            "sys.argv = ['server.py'] + sys.argv[1:]; runpy.run_path('server.py', "
+            "run_name='__main__')")
+    return Proc([PY, "-c", code, "--headless", "--port", "0", "--home", str(env.server_home),
+                 "--received-dir", str(env.server_received)])
+
+
+def _receiving_fds(pid: int, directory) -> list[int]:
+    """Sizes of the files under `directory` that process pid holds open for writing."""
+    sizes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(f"{directory}/"):
+                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+        except OSError:
+            continue  # closed meanwhile
+    return sizes
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-fallback"])
+def test_a_receiver_killed_mid_transfer_leaves_no_file(env: Env, unnamed: bool):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import PY, ROOT, Server, files_in
+
+    srv = env.server() if unnamed else _server_without_o_tmpfile(env)
+    if not unnamed:
+        env._servers.append(srv)
+        srv.port = int(srv.wait_for(r"^listening on [\d.]+:(\d+)$").group(1))
+    big = env.assets / "big.jpg"
+    with open(big, "wb") as f:  # 200 MiB, sparse: a JPEG start then zeros
+        f.write(b"\xff\xd8\xff\xe0")
+        f.truncate(200 << 20)
+    client = subprocess.Popen(
+        [PY, "client.py", "--home", str(env.client_home), "--received-dir",
+         str(env.client_received), "--port", str(srv.port), "--accept-new-host",
+         "--send-file", str(big)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=child_env())
+    try:
+        srv.wait_for(r"\] receiving 'big\.jpg' \(200\.0 MiB\)$")
+        # mid-transfer: the receiver has written a first MiB; then the sender is frozen
+        # so the transfer cannot complete before the kill lands
+        deadline = time.monotonic() + 30
+        while not any(size >= 1 << 20 for size in _receiving_fds(srv.p.pid,
+                                                                  env.server_received)):
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.01)  # polling a state, not waiting a fixed time
+        client.send_signal(signal.SIGSTOP)
+        srv.p.kill()
+        srv.p.wait(10)
+    finally:
+        client.send_signal(signal.SIGCONT)
+        client.kill()
+        client.wait(10)
+    names = files_in(env.server_received)
+    if unnamed:
+        assert names == []  # the unnamed file went with the process
+        return
+    assert len(names) == 1 and TEMP_NAME.fullmatch(names[0]), names  # the fallback's
+    again = Server(env.server_home, env.server_received)
+    env._servers.append(again)
+    assert f"removed a partial file left by a crash: {env.server_received / names[0]}" in \
+        again.output()
+    assert files_in(env.server_received) == []
