@@ -7,7 +7,6 @@ Interactive menu by default; batch mode with --send-text / --send-file.
 from __future__ import annotations
 
 import argparse
-import signal
 import socket
 import sys
 import threading
@@ -287,13 +286,13 @@ def run_batch(conn: session.Connection, batch, max_size: int) -> int:
 MENU = "1) send text  2) send a JPG  3) quit"
 
 
-def run_interactive(conn: session.Connection, args) -> int:
+def run_interactive(conn: session.Connection, args, interrupt: session.Interrupt) -> int:
     if not sys.stdin.isatty():
-        return menu_loop(conn, args, make_prompt(conn))
+        return menu_loop(conn, args, make_prompt(conn, interrupt))
     from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
 
     with patch_stdout(raw=True):
-        return menu_loop(conn, args, make_prompt(conn))
+        return menu_loop(conn, args, make_prompt(conn, interrupt))
 
 
 def menu_loop(conn: session.Connection, args, prompt) -> int:
@@ -319,12 +318,13 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
     return EXIT_OK if conn.close_reason.startswith("peer said goodbye") else EXIT_ERROR
 
 
-def make_prompt(conn: session.Connection):
+def make_prompt(conn: session.Connection, interrupt: session.Interrupt):
     """prompt_toolkit keeps incoming lines above the prompt; a peer hang-up ends it."""
     if not sys.stdin.isatty():
         def plain(message: str) -> str:
             try:
-                return input(message)
+                with interrupt.prompting():
+                    return input(message)
             except EOFError:
                 return "quit"
         return plain
@@ -349,7 +349,8 @@ def make_prompt(conn: session.Connection):
         if conn.closed.is_set():
             return ""
         try:
-            return ps.prompt(message, pre_run=leave_if_closed)
+            with interrupt.prompting():
+                return ps.prompt(message, pre_run=leave_if_closed)
         except EOFError:
             return "quit"
     return pt
@@ -369,11 +370,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def interrupt(signum, frame):
-    """SIGTERM ends the client like Ctrl-C: goodbye to the server, exit 130."""
-    raise KeyboardInterrupt
 
 
 def run(args) -> int:
@@ -413,16 +409,21 @@ def run(args) -> int:
         print(f"verification code: {crypt.verification_code(hs.keys)}  (compare with the "
               f"server's to rule out a man in the middle)")
     events = ClientEvents()
+    # from here on SIGINT and SIGTERM only set a flag that the session acts on
+    # between records (see session.Interrupt): goodbye to the server, exit 130
+    interrupt = session.Interrupt()
     conn = session.Connection(sock, records, label="server", events=events,
                               received_dir=str(args.received_dir),
-                              max_file_size=args.max_file_size).start()
-    signal.signal(signal.SIGTERM, interrupt)
+                              max_file_size=args.max_file_size,
+                              interrupted=interrupt.event)
+    interrupt.install()
+    conn.start()
     code = EXIT_INTERRUPTED
     try:
         if batch:
             code = run_batch(conn, batch, args.max_file_size)
         else:
-            code = run_interactive(conn, args)
+            code = run_interactive(conn, args, interrupt)
     except KeyboardInterrupt:
         print("interrupted: saying goodbye", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -5,7 +5,6 @@ runs until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
-import signal
 import socket
 import sys
 import threading
@@ -99,6 +98,7 @@ class Server:
         self.authorized = authorized
         self.events = ServerEvents()
         self.stopping = threading.Event()
+        self.interrupt = session.Interrupt()  # Ctrl-C/SIGTERM: see session.Interrupt
         self.lock = threading.Lock()
         self.clients: dict[int, Client] = {}
         self.threads: set[threading.Thread] = set()
@@ -183,7 +183,8 @@ class Server:
         session.write_keylog(hs.client_random, hs.keys)
         conn = session.Connection(sock, records, label=label, events=self.events,
                                   received_dir=str(self.args.received_dir),
-                                  max_file_size=self.args.max_file_size)
+                                  max_file_size=self.args.max_file_size,
+                                  interrupted=self.interrupt.event)
         with self.lock:
             # shutdown() sets `stopping` before it takes its list of clients under this
             # lock, so a client is either in that list or sees `stopping` here
@@ -288,7 +289,7 @@ def console(server: Server) -> None:
     from prompt_toolkit import PromptSession  # noqa: PLC0415
     from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
 
-    ps = PromptSession()
+    ps = Prompt(PromptSession(), server.interrupt)
     with patch_stdout(raw=True):
         print(MENU)
         while True:
@@ -306,6 +307,18 @@ def console(server: Server) -> None:
                     (reply_text if choice == "1" else reply_jpg)(server, client, ps)
             elif choice:
                 print(MENU)
+
+
+class Prompt:
+    """The console's prompts: an interrupt (SIGTERM; Ctrl-C is a key to
+    prompt_toolkit) ends the one being shown; elsewhere see session.Interrupt."""
+
+    def __init__(self, ps, interrupt: session.Interrupt) -> None:
+        self._ps, self._interrupt = ps, interrupt
+
+    def prompt(self, message: str) -> str:
+        with self._interrupt.prompting():
+            return self._ps.prompt(message)
 
 
 def list_clients(server: Server) -> list[Client]:
@@ -406,17 +419,8 @@ def run(args) -> int:
               flush=True)
     threading.Thread(target=server.accept_loop, daemon=True, name="accept").start()
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            return  # already shutting down: a second Ctrl-C must not cut that short
-        stop.set()
-        if not headless:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGINT/SIGTERM only set a flag (a second one does not cut the shutdown short)
+    stop = server.interrupt.install().event
     try:
         if headless:
             while not stop.wait(0.5):

@@ -14,6 +14,7 @@ import mmap
 import os
 import queue
 import re
+import signal
 import socket
 import stat
 import sys
@@ -457,6 +458,47 @@ class DiskWriter:
             self._thread.join()
 
 
+# --- Ctrl-C and SIGTERM ------------------------------------------------------------------
+POLL = 0.1  # seconds between checks for an interrupt while an operation waits
+
+
+class Interrupt:
+    """SIGINT and SIGTERM as a flag that the main thread acts on at safe points.
+
+    An exception raised by a signal handler can land anywhere, e.g. between sealing
+    a record and queueing it: that record's sequence number is then used up and the
+    goodbye that follows fails the peer's MAC check, which reads as tampering.  So
+    the handler only sets `event`; Connection operations check it between records
+    (and while they wait) and raise KeyboardInterrupt there.  Only while the main
+    thread waits at a prompt, which seals nothing, does the handler raise at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._at_prompt = False  # touched by the main thread only (handlers run there)
+
+    def install(self) -> Interrupt:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.event.set()
+        if self._at_prompt:
+            self._at_prompt = False  # once: a second signal must not cut the exit short
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def prompting(self):
+        """Around a blocking wait for the user: an interrupt ends it at once."""
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self._at_prompt = True
+        try:
+            yield
+        finally:
+            self._at_prompt = False
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
     """One authenticated session: a reader thread that handles what the peer sends,
@@ -464,8 +506,10 @@ class Connection:
     (send_text, send_file) for the caller, one at a time."""
 
     def __init__(self, sock: socket.socket, records, *, label: str, events: Events,
-                 received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE) -> None:
+                 received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE,
+                 interrupted: threading.Event | None = None) -> None:
         self.sock = sock
+        self._interrupted = interrupted  # see Interrupt: checked between records
         self.label = label
         self.events = events
         self.received_dir = received_dir
@@ -713,11 +757,22 @@ class Connection:
             finally:
                 self._op_active = False
 
+    def _check_interrupted(self) -> None:
+        """Act on Ctrl-C/SIGTERM here, between records, never inside one."""
+        if self._interrupted is not None and self._interrupted.is_set():
+            raise KeyboardInterrupt
+
     def _reply(self, timeout: float | None = None):
-        try:
-            msg = self._replies.get(timeout=timeout)
-        except queue.Empty as e:
-            raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_interrupted()
+            left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+            try:
+                msg = self._replies.get(timeout=max(0.0, left))
+                break
+            except queue.Empty as e:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
         if msg is None:
             self._replies.put(None)  # keep waking later waiters
             raise ConnectionLost(self.close_reason or "connection closed")
@@ -767,6 +822,7 @@ class Connection:
         with open(out.path, "rb", buffering=0) as f, \
                 self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
             while sent < out.size:
+                self._check_interrupted()
                 failure = self._early_failure()
                 if failure is not None:
                     self.send(FileCancel(Reason.CANCELLED, "receiver failed"))
@@ -788,8 +844,9 @@ class Connection:
         # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
         stalled_since = time.monotonic()
         while True:
+            self._check_interrupted()
             try:
-                return pool.get(timeout=1.0)
+                return pool.get(timeout=POLL)
             except queue.Empty:
                 if self.closed.is_set() or self._closing:
                     raise ConnectionLost(self.close_reason or "connection closed") from None

@@ -385,3 +385,107 @@ def test_a_receiver_killed_mid_transfer_leaves_no_file(env: Env, unnamed: bool):
     assert f"removed a partial file left by a crash: {env.server_received / names[0]}" in \
         again.output()
     assert files_in(env.server_received) == []
+
+
+# --- 7. an interrupt never desynchronises the record stream -------------------------------
+def test_an_exception_inside_seal_uses_up_no_sequence_number(monkeypatch):
+    import crypt
+    from conftest import handshake_pair
+    from protocol import Bye, FileData, decode_message
+
+    p = handshake_pair()
+    sender, receiver = p.client.records()[0], p.server.records()[1]
+    first = sender.seal(FileData.TYPE, FileData(b"a" * 100).encode())
+    real_cipher = crypt.Cipher
+
+    class Interrupted:  # a cipher whose payload encryption is cut short by Ctrl-C
+        def __init__(self, *a):
+            self._real = real_cipher(*a)
+
+        def encryptor(self):
+            enc = self._real.encryptor()
+
+            class Enc:
+                update = enc.update
+
+                def update_into(self, data, out):
+                    enc.update_into(data[:10], out)
+                    raise KeyboardInterrupt
+
+            return Enc()
+
+    monkeypatch.setattr(crypt, "Cipher", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sender.seal(FileData.TYPE, FileData(b"b" * 100).encode(), memoryview(bytearray(200)))
+    assert sender.seq == 1
+    monkeypatch.setattr(crypt, "Cipher", real_cipher)
+    bye = sender.seal(Bye.TYPE, Bye("client interrupted").encode())
+    assert sender.seq == 2
+    for frame, expected in ((first, FileData(b"a" * 100)), (bye, Bye("client interrupted"))):
+        body = b"".join(bytes(piece) for piece in frame)[4:]
+        assert decode_message(*receiver.open(body)) == expected
+
+
+def _big_sparse_jpeg(path, size: int = 400 << 20):
+    with open(path, "wb") as f:  # a JPEG start, then zeros (sparse: no disk, fast to read)
+        f.write(b"\xff\xd8\xff\xe0")
+        f.truncate(size)
+    return path
+
+
+def _wait_received(pid: int, directory, at_least: int, proc_output) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while not any(size >= at_least for size in _receiving_fds(pid, directory)):
+        assert time.monotonic() < deadline, proc_output()
+        time.sleep(0.002)  # polling a state, not waiting a fixed time
+
+
+def _interrupt_at_this_moment(pid: int, sig: int) -> None:
+    """Freeze the process wherever it is, queue the signal, let it go on: the signal
+    is then handled at whatever point the process had reached."""
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, sig)
+    os.kill(pid, signal.SIGCONT)
+
+
+MOMENTS = [(0, "SIGINT"), (1, "SIGTERM"), (3, "SIGINT"), (8, "SIGTERM"), (20, "SIGINT"),
+           (45, "SIGTERM"), (70, "SIGINT"), (100, "SIGTERM")]  # MiB on the receiver's disk
+
+
+def test_interrupting_a_client_mid_file_always_ends_with_a_goodbye(env: Env):
+    import re
+    import signal
+    import subprocess
+
+    from conftest import PY, ROOT, files_in
+
+    srv = env.server()
+    assert env.client("--port", str(srv.port), "--accept-new-host", "--send-text",
+                      "pinned").returncode == 0
+    big = _big_sparse_jpeg(env.assets / "big.jpg")
+    for mib, name in MOMENTS:
+        client = subprocess.Popen(
+            [PY, "client.py", "--home", str(env.client_home), "--received-dir",
+             str(env.client_received), "--port", str(srv.port), "--send-file", str(big)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, env=child_env())
+        try:
+            srv.wait_for(r"\] receiving 'big\.jpg' \(400\.0 MiB\)$")
+            _wait_received(srv.p.pid, env.server_received, mib << 20, srv.output)
+            _interrupt_at_this_moment(client.pid, getattr(signal, name))
+            out, err = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        why = srv.wait_for(r"\] (peer said goodbye.*|connection closed: .*|peer disconnected)$")
+        assert why.group(1) == "peer said goodbye (client interrupted)", (mib, name, why.string)
+        assert (client.returncode, _complaints(err)) == (130, []), (mib, name, err)
+        assert "interrupted: saying goodbye" in err
+        assert "Traceback" not in err
+        assert files_in(env.server_received) == [], (mib, name)
+    assert not re.search("failed to decrypt|Traceback| saved at ", srv.output())
