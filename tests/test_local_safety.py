@@ -389,8 +389,9 @@ def test_a_receiver_killed_mid_transfer_leaves_no_file(env: Env, unnamed: bool):
 
 # --- 7. an interrupt never desynchronises the record stream -------------------------------
 def test_an_exception_inside_seal_uses_up_no_sequence_number(monkeypatch):
-    import crypt
     from conftest import handshake_pair
+
+    import crypt
     from protocol import Bye, FileData, decode_message
 
     p = handshake_pair()
@@ -489,3 +490,74 @@ def test_interrupting_a_client_mid_file_always_ends_with_a_goodbye(env: Env):
         assert "Traceback" not in err
         assert files_in(env.server_received) == [], (mib, name)
     assert not re.search("failed to decrypt|Traceback| saved at ", srv.output())
+
+
+CONSOLE_MOMENTS = [(0, "SIGTERM"), (1, "SIGINT"), (2, "SIGTERM"), (5, "SIGINT"), (12, "SIGTERM"),
+                   (25, "SIGINT"), (40, "SIGTERM"), (60, "SIGINT")]  # MiB received
+
+
+def test_interrupting_the_server_console_mid_file_always_ends_with_a_goodbye(env: Env):
+    import re
+    import signal
+
+    from conftest import files_in
+    from test_interactive import Terminals, assert_clean
+
+    terms = Terminals(env)
+    _big_sparse_jpeg(terms.server_assets / "big.jpg")
+    for mib, name in CONSOLE_MOMENTS:
+        try:
+            srv, port, _ = terms.console()
+            cli, _ = terms.connected_client(port)
+            srv.expect_line(r"^client .* connected from ")
+            srv.expect_prompt(">")
+            srv.type("2")
+            srv.answer("number or path: ", "1")
+            cli.expect_line(r"^\[server\] receiving 'big\.jpg' \(400\.0 MiB\)$")
+            _wait_received(cli.child.pid, env.client_received, mib << 20, cli.text)
+            _interrupt_at_this_moment(srv.child.pid, getattr(signal, name))
+            assert srv.wait_exit() == 0, (mib, name, srv.text())
+            assert srv.lines(r"^\s*shutting down$") and srv.lines("^bye$"), srv.text()
+            assert cli.wait_exit() == 0, (mib, name, cli.text())
+            assert cli.lines(r"^server: peer said goodbye \(server shutting down\)$"), \
+                (mib, name, cli.text())
+            assert not re.search("failed to decrypt|saved at", cli.text() + srv.text())
+            for tty in (cli, srv):
+                assert_clean(tty)
+            assert files_in(env.client_received) == [], (mib, name)
+        finally:
+            for tty in terms.ttys:
+                tty.kill()
+            terms.ttys.clear()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_interrupting_a_headless_receiver_mid_file_ends_with_a_goodbye(env: Env, name: str):
+    import signal
+    import subprocess
+
+    from conftest import PY, ROOT, files_in
+
+    srv = env.server()
+    assert env.client("--port", str(srv.port), "--accept-new-host", "--send-text",
+                      "pinned").returncode == 0
+    big = _big_sparse_jpeg(env.assets / "big.jpg")
+    client = subprocess.Popen(
+        [PY, "client.py", "--home", str(env.client_home), "--received-dir",
+         str(env.client_received), "--port", str(srv.port), "--send-file", str(big)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=child_env())
+    try:
+        srv.wait_for(r"\] receiving 'big\.jpg' \(400\.0 MiB\)$")
+        _wait_received(srv.p.pid, env.server_received, 5 << 20, srv.output)
+        _interrupt_at_this_moment(srv.p.pid, getattr(signal, name))
+        assert srv.p.wait(30) == 0
+        out, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert (client.returncode, _complaints(err)) == (5, [
+        "error: file not delivered: peer said goodbye (server shutting down)"]), err
+    assert files_in(env.server_received) == []
+    assert "failed to decrypt" not in srv.output() + err
