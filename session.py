@@ -490,10 +490,10 @@ class Interrupt:
     @contextlib.contextmanager
     def prompting(self):
         """Around a blocking wait for the user: an interrupt ends it at once."""
-        if self.event.is_set():
-            raise KeyboardInterrupt
-        self._at_prompt = True
+        self._at_prompt = True  # first: a signal from here on raises in the handler,
         try:
+            if self.event.is_set():  # and one that came before is acted on here
+                raise KeyboardInterrupt
             yield
         finally:
             self._at_prompt = False

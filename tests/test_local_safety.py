@@ -561,3 +561,61 @@ def test_interrupting_a_headless_receiver_mid_file_ends_with_a_goodbye(env: Env,
         "error: file not delivered: peer said goodbye (server shutting down)"]), err
     assert files_in(env.server_received) == []
     assert "failed to decrypt" not in srv.output() + err
+
+
+def test_sigterm_at_a_prompt_ends_either_console_at_once_with_a_goodbye(env: Env):
+    import re
+    import signal
+
+    from test_interactive import Terminals, assert_clean
+
+    terms = Terminals(env)
+    try:
+        srv, port, _ = terms.console()
+        client_fp = terms.client_fingerprint()
+        cli, _ = terms.connected_client(port)
+        srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+        cli.wait_idle()
+        os.kill(cli.child.pid, signal.SIGTERM)  # at the client's menu prompt
+        assert cli.wait_exit() == 130
+        assert cli.lines("^interrupted: saying goodbye$")
+        srv.expect_line(rf"^\[{re.escape(client_fp)}\] peer said goodbye \(client interrupted\)$")
+        srv.expect_prompt(">")
+        srv.wait_idle()
+        os.kill(srv.child.pid, signal.SIGTERM)  # at the server's menu prompt
+        assert srv.wait_exit() == 0
+        assert srv.lines(r"^\s*shutting down$") and srv.lines("^bye$")
+        for tty in (cli, srv):
+            assert_clean(tty)
+    finally:
+        for tty in terms.ttys:
+            tty.kill()
+
+
+
+def test_sigterm_at_a_plain_input_prompt_ends_the_client_with_a_goodbye(env: Env):
+    import signal
+    import subprocess
+
+    from conftest import PY, ROOT
+
+    srv = env.server()
+    cli = subprocess.Popen(  # stdin a pipe that stays open: the menu waits in input()
+        [PY, "client.py", "--home", str(env.client_home), "--received-dir",
+         str(env.client_received), "--port", str(srv.port), "--accept-new-host"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=child_env())
+    try:
+        lines = []
+        while (line := cli.stdout.readline()) and line != "1) send text  2) send a JPG  3) quit\n":
+            lines.append(line)
+        assert line, lines
+        cli.send_signal(signal.SIGTERM)
+        out, _ = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130, out
+    assert "interrupted: saying goodbye" in out
+    srv.wait_for(r"\] peer said goodbye \(client interrupted\)$")
