@@ -619,3 +619,55 @@ def test_sigterm_at_a_plain_input_prompt_ends_the_client_with_a_goodbye(env: Env
     assert cli.returncode == 130, out
     assert "interrupted: saying goodbye" in out
     srv.wait_for(r"\] peer said goodbye \(client interrupted\)$")
+
+
+@pytest.mark.parametrize("err", ["EOPNOTSUPP", "EISDIR", "EINVAL"])
+def test_a_filesystem_without_o_tmpfile_gets_the_locked_named_fallback(tmp_path, monkeypatch,
+                                                                      err: str):
+    import errno
+    import fcntl
+    import hashlib
+
+    import transfer
+
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *a, **kw):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(transfer.os, "open", no_tmpfile)
+    data = b"\xff\xd8\xff" + os.urandom(5000)
+    inc = transfer.IncomingFile(tmp_path, "photo.jpg", len(data))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 1 and TEMP_NAME.fullmatch(names[0])
+    other = real_open(tmp_path / names[0], os.O_RDONLY)
+    try:  # held under an exclusive lock by the receiver
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+    inc.write(data)
+    assert inc.finish(hashlib.sha256(data).digest())[0] == "photo.jpg"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+
+def test_an_unexpected_o_tmpfile_error_is_a_disk_error_not_a_silent_fallback(tmp_path,
+                                                                            monkeypatch):
+    import errno
+
+    import transfer
+
+    real_open = os.open
+
+    def no_space(path, flags, *a, **kw):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(transfer.os, "open", no_space)
+    with pytest.raises(transfer.Rejected) as e:
+        transfer.IncomingFile(tmp_path, "photo.jpg", 100)
+    assert e.value.detail == "not enough disk space on the receiver"
+    assert list(tmp_path.iterdir()) == []
