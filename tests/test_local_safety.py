@@ -453,8 +453,9 @@ def _interrupt_at_this_moment(pid: int, sig: int) -> None:
     os.kill(pid, signal.SIGCONT)
 
 
-MOMENTS = [(0, "SIGINT"), (1, "SIGTERM"), (3, "SIGINT"), (8, "SIGTERM"), (20, "SIGINT"),
-           (45, "SIGTERM"), (70, "SIGINT"), (100, "SIGTERM")]  # MiB on the receiver's disk
+MOMENTS = [(0, "SIGINT"), (1, "SIGTERM"), (2, "SIGINT"), (3, "SIGTERM"), (5, "SIGINT"),
+           (8, "SIGTERM"), (13, "SIGINT"), (20, "SIGTERM"), (32, "SIGINT"), (45, "SIGTERM"),
+           (70, "SIGINT"), (100, "SIGTERM")]  # MiB on the receiver's disk
 
 
 def test_interrupting_a_client_mid_file_always_ends_with_a_goodbye(env: Env):
