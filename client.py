@@ -7,7 +7,6 @@ Interactive menu by default; batch mode with --send-text / --send-file.
 from __future__ import annotations
 
 import argparse
-import signal
 import socket
 import sys
 import threading
@@ -85,7 +84,8 @@ def build_parser() -> session.Parser:
                "4 authentication failed (bad proof, unknown or changed host key, not authorised), "
                "5 a text or file was not delivered, 130 interrupted",
     )
-    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--host", type=session.host_name, default="127.0.0.1",
+                   help="server address (default 127.0.0.1)")
     p.add_argument("--port", type=session.port_number, default=5555,
                    help="server port (default 5555)")
     p.add_argument("--send-text", action=Ordered, metavar="TEXT", dest="batch_text",
@@ -95,7 +95,7 @@ def build_parser() -> session.Parser:
                         "it with a matching SHA-256 (repeatable, in order with --send-text)")
     p.add_argument("--accept-new-host", action="store_true",
                    help="trust and record an unknown server (first contact) without asking")
-    p.add_argument("--fingerprint", metavar="FP",
+    p.add_argument("--fingerprint", type=session.fingerprint, metavar="FP",
                    help="expect this server fingerprint (SHA256:...); recorded when it matches")
     session.add_common_arguments(p, "client", __version__)
     return p
@@ -308,13 +308,13 @@ def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = Fals
 MENU = "1) send text  2) send a JPG  3) quit"
 
 
-def run_interactive(conn: session.Connection, args) -> int:
+def run_interactive(conn: session.Connection, args, interrupt: session.Interrupt) -> int:
     if not sys.stdin.isatty():
-        return menu_loop(conn, args, make_prompt(conn))
+        return menu_loop(conn, args, make_prompt(conn, interrupt))
     from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
 
     with patch_stdout(raw=True):
-        return menu_loop(conn, args, make_prompt(conn))
+        return menu_loop(conn, args, make_prompt(conn, interrupt))
 
 
 def menu_loop(conn: session.Connection, args, prompt) -> int:
@@ -341,12 +341,13 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
     return EXIT_OK if conn.close_reason.startswith("peer said goodbye") else EXIT_ERROR
 
 
-def make_prompt(conn: session.Connection):
+def make_prompt(conn: session.Connection, interrupt: session.Interrupt):
     """prompt_toolkit keeps incoming lines above the prompt; a peer hang-up ends it."""
     if not sys.stdin.isatty():
         def plain(message: str) -> str:
             try:
-                return input(message)
+                with interrupt.prompting():
+                    return input(message)
             except EOFError:
                 return "quit"
         return plain
@@ -371,7 +372,8 @@ def make_prompt(conn: session.Connection):
         if conn.closed.is_set():
             return ""
         try:
-            return ps.prompt(message, pre_run=leave_if_closed)
+            with interrupt.prompting():
+                return ps.prompt(message, pre_run=leave_if_closed)
         except EOFError:
             return "quit"
     return pt
@@ -391,11 +393,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def interrupt(signum, frame):
-    """SIGTERM ends the client like Ctrl-C: goodbye to the server, exit 130."""
-    raise KeyboardInterrupt
 
 
 def run(args) -> int:
@@ -427,6 +424,9 @@ def run(args) -> int:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Fatal(EXIT_ERROR, f"cannot create {args.received_dir}: {e.strerror}") from e
+    for name in transfer.remove_stale_temps(args.received_dir):
+        print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
+              file=sys.stderr)
 
     hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
     if args.verbose or interactive:
@@ -434,16 +434,21 @@ def run(args) -> int:
         print(f"verification code: {hs.code}  (compare with the "
               f"server's to rule out a man in the middle)")
     events = ClientEvents()
+    # from here on SIGINT and SIGTERM only set a flag that the session acts on
+    # between records (see session.Interrupt): goodbye to the server, exit 130
+    interrupt = session.Interrupt()
     conn = session.Connection(sock, records, label="server", events=events,
                               received_dir=str(args.received_dir),
-                              max_file_size=args.max_file_size).start()
-    signal.signal(signal.SIGTERM, interrupt)
+                              max_file_size=args.max_file_size,
+                              interrupted=interrupt.event)
+    interrupt.install()
+    conn.start()
     code = EXIT_INTERRUPTED
     try:
         if batch:
             code = run_batch(conn, batch, args.max_file_size, args.strip_metadata)
         else:
-            code = run_interactive(conn, args)
+            code = run_interactive(conn, args, interrupt)
     except KeyboardInterrupt:
         print("interrupted: saying goodbye", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -487,13 +487,18 @@ class _RecordLayer:
         self.epoch += 1
 
     def _next(self) -> tuple[int, bytes, hmac.HMAC]:
+        seq, iv, mac = self._peek()
+        self.seq += 1
+        return seq, iv, mac
+
+    def _peek(self) -> tuple[int, bytes, hmac.HMAC]:
+        """The next record's number, IV and MAC, without using the number up."""
         if self.seq >= self.limit:
             if self._secret is not None:
                 raise LocalProtocolError(f"{self.limit} records under one key: "
                                          f"a key update was due")
             raise LocalProtocolError("record sequence number exhausted; reconnect")
         seq = self.seq
-        self.seq += 1
         mac = self._mac.copy()
         mac.update(_MAC_HEADER.pack(self._direction, seq))
         return seq, record_iv(self._iv_mask, seq), mac
@@ -533,7 +538,10 @@ class RecordSender(_RecordLayer):
         n = 1 + len(payload)
         if IV_SIZE + n + MAC_SIZE > MAX_FRAME:
             raise LocalProtocolError("record too large")
-        _, iv, mac = self._next()
+        # the number is used up only once the record is complete: an exception
+        # part-way (even KeyboardInterrupt) must not leave a gap the peer reads as
+        # tampering when the next record, e.g. the goodbye, goes out
+        seq, iv, mac = self._peek()
         # CTR is a stream: the type byte and the payload are encrypted in one
         # keystream without first copying them into one buffer.
         enc = Cipher(self._aes, modes.CTR(iv)).encryptor()
@@ -545,7 +553,9 @@ class RecordSender(_RecordLayer):
         mac.update(iv)
         for piece in pieces:
             mac.update(piece)
-        return [_FRAME_LEN.pack(IV_SIZE + n + MAC_SIZE), iv, *pieces, mac.digest()]
+        frame = [_FRAME_LEN.pack(IV_SIZE + n + MAC_SIZE), iv, *pieces, mac.digest()]
+        self.seq = seq + 1
+        return frame
 
 
 class RecordReceiver(_RecordLayer):

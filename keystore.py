@@ -4,6 +4,7 @@ known_hosts (client) and known_clients (server), kept with ssh's hygiene."""
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -33,12 +34,40 @@ def open_home(home: str | os.PathLike) -> Path:
         raise HomeError(f"cannot use home directory {path}: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise HomeError(f"home {path} is not a directory")
+    _check_owner(st, path, "home directory")
     if st.st_mode & 0o022:
         raise HomeError(f"home directory {path} is writable by group or others; "
                         f"fix it with: chmod 700 {path}")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise HomeError(f"home directory {path} is not readable and writable by you")
+    for name in (ECDSA_FILE, MLDSA_FILE, KNOWN_HOSTS, KNOWN_CLIENTS):
+        # at start-up, not at first use: a client reads known_hosts mid-handshake
+        try:
+            st = (path / name).stat()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise HomeError(f"cannot use {path / name}: {e.strerror}") from e
+        if name in (KNOWN_HOSTS, KNOWN_CLIENTS):
+            _check_trust_file(st, path / name)
+        else:
+            _check_owner(st, path / name, "private key")
     return path
+
+
+def _check_owner(st: os.stat_result, path: Path, what: str) -> None:
+    """ssh's StrictModes: what another user owns, that user could have planted."""
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise HomeError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {me}) "
+                        f"or root; fix it with: chown {_user_name(me)} {path}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _read_private(path: Path) -> bytes:
@@ -46,6 +75,7 @@ def _read_private(path: Path) -> bytes:
         st = path.stat()
     except OSError as e:
         raise HomeError(f"cannot read {path}: {e.strerror}") from e
+    _check_owner(st, path, "private key")
     if st.st_mode & 0o077:
         raise HomeError(f"private key {path} is accessible by group or others "
                         f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}")
@@ -103,19 +133,30 @@ def load_identity(home: Path) -> tuple[crypt.Identity, bool]:
 
 
 def read_text(path: Path) -> str:
-    """A trust file's text; a missing file is empty."""
+    """A trust file's text; a missing file is empty.  Like the home itself it must be
+    ours (or root's) and writable by nobody else: it decides whom we trust."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            _check_trust_file(os.fstat(f.fileno()), path)
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         return ""
     except (OSError, UnicodeDecodeError) as e:
         raise HomeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
+def _check_trust_file(st: os.stat_result, path: Path) -> None:
+    _check_owner(st, path, "trust file")
+    if st.st_mode & 0o022:
+        raise HomeError(f"trust file {path} is writable by group or others "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}")
+
+
 def append_line(path: Path, line: str) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
+            _check_trust_file(os.fstat(fd), path)
             f.write(line)
     except OSError as e:
         raise HomeError(f"cannot write {path}: {e.strerror}") from e

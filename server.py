@@ -6,7 +6,6 @@ runs until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import errno
-import signal
 import socket
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import crypt
 import keystore
 import session
+import transfer
 from protocol import (
     MAX_HANDSHAKE,
     Alert,
@@ -57,18 +57,20 @@ def build_parser() -> session.Parser:
         epilog="exit codes: 0 stopped by SIGINT/SIGTERM or the console's quit, 1 start-up "
                "error (home, keys, --authorized-clients, cannot listen), 2 usage",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", type=session.host_name, default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=session.listen_port, default=5555,
                    help="port to listen on (default 5555; 0 picks a free port)")
     p.add_argument("--headless", action="store_true",
                    help="no console; run until SIGINT/SIGTERM (implied when stdin is not a "
                         "terminal)")
-    p.add_argument("--max-clients", type=int, default=64, metavar="N",
+    p.add_argument("--max-clients", type=session.positive_count, default=64, metavar="N",
                    help="connections at once, handshaking ones included (default 64); "
                         "one more gets a 'server busy' refusal")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--handshake-timeout", type=session.seconds, default=10.0, metavar="S",
                    help="seconds a connection has to finish the handshake (default 10)")
-    p.add_argument("--max-startups-per-source", type=int, default=10, metavar="N",
+    p.add_argument("--max-startups-per-source", type=session.positive_count, default=10,
+                   metavar="N",
                    help="connections from one address still in the handshake (default 10, "
                         "as OpenSSH's MaxStartups); one more gets a 'busy' refusal")
     p.add_argument("--authorized-clients", type=Path, metavar="FILE",
@@ -107,6 +109,7 @@ class Server:
         self.authorized = authorized
         self.events = ServerEvents()
         self.stopping = threading.Event()
+        self.interrupt = session.Interrupt()  # Ctrl-C/SIGTERM: see session.Interrupt
         self.lock = threading.Lock()
         self.clients: dict[int, Client] = {}
         self.threads: set[threading.Thread] = set()
@@ -250,7 +253,8 @@ class Server:
         session.write_keylog(hs.client_random, hs.keys)
         conn = session.Connection(sock, records, label=label, events=self.events,
                                   received_dir=str(self.args.received_dir),
-                                  max_file_size=self.args.max_file_size)
+                                  max_file_size=self.args.max_file_size,
+                                  interrupted=self.interrupt.event)
         with self.lock:
             # shutdown() sets `stopping` before it takes its list of clients under this
             # lock, so a client is either in that list or sees `stopping` here
@@ -367,7 +371,7 @@ def console(server: Server) -> None:
     from prompt_toolkit import PromptSession  # noqa: PLC0415
     from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
 
-    ps = PromptSession()
+    ps = Prompt(PromptSession(), server.interrupt)
     with patch_stdout(raw=True):
         print(MENU)
         while True:
@@ -385,6 +389,18 @@ def console(server: Server) -> None:
                     (reply_text if choice == "1" else reply_jpg)(server, client, ps)
             elif choice:
                 print(MENU)
+
+
+class Prompt:
+    """The console's prompts: an interrupt (SIGTERM; Ctrl-C is a key to
+    prompt_toolkit) ends the one being shown; elsewhere see session.Interrupt."""
+
+    def __init__(self, ps, interrupt: session.Interrupt) -> None:
+        self._ps, self._interrupt = ps, interrupt
+
+    def prompt(self, message: str) -> str:
+        with self._interrupt.prompting():
+            return self._ps.prompt(message)
 
 
 def list_clients(server: Server) -> list[Client]:
@@ -429,12 +445,6 @@ def reply_jpg(server: Server, client: Client, ps) -> None:
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_clients < 1:
-        build_parser().error("--max-clients must be at least 1")
-    if args.max_startups_per_source < 1:
-        build_parser().error("--max-startups-per-source must be at least 1")
-    if args.handshake_timeout <= 0:
-        build_parser().error("--handshake-timeout must be positive")
     try:
         return run(args)
     except keystore.HomeError as e:
@@ -474,6 +484,9 @@ def run(args) -> int:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise keystore.HomeError(f"cannot create {args.received_dir}: {e.strerror}") from e
+    for name in transfer.remove_stale_temps(args.received_dir):
+        print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
+              flush=True)
     headless = args.headless or not sys.stdin.isatty()
     args.headless = headless
 
@@ -488,17 +501,8 @@ def run(args) -> int:
               flush=True)
     threading.Thread(target=server.accept_loop, daemon=True, name="accept").start()
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            return  # already shutting down: a second Ctrl-C must not cut that short
-        stop.set()
-        if not headless:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGINT/SIGTERM only set a flag (a second one does not cut the shutdown short)
+    stop = server.interrupt.install().event
     try:
         if headless:
             while not stop.wait(0.5):

@@ -5,13 +5,19 @@ and receiving texts and files, the key log."""
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import ipaddress
 import mmap
 import os
 import queue
+import re
+import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -78,10 +84,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def port_number(text: str, lowest: int = 1) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    port = int(text)
     if not lowest <= port < 65536:
         raise argparse.ArgumentTypeError(f"port {port} is outside {lowest}-65535")
     return port
@@ -116,15 +121,79 @@ def add_common_arguments(p: argparse.ArgumentParser, role: str, version: str) ->
     p.add_argument("--version", action="version", version=f"QSocket 2 {role} {version}")
 
 
+# Flag values are checked here, before anything else happens, so that a bad one is
+# a usage error (exit 2) with one line, never a traceback or a surprise later on.
+_DECIMAL = re.compile(r"-?[0-9]+")  # int() would also take "1_000", " 7" and other digits
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_FINGERPRINT = re.compile(r"(?:SHA256:)?([A-Za-z0-9+/]{43})")
+MAX_HOST_NAME = 253  # bytes, without a final dot (RFC 1035)
+MAX_SECONDS = 3600.0  # a longer timeout is a typo, and sockets refuse huge ones
+MAX_SIZE = (1 << 64) - 1  # the offer's size field
+
+
 def byte_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes)") from None
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes)")
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("size must not be negative")
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {value} is above the protocol's limit of "
+                                         f"{MAX_SIZE} bytes")
     return value
 
+
+def positive_count(text: str) -> int:
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}")
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A timeout: a finite number of seconds above 0 (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value <= MAX_SECONDS):  # also false for nan
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r} (seconds: a number above "
+                                         f"0, at most {MAX_SECONDS:g})")
+    return value
+
+
+def host_name(text: str) -> str:
+    """An IP address, or a host name of dot-separated labels of 1-63 letters, digits,
+    hyphens or underscores once IDNA-encoded.  Whether it resolves is found out when
+    connecting (exit 3), not here."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text)
+        return text
+    problem = f"invalid host name {text!r} (an IP address, or dot-separated labels of " \
+              f"1-63 letters, digits, '-' or '_')"
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:  # e.g. a label over 63 characters
+        raise argparse.ArgumentTypeError(problem) from None
+    labels = ascii_name.removesuffix(".").split(".")
+    if len(ascii_name.removesuffix(".")) > MAX_HOST_NAME or \
+            not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def fingerprint(text: str) -> str:
+    """SHA256:<43 base64 characters> (the prefix may be left out), as printed by
+    --show-identity; returned with the prefix."""
+    m = _FINGERPRINT.fullmatch(text.strip())
+    raw = base64.b64decode(m.group(1) + "=") if m else b""
+    if m is None or base64.b64encode(raw).decode().rstrip("=") != m.group(1):
+        raise argparse.ArgumentTypeError(
+            f"invalid fingerprint {text!r} (expected SHA256: and 43 base64 characters, as "
+            f"the other side's --show-identity prints it)")
+    return f"SHA256:{m.group(1)}"
 
 
 # --- frames on a socket --------------------------------------------------------------
@@ -211,19 +280,57 @@ def shut_down(sock: socket.socket) -> None:
 
 
 def write_keylog(client_random: bytes, keys: crypt.SessionKeys) -> None:
-    """Append this session's traffic keys when QSOCKET_KEYLOGFILE is set (debugging)."""
+    """Append this session's traffic keys when QSOCKET_KEYLOGFILE is set (debugging).
+
+    The keys open every record of the session, so they go only into a regular file
+    of ours that nobody else can read: never through a symlink, never into a file
+    another user owns or could read.  Any other path is refused; the session goes on."""
     path = os.environ.get(KEYLOG_ENV)
     if not path:
         return
-    print(f"warning: {KEYLOG_ENV} is set: writing this session's traffic keys to {path}; "
-          f"anyone with that file can read the traffic", file=sys.stderr, flush=True)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+             | os.O_NONBLOCK)  # a FIFO without a reader must not hang the session
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(crypt.keylog_lines(client_random, keys))
+        fd = os.open(path, flags, 0o600)
     except OSError as e:  # a debugging aid must not end the session
-        print(f"warning: cannot write the key log {path}: {e.strerror or e}",
-              file=sys.stderr, flush=True)
+        if e.errno == errno.ELOOP:
+            _refuse_keylog(path, f"it is a symbolic link; set {KEYLOG_ENV} to a regular file")
+        elif e.errno in (errno.EISDIR, errno.ENXIO):
+            _refuse_keylog(path, f"it is not a regular file; set {KEYLOG_ENV} to one")
+        else:
+            print(f"warning: cannot write the key log {path}: {e.strerror or e}",
+                  file=sys.stderr, flush=True)
+        return
+    with os.fdopen(fd, "a") as f:
+        why = _keylog_unsafe(os.fstat(fd), path)
+        if why:
+            _refuse_keylog(path, why)
+            return
+        print(f"warning: {KEYLOG_ENV} is set: writing this session's traffic keys to {path}; "
+              f"anyone with that file can read the traffic", file=sys.stderr, flush=True)
+        try:
+            f.write(crypt.keylog_lines(client_random, keys))
+            f.flush()
+        except OSError as e:
+            print(f"warning: cannot write the key log {path}: {e.strerror or e}",
+                  file=sys.stderr, flush=True)
+
+
+def _keylog_unsafe(st: os.stat_result, path: str) -> str:
+    """Why an opened key log must not be written to ("" when it is fine)."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"it is not a regular file; set {KEYLOG_ENV} to one"
+    if st.st_uid != os.geteuid():
+        return (f"it is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); "
+                f"remove it or set {KEYLOG_ENV} to another path")
+    if st.st_mode & 0o077:
+        return (f"it is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"fix it with: chmod 600 {path}")
+    return ""
+
+
+def _refuse_keylog(path: str, why: str) -> None:
+    print(f"error: not writing the key log {path}: {why}", file=sys.stderr, flush=True)
 
 
 # --- what the user sees ------------------------------------------------------------
@@ -459,6 +566,47 @@ def stripped_outgoing(out: transfer.Outgoing) -> transfer.Outgoing:
         raise transfer.Rejected(Reason.UNSPECIFIED, f"{out.path}: {e.strerror}") from e
 
 
+# --- Ctrl-C and SIGTERM ------------------------------------------------------------------
+POLL = 0.1  # seconds between checks for an interrupt while an operation waits
+
+
+class Interrupt:
+    """SIGINT and SIGTERM as a flag that the main thread acts on at safe points.
+
+    An exception raised by a signal handler can land anywhere, e.g. between sealing
+    a record and queueing it: that record's sequence number is then used up and the
+    goodbye that follows fails the peer's MAC check, which reads as tampering.  So
+    the handler only sets `event`; Connection operations check it between records
+    (and while they wait) and raise KeyboardInterrupt there.  Only while the main
+    thread waits at a prompt, which seals nothing, does the handler raise at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._at_prompt = False  # touched by the main thread only (handlers run there)
+
+    def install(self) -> Interrupt:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.event.set()
+        if self._at_prompt:
+            self._at_prompt = False  # once: a second signal must not cut the exit short
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def prompting(self):
+        """Around a blocking wait for the user: an interrupt ends it at once."""
+        self._at_prompt = True  # first: a signal from here on raises in the handler,
+        try:
+            if self.event.is_set():  # and one that came before is acted on here
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._at_prompt = False
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
     """One authenticated session: a reader thread that handles what the peer sends,
@@ -467,9 +615,11 @@ class Connection:
 
     def __init__(self, sock: socket.socket, records, *, label: str, events: Events,
                  received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE,
-                 send_timeout: float = SEND_TIMEOUT) -> None:
+                 send_timeout: float = SEND_TIMEOUT,
+                 interrupted: threading.Event | None = None) -> None:
         self.sock = sock
         self.send_timeout = send_timeout
+        self._interrupted = interrupted  # see Interrupt: checked between records
         self.label = label
         self.events = events
         self.received_dir = received_dir
@@ -739,11 +889,22 @@ class Connection:
             finally:
                 self._op_active = False
 
+    def _check_interrupted(self) -> None:
+        """Act on Ctrl-C/SIGTERM here, between records, never inside one."""
+        if self._interrupted is not None and self._interrupted.is_set():
+            raise KeyboardInterrupt
+
     def _reply(self, timeout: float | None = None):
-        try:
-            msg = self._replies.get(timeout=timeout)
-        except queue.Empty as e:
-            raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_interrupted()
+            left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+            try:
+                msg = self._replies.get(timeout=max(0.0, left))
+                break
+            except queue.Empty as e:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
         if msg is None:
             self._replies.put(None)  # keep waking later waiters
             raise ConnectionLost(self.close_reason or "connection closed")
@@ -798,6 +959,7 @@ class Connection:
         with transfer.open_outgoing(out) as f, \
                 self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
             while sent < out.size:
+                self._check_interrupted()
                 failure = self._early_failure()
                 if failure is not None:
                     self.send(FileCancel(Reason.CANCELLED, "receiver failed"))
@@ -819,8 +981,9 @@ class Connection:
         # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
         stalled_since = time.monotonic()
         while True:
+            self._check_interrupted()
             try:
-                return pool.get(timeout=1.0)
+                return pool.get(timeout=POLL)
             except queue.Empty:
                 if self.closed.is_set() or self._closing:
                     raise ConnectionLost(self.close_reason or "connection closed") from None

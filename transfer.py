@@ -8,6 +8,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -23,6 +24,13 @@ DEFAULT_MAX_FILE_SIZE = 4 << 30
 FALLBACK_NAME = "received.jpg"
 TEMP_PREFIX = ".qsocket-"
 TEMP_SUFFIX = ".part"
+# the names of our named temporary files: tempfile's 8 random characters between them
+TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+# An unnamed temporary file (O_TMPFILE) vanishes with the process that holds it, so
+# a receiver killed mid-transfer leaves nothing.  Tests turn it off to exercise the
+# named fallback that filesystems without O_TMPFILE get.
+USE_O_TMPFILE = True
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)  # kernel or filesystem lacks it
 # A received picture is an ordinary file: 0666 less the user's umask, as any program
 # would create it (read once at import, while nothing else runs).
 _UMASK = os.umask(0o022)
@@ -173,14 +181,22 @@ class IncomingFile:
         if fs.f_bavail * fs.f_frsize < self.size:
             raise Rejected(Reason.NO_SPACE, "not enough disk space on the receiver")
 
-    # write to a temporary file created exclusively (0600)
+    # write to a temporary file (0600): unnamed where the filesystem allows, else
+    # named and locked, so that start-up clean-up can tell it from a dead one's
     def _open_temp(self) -> None:
         try:
-            fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX,
-                                        dir=self.directory)
+            fd = _open_unnamed(self.directory)
+            while fd is None:
+                fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX,
+                                            dir=self.directory)
+                if _lock_if_still_there(fd, path):
+                    self.temp = Path(path)
+                else:  # a start-up clean-up took it before we locked it: once more
+                    os.close(fd)
+                    fd = None
         except OSError as e:
             raise _disk_reason(e) from e
-        self._fd, self.temp = fd, Path(path)  # 0600 while incomplete
+        self._fd = fd  # 0600 while incomplete
         self._direct = _set_direct(fd, True)
 
     def _write_all(self, view: memoryview) -> None:
@@ -228,8 +244,6 @@ class IncomingFile:
         except OSError as e:
             self.abort()
             raise _disk_reason(e) from e
-        os.close(self._fd)
-        self._fd = None
         if digest != sender_sha256:
             self.abort()
             raise Rejected(Reason.HASH_MISMATCH, "SHA-256 of the received data does not match")
@@ -245,26 +259,98 @@ class IncomingFile:
     def _link_into_place(self) -> str:
         # link() never replaces an existing file, so two receivers racing for
         # photo.jpg get photo.jpg and photo (1).jpg, and nothing is clobbered
-        for n in range(10_000):
-            candidate = numbered(self.name, n)
-            try:
-                os.link(self.temp, self.directory / candidate)
-                return candidate
-            except FileExistsError:
-                continue
+        # an unnamed file is linked through its /proc/self/fd entry: linkat with
+        # AT_SYMLINK_FOLLOW needs no privilege (AT_EMPTY_PATH does).  os.link calls
+        # plain link(), which would not follow, unless a dir fd is given.
+        proc_fd = None if self.temp else os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for n in range(10_000):
+                candidate = numbered(self.name, n)
+                try:
+                    if proc_fd is None:
+                        os.link(self.temp, self.directory / candidate)
+                    else:
+                        os.link(str(self._fd), self.directory / candidate,
+                                src_dir_fd=proc_fd, follow_symlinks=True)
+                    return candidate
+                except FileExistsError:
+                    continue
+        finally:
+            if proc_fd is not None:
+                os.close(proc_fd)
         raise OSError(errno.EEXIST, "too many files with this name")
 
     def abort(self) -> None:
         """Drop the temporary file (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.temp is not None:
+        if self.temp is not None:  # removed while still locked: never seen unlocked
             try:
                 os.unlink(self.temp)
             except FileNotFoundError:
                 pass
             self.temp = None
+        if self._fd is not None:
+            os.close(self._fd)  # an unnamed file is gone with its last descriptor
+            self._fd = None
+
+
+def _open_unnamed(directory: Path) -> int | None:
+    """An O_TMPFILE file in directory, or None where that is not supported."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not (USE_O_TMPFILE and flag and os.path.isdir("/proc/self/fd")):
+        return None
+    try:
+        return os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno in _NO_TMPFILE:
+            return None
+        raise
+
+
+def _lock_if_still_there(fd: int, path: str) -> bool:
+    """Lock a new named temp file; False if a clean-up removed it before the lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a clean-up holds it and is about to remove it
+        return False
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Remove our named temporary files that no live process holds (left by a crash
+    on a filesystem without O_TMPFILE, or by an older release); returns their names.
+    Only regular files of ours with our name pattern and no lock are touched."""
+    removed = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return removed
+    for name in names:
+        if not TEMP_NAME.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # a symlink, gone meanwhile, or not ours to read
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live receiver is writing it
+            if os.stat(path, follow_symlinks=False).st_ino == st.st_ino:
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _set_direct(fd: int, on: bool) -> bool:

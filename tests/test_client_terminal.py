@@ -15,7 +15,6 @@ import re
 import socket
 import threading
 
-import pytest
 from conftest import LINE_TIMEOUT, Env, files_in, identity
 from test_interactive import CLIENT_MENU, Tty, assert_clean
 

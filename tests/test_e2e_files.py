@@ -672,8 +672,10 @@ def test_a_full_disk_is_reported_to_the_sender_and_leaves_nothing(env: Env, tiny
                    "--accept-new-host", "--send-file", str(photo)], env=child_env())
     try:
         srv.wait_for(r"\] receiving 'disk.jpg' ")
-        names = files_in(tiny_disk)  # accepted: only the temporary file so far
-        assert len(names) == 1 and names[0].startswith(transfer.TEMP_PREFIX)
+        # accepted: the temporary file is open, unnamed (O_TMPFILE), so nothing shows
+        assert files_in(tiny_disk) == []
+        assert any(os.readlink(f"/proc/{srv.p.pid}/fd/{fd}").startswith(f"{tiny_disk}/")
+                   for fd in os.listdir(f"/proc/{srv.p.pid}/fd"))
         filler = fill(tiny_disk)
         relay.release()
         assert client.p.wait(LINE_TIMEOUT) == EXIT_UNDELIVERED

@@ -143,15 +143,22 @@ def receive(directory: Path, name: str, data: bytes, chunk: int = 1000) -> tuple
     return inc.finish(sha(data))
 
 
-def test_a_full_receive_writes_the_exact_bytes(tmp_path: Path):
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-fallback"])
+def test_a_full_receive_writes_the_exact_bytes(tmp_path: Path, monkeypatch, unnamed: bool):
+    monkeypatch.setattr(transfer, "USE_O_TMPFILE", unnamed)
     data = JPEG
     inc = IncomingFile(tmp_path, "../sneaky/photo.jpg", len(data))
-    # while it is being written, nothing visible: only the hidden temporary file
+    # while it is being written, nothing visible: no file at all (O_TMPFILE), or
+    # only the hidden temporary file (the fallback)
     inc.write(data[:5000])
     names = files_in(tmp_path)
-    assert len(names) == 1 and names[0].startswith(transfer.TEMP_PREFIX)
-    assert (tmp_path / names[0]).stat().st_mode & 0o777 == 0o600  # private while incomplete
-    assert names[0].endswith(transfer.TEMP_SUFFIX)
+    assert os.fstat(inc._fd).st_mode & 0o777 == 0o600  # private while incomplete
+    if unnamed:
+        assert names == []
+    else:
+        assert len(names) == 1 and names[0].startswith(transfer.TEMP_PREFIX)
+        assert (tmp_path / names[0]).stat().st_mode & 0o777 == 0o600
+        assert names[0].endswith(transfer.TEMP_SUFFIX)
     assert visible(tmp_path) == []
     inc.write(memoryview(data)[5000:])  # memoryviews are fine too
     assert visible(tmp_path) == []
