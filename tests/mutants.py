@@ -199,8 +199,8 @@ MUTANTS: list[dict] = [
          replacement='    path = os.environ.get(KEYLOG_ENV) or "qsocket-keys.log"\n',
          tests=[TEXT + "test_keylog_is_off_by_default"]),
     dict(id="keylog-0600", file="session.py", property="3.10 the key log is created 0600",
-         original="os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)",
-         replacement="os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)",
+         original="        fd = os.open(path, flags, 0o600)",
+         replacement="        fd = os.open(path, flags, 0o644)",
          tests=[TEXT + "test_keylog_lets_an_independent_tool_decrypt_a_capture"]),
 ]
 
