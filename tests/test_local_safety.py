@@ -83,6 +83,7 @@ def test_a_private_keylog_of_ours_is_appended_to(env: Env):
     lines = path.read_text().splitlines()
     assert lines[0] == "earlier session"
     assert [line.split()[0] for line in lines[1:]] == [
+        "QSOCKET2_CLIENT_TRAFFIC_SECRET", "QSOCKET2_SERVER_TRAFFIC_SECRET",
         "QSOCKET2_CLIENT_TRAFFIC_ENC", "QSOCKET2_CLIENT_TRAFFIC_MAC", "QSOCKET2_CLIENT_TRAFFIC_IV",
         "QSOCKET2_SERVER_TRAFFIC_ENC", "QSOCKET2_SERVER_TRAFFIC_MAC", "QSOCKET2_SERVER_TRAFFIC_IV"]
 
