@@ -400,8 +400,8 @@ def test_max_startups_per_source_must_be_positive(env: Env):
                         "--home", str(env.server_home)], cwd=ROOT, capture_output=True,
                        text=True, timeout=60, env=child_env())
     assert r.returncode == 2
-    assert r.stderr.splitlines() == ["error: --max-startups-per-source must be at least 1 "
-                                     "(see --help)"]
+    assert r.stderr.splitlines() == ["error: argument --max-startups-per-source: 0 is not "
+                                     "at least 1 (see --help)"]
 
 
 def test_a_server_out_of_file_descriptors_logs_once_and_serves_when_they_return(env: Env):
