@@ -9,6 +9,7 @@ pytest.  Synchronisation is always on output lines with a timeout, never on slee
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import queue
@@ -28,6 +29,7 @@ from wcwidth import wcwidth
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 LINE_TIMEOUT = 20.0
+JPEG_HEAD = b"\xff\xd8\xff\xe0"  # SOI + APP0: enough for the JPEG checks
 
 import crypt  # noqa: E402
 from client_data import ClientHandshake  # noqa: E402
@@ -94,12 +96,23 @@ def make_jpeg(path: Path, size=(64, 48), *, mode="RGB", progressive=False, exif=
 
 
 def jpeg_of_size(path: Path, total: int) -> Path:
-    """A file of exactly `total` bytes that starts like a JPEG (SOI + APP0 marker)."""
-    head = b"\xff\xd8\xff\xe0"
-    body = os.urandom(max(0, total - len(head)))
+    """A file of exactly `total` bytes that starts like a JPEG (SOI + APP0 marker) and
+    goes on with random bytes; written in blocks, so a benchmark's 1 GiB is cheap."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes((head + body)[:total])
+    with open(path, "wb") as f:
+        f.write(JPEG_HEAD[:total])
+        while (left := total - f.tell()) > 0:
+            f.write(os.urandom(min(16 << 20, left)))
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --- processes ------------------------------------------------------------------------
@@ -125,6 +138,10 @@ class Proc:
         self._t = threading.Thread(target=self._pump, daemon=True)
         self._t.start()
         self._seen = 0
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
 
     def _pump(self) -> None:
         for line in self.p.stdout:
@@ -180,9 +197,13 @@ class Server(Proc):
     def __init__(self, home: Path, received: Path, *extra: str, env: dict | None = None) -> None:
         super().__init__([PY, "server.py", "--headless", "--port", "0", "--home", str(home),
                           "--received-dir", str(received), *extra], env=env)
-        m = self.wait_for(r"^listening on ([\d.]+):(\d+)$")
-        self.port = int(m.group(2))
-        self.fingerprint = self.wait_for(r"^identity (SHA256:\S+)$").group(1)
+        try:
+            m = self.wait_for(r"^listening on ([\d.]+):(\d+)$")
+            self.port = int(m.group(2))
+            self.fingerprint = self.wait_for(r"^identity (SHA256:\S+)$").group(1)
+        except BaseException:
+            self.stop()  # no server outlives a start-up that failed
+            raise
 
 
 @dataclass
@@ -350,13 +371,13 @@ class Screen:
 class Tty:
     """One program in a pseudo-terminal, 24x200, with a cursor over what it showed."""
 
-    def __init__(self, script: str, *args: str) -> None:
+    def __init__(self, script: str, *args: str, preexec_fn=None) -> None:
         env = child_env(TERM="xterm", LANG="C.UTF-8")
         for var in ("COLUMNS", "LINES", "LC_ALL", "NO_COLOR"):
             env.pop(var, None)
         self.child = pexpect.spawn(PY, [script, *args], cwd=str(ROOT), env=env,
                                    dimensions=(24, 200), timeout=LINE_TIMEOUT, encoding="utf-8",
-                                   codec_errors="replace")
+                                   codec_errors="replace", preexec_fn=preexec_fn)
         self.screen = Screen()
         self.seen = 0
         self.eof = False
@@ -473,6 +494,6 @@ def files_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-__all__ = ["io", "ROOT", "PY", "LINE_TIMEOUT", "identity", "handshake_pair", "make_jpeg",
-           "jpeg_of_size", "Proc", "Server", "Env", "Relay", "Screen", "Tty", "files_in",
-           "child_env", "run_handshake"]
+__all__ = ["io", "ROOT", "PY", "LINE_TIMEOUT", "JPEG_HEAD", "identity", "handshake_pair",
+           "run_handshake", "make_jpeg", "jpeg_of_size", "file_sha256", "child_env", "Proc",
+           "Server", "Env", "Relay", "Screen", "Tty", "files_in"]
