@@ -14,6 +14,7 @@ import io
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -231,58 +232,210 @@ class Env:
                               timeout=timeout, stdin=subprocess.DEVNULL, env=env or child_env())
 
 
-class Relay:
-    """A TCP relay on 127.0.0.1 (a given port, or a free one) to a target port.
+# --- sockets and processes, observed ---------------------------------------------------
+def counts(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(re.search(r"^Threads:\s+(\d+)$", status, re.M).group(1))
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
 
-    Keeps every client->server byte in `c2s`, so a test can read the capture; each
-    accepted connection is piped both ways until either side closes.
+
+def wait_until(condition, timeout: float, what: str):
+    """Poll a condition (bounded in time); teardown elsewhere is asynchronous."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def read_to_eof(sock: socket.socket, timeout: float, limit: int = 1 << 20) -> tuple[bytes, str]:
+    """Everything the peer sends until it closes: (data, "eof" | "reset" | "timeout")."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), "timeout"
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return b"".join(chunks), "timeout"
+        except OSError:
+            return b"".join(chunks), "reset"
+        if not data:
+            return b"".join(chunks), "eof"
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks), "too much data"
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 (a given port, or a free one) to a target port, under
+    the test's control.  Every accepted connection is piped both ways; a half-close is
+    passed on, so each side sees the other finish as it would directly.
+
+    Every client->server byte is kept in `c2s` and counted in `up`; `finished` is set
+    when the first connection has ended both ways (`join()` waits for it).
+    - tamper(index, frame) -> frames to forward: the client's bytes are read as frames
+      (4-byte length prefix); the two handshake frames pass, each record after them
+      goes through `tamper` (`records` counts them).
+    - cut_after: after this many client->server bytes both sides are shut down.
+    - hold_after: server->client bytes beyond this wait until release().
+    - gate: accept only once the gate is set (a client waits, connected, meanwhile).
     """
 
-    def __init__(self, target_port: int, listen_port: int = 0) -> None:
+    MAX_FRAMES = 100_000
+
+    def __init__(self, target_port: int, listen_port: int = 0, *, tamper=None,
+                 cut_after: int | None = None, hold_after: int | None = None,
+                 gate: threading.Event | None = None) -> None:
+        assert tamper is None or cut_after is None, "tamper by frames or cut by bytes"
         self.target = target_port
+        self.tamper, self.cut_after, self.hold_after, self.gate = (tamper, cut_after,
+                                                                   hold_after, gate)
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", listen_port))
         self.sock.listen()
         self.port = self.sock.getsockname()[1]
         self.c2s = bytearray()
+        self.up = 0  # client -> server bytes forwarded
+        self.records = 0  # client records after the handshake, with `tamper`
         self.finished = threading.Event()  # set when the first connection has ended
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._released = threading.Event()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="relay").start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.sock.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target))
-            down = threading.Thread(target=self._pipe, args=(b, a, None), daemon=True)
-            down.start()
-            threading.Thread(target=self._up, args=(a, b, down), daemon=True).start()
+    # the test's controls ----------------------------------------------------------------
+    def client_waiting(self, timeout: float) -> bool:
+        """True once a connection is pending in the listener's backlog."""
+        return bool(select.select([self.sock], [], [], timeout)[0])
 
-    def _up(self, a, b, down: threading.Thread) -> None:
-        self._pipe(a, b, self.c2s)
-        down.join(LINE_TIMEOUT)
-        self.finished.set()
+    def release(self) -> None:
+        self._released.set()
 
-    @staticmethod
-    def _pipe(src, dst, keep: bytearray | None) -> None:
-        try:
-            while data := src.recv(65536):
-                if keep is not None:
-                    keep += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def join(self) -> None:
+        """Wait until the first connection has ended, then stop listening."""
+        assert self.finished.wait(LINE_TIMEOUT), "the relayed connection never ended"
+        self.sock.close()
 
     def close(self) -> None:
-        self.sock.close()
+        for s in (self.sock, *self._socks):
+            s.close()
+
+    # the relay ----------------------------------------------------------------------------
+    def _accept(self) -> None:
+        if self.gate is not None and not self.gate.wait(60):
+            return
+        while True:
+            try:
+                client, _ = self.sock.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            self._socks += [client, server]
+            threading.Thread(target=self._connection, args=(client, server),
+                             daemon=True).start()
+
+    def _connection(self, client: socket.socket, server: socket.socket) -> None:
+        down = threading.Thread(target=self._down, args=(server, client), daemon=True)
+        down.start()
+        if self._frames(client, server) if self.tamper else self._bytes(client, server):
+            _quietly(server.shutdown, socket.SHUT_WR)  # the client finished: pass it on
+        else:  # cut, or a socket failed: both sides end
+            for s in (client, server):
+                _quietly(s.shutdown, socket.SHUT_RDWR)
+        down.join(LINE_TIMEOUT)
+        client.close()
+        server.close()
+        self.finished.set()
+
+    def _bytes(self, client: socket.socket, server: socket.socket) -> bool:
+        """Forward client -> server until EOF (True) or the cut (False)."""
+        try:
+            while self.cut_after is None or self.up < self.cut_after:
+                want = 1 << 16
+                if self.cut_after is not None:
+                    want = min(want, self.cut_after - self.up)
+                data = client.recv(want)
+                if not data:
+                    return True
+                self.c2s += data
+                server.sendall(data)
+                self.up += len(data)
+        except OSError:
+            pass
+        return False
+
+    def _frames(self, client: socket.socket, server: socket.socket) -> bool:
+        """Forward client -> server frame by frame through `tamper`; True on EOF."""
+        try:
+            for n in range(self.MAX_FRAMES):
+                header = _recv_exact(client, 4)
+                if header is None:
+                    return True
+                body = _recv_exact(client, int.from_bytes(header, "big"))
+                if body is None:
+                    raise ConnectionError("EOF after a frame header")
+                frame = header + body
+                self.c2s += frame
+                self.up += len(frame)
+                if n < 2:
+                    out = [frame]
+                else:
+                    self.records = n - 1
+                    out = self.tamper(n - 2, frame)
+                for f in out:
+                    server.sendall(f)
+        except OSError:
+            pass
+        return False
+
+    def _down(self, server: socket.socket, client: socket.socket) -> None:
+        sent = 0
+        try:
+            while True:
+                want = 1 << 16
+                if self.hold_after is not None and not self._released.is_set():
+                    if sent >= self.hold_after:
+                        self._released.wait(LINE_TIMEOUT)
+                        self._released.set()  # never hold longer than that
+                        continue
+                    want = min(want, self.hold_after - sent)
+                data = server.recv(want)
+                if not data:
+                    break
+                client.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        _quietly(client.shutdown, socket.SHUT_WR)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """n bytes, or None on EOF before the first byte (the relay's own framing)."""
+    buf = bytearray()
+    while len(buf) < n:
+        data = sock.recv(n - len(buf))
+        if not data:
+            if buf:
+                raise ConnectionError("EOF inside a frame")
+            return None
+        buf += data
+    return bytes(buf)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
 
 
 # --- a program in a pseudo-terminal ------------------------------------------------------
@@ -496,4 +649,5 @@ def files_in(directory: Path) -> list[str]:
 
 __all__ = ["io", "ROOT", "PY", "LINE_TIMEOUT", "JPEG_HEAD", "identity", "handshake_pair",
            "run_handshake", "make_jpeg", "jpeg_of_size", "file_sha256", "child_env", "Proc",
-           "Server", "Env", "Relay", "Screen", "Tty", "files_in"]
+           "Server", "Env", "Relay", "Screen", "Tty", "files_in", "counts", "wait_until",
+           "read_to_eof"]
