@@ -17,7 +17,7 @@ What each row runs:
   loopback.  client->server: `client.py --send-file` against a fresh
   `server.py --headless --port 0`, timed from process start to exit, and the
   transfer-only rate the client prints.  server->client: `server.py` with its
-  console on a pseudo-terminal (pexpect) types "2" and the path, as a user would,
+  console on a pseudo-terminal (the test harness's Tty) types "2" and the path, as a user would,
   to an interactive `client.py`; the rate is the one the server prints.
 - scp: OpenSSH scp -c aes256-ctr -o MACs=hmac-sha2-256-etm@openssh.com of the
   same file to a private sshd on 127.0.0.1 (temporary host key, authorized key
@@ -35,6 +35,7 @@ What each row runs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import getpass
 import hashlib
@@ -54,14 +55,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import cryptography  # noqa: E402
-import pexpect  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
+from harness import JPEG_HEAD, Server, Tty, child_env, file_sha256, jpeg_of_size  # noqa: E402
 
 import crypt  # noqa: E402
 import session  # noqa: E402
@@ -72,7 +75,6 @@ from server_data import ServerHandshake  # noqa: E402
 PY = sys.executable
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 RECORD = 1 * MIB  # the record size DESIGN.md defines the per-side limit with
-JPEG_HEAD = b"\xff\xd8\xff\xe0"
 CONCURRENT_CLIENTS = 16
 SKIP_NO_SSHD = "no sshd"
 START_TIMEOUT = 30.0  # a process printing its first lines
@@ -88,12 +90,6 @@ SENT_RX = re.compile(r"sent '[^'\r\n]*': (?P<bytes>\d+) bytes, SHA-256 (?P<sha>[
 SAVED_RX = re.compile(r"saved '[^'\r\n]*': (?P<bytes>\d+) bytes, SHA-256 (?P<sha>[0-9a-f]{64}), "
                       r"(?P<secs>[\d.]+) s, (?P<rate>[\d.]+) MB/s")
 
-# Row ids in table order; tests/test_bench.py checks every one is printed and in the JSON.
-ROW_IDS = ("limit", "limit_raw", "crypto_raw", "sha256_raw", "limit_receiver",
-           "bulk_c2s_process", "bulk_c2s_transfer", "bulk_s2c_transfer", "scp",
-           "handshake_latency", "handshake_rate", "send_text", "ssh_true",
-           "rss_c2s", "rss_s2c")
-SSHD_ROWS = ("scp", "ssh_true")
 
 
 class BenchError(Exception):
@@ -133,14 +129,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    env.pop("QSOCKET_KEYLOGFILE", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PROMPT_TOOLKIT_NO_CPR"] = "1"
-    return env
 
 
 class Child:
@@ -260,8 +248,8 @@ class Workspace:
                              f"{human(need)}; use --tmp-dir")
         self.big = self.src / "bench.jpg"
         self.small = self.src / "bench-small.jpg"
-        self.sha[self.big] = jpeg_shaped(self.big, self.args.size)
-        self.sha[self.small] = jpeg_shaped(self.small, self.args.small_size)
+        for path, size in ((self.big, self.args.size), (self.small, self.args.small_size)):
+            self.sha[path] = file_sha256(jpeg_of_size(path, size))
 
     def clear_received(self) -> None:
         for d in (self.server_received, self.client_received, self.scp_received):
@@ -271,9 +259,25 @@ class Workspace:
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
-    # the programs
-    def server(self) -> HeadlessServer:
-        return HeadlessServer(self)
+    # the programs (the test harness's, with its errors as ours)
+    def server(self) -> Server:
+        """`server.py --headless --port 0`, port and identity parsed."""
+        with harness_errors("server.py --headless"):
+            return Server(self.server_home, self.server_received, "--assets-dir", str(self.assets))
+
+    def console(self) -> tuple[Tty, int, str]:
+        """`server.py` with its console on a pseudo-terminal: (tty, port, fingerprint)."""
+        with harness_errors("server console"):
+            tty = Tty(str(ROOT / "server.py"), "--port", "0", "--home", str(self.server_home),
+                      "--received-dir", str(self.server_received),
+                      "--assets-dir", str(self.assets), preexec_fn=_die_with_parent)
+            try:
+                port = int(tty.expect_line(r"listening on \S+:(\d+)$", START_TIMEOUT)[1])
+                fingerprint = tty.expect_line(r"identity (SHA256:\S+)$", START_TIMEOUT)[1]
+            except BaseException:
+                tty.kill()
+                raise
+        return tty, port, fingerprint
 
     def client(self, port: int, fingerprint: str, *args: str, what: str,
                stdin=subprocess.DEVNULL) -> Child:
@@ -283,89 +287,13 @@ class Workspace:
         return Child(argv, self.log(what), stdin=stdin)
 
 
-def jpeg_shaped(path: Path, size: int) -> str:
-    """Write FF D8 FF E0 + random bytes; returns the SHA-256 hex."""
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        block = JPEG_HEAD[:size]
-        while True:
-            f.write(block)
-            h.update(block)
-            left = size - f.tell()
-            if left <= 0:
-                break
-            block = os.urandom(min(16 * MIB, left))
-    return h.hexdigest()
-
-
-class HeadlessServer(Child):
-    """`server.py --headless --port 0` with its own log; port and identity parsed."""
-
-    def __init__(self, ws: Workspace) -> None:
-        super().__init__([PY, str(ROOT / "server.py"), "--headless", "--port", "0",
-                          "--home", str(ws.server_home),
-                          "--received-dir", str(ws.server_received),
-                          "--assets-dir", str(ws.assets)], ws.log("server"))
-        try:
-            self.port = int(self.wait_for(re.compile(r"^listening on \S+:(\d+)$", re.M))[1])
-            self.fingerprint = self.wait_for(re.compile(r"^identity (SHA256:\S+)$", re.M))[1]
-        except BaseException:
-            self.kill()
-            raise
-
-    def stop(self) -> None:
-        if self.p.returncode is None:
-            self.p.send_signal(signal.SIGINT)
-            try:
-                self.wait(15)
-            except BenchError:
-                pass  # killed; a slow shutdown is not what we measure
-
-
-class PtyServer:
-    """`server.py` with its console on a pseudo-terminal, driven as a user would."""
-
-    def __init__(self, ws: Workspace) -> None:
-        self.logf = open(ws.log("pty-server"), "w")
-        self.child = pexpect.spawn(
-            PY, [str(ROOT / "server.py"), "--port", "0", "--home", str(ws.server_home),
-                 "--received-dir", str(ws.server_received), "--assets-dir", str(ws.assets)],
-            cwd=str(ROOT), env=child_env(), encoding="utf-8", codec_errors="replace",
-            timeout=START_TIMEOUT, dimensions=(24, 200), preexec_fn=_die_with_parent)
-        self.child.delaybeforesend = None
-        self.child.logfile_read = self.logf
-        try:
-            self.expect(r"listening on \S+:(\d+)\r?\n")
-            self.port = int(self.child.match.group(1))
-            self.expect(r"identity (SHA256:\S+)\r?\n")
-            self.fingerprint = self.child.match.group(1)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
-    def expect(self, pattern, timeout: float = START_TIMEOUT):
-        try:
-            return self.child.expect(pattern, timeout=timeout)
-        except (pexpect.TIMEOUT, pexpect.EOF) as e:
-            raise BenchError(f"server console: no {getattr(pattern, 'pattern', pattern)!r} "
-                             f"within {timeout:g} s ({type(e).__name__}); "
-                             f"screen: {self.child.before[-500:]!r}") from None
-
-    def quit(self) -> None:
-        self.child.sendline("4")
-        self.expect(pexpect.EOF, timeout=15)
-        self.close()
-
-    def close(self) -> None:
-        if not self.child.closed:
-            if self.child.isalive():
-                self.child.terminate(force=True)
-            self.child.close()
-        self.logf.close()
+@contextlib.contextmanager
+def harness_errors(what: str):
+    """The harness fails with AssertionError (it is the tests'); here that is a BenchError."""
+    try:
+        yield
+    except AssertionError as e:
+        raise BenchError(f"{what}: {e}") from None
 
 
 # --- the private sshd ---------------------------------------------------------------------
@@ -544,7 +472,9 @@ def rate_raw(pool: memoryview, total: int, *, crypto: bool = True, sha: bool = T
     return mbps(total // RECORD * RECORD, time.perf_counter() - t0)
 
 
-def measure_limits(args, rows: dict) -> None:
+def measure_limits(bench: Bench, rows: dict) -> None:
+    note("per-side limit")
+    args = bench.args
     pool = memoryview(os.urandom(args.pool))
     total = args.limit_bytes
     variants = {
@@ -591,29 +521,32 @@ def run_c2s(ws: Workspace, src: Path) -> dict:
 def run_s2c(ws: Workspace, src: Path) -> dict:
     """The server console on a pty sends `src` to an interactive client.py."""
     size = src.stat().st_size
-    srv = PtyServer(ws)
+    srv, port, fingerprint = ws.console()
     cl = None
     try:
-        cl = ws.client(srv.port, srv.fingerprint, what="s2c-client", stdin=subprocess.PIPE)
-        srv.expect(r"client \S+ connected from")
-        srv.child.sendline("2")  # menu: send a JPG (the only client is picked)
-        srv.expect(r"number or path:")
-        srv.child.sendline(str(src))
-        t0 = time.perf_counter()
-        srv.expect(SENT_RX, timeout=transfer_timeout(size))
-        observed = time.perf_counter() - t0
-        m = srv.child.match
+        with harness_errors("server console"):
+            cl = ws.client(port, fingerprint, what="s2c-client", stdin=subprocess.PIPE)
+            srv.expect_line(r"client \S+ connected from", START_TIMEOUT)
+            srv.expect_prompt(">", START_TIMEOUT)
+            srv.type("2")  # menu: send a JPG (the only client is picked)
+            srv.answer("number or path: ", str(src))
+            t0 = time.perf_counter()
+            m = srv.expect_line(SENT_RX.pattern, timeout=transfer_timeout(size))
+            observed = time.perf_counter() - t0
         check_digest(ws, src, m)
         saved = cl.wait_for(SAVED_RX, timeout=30)
-        server_rss = vm_hwm(srv.pid)
+        server_rss = vm_hwm(srv.child.pid)
         cl.p.stdin.write(b"3\n")  # client menu: quit
         cl.p.stdin.close()
         code = cl.wait(30)
         if code != 0:
             raise BenchError(f"interactive client.py exited {code}:\n{cl.output()[-2000:]}")
-        srv.quit()
+        with harness_errors("server console"):
+            srv.expect_prompt(">", START_TIMEOUT)
+            srv.type("4")  # menu: quit
+            srv.wait_exit(15)
     finally:
-        srv.close()
+        srv.kill()
         if cl is not None:
             cl.kill()
     ws.clear_received()
@@ -639,7 +572,8 @@ def run_scp(ws: Workspace, sshd: Sshd, src: Path) -> dict:
     return {"process_s": p.elapsed, "process_mbps": mbps(size, p.elapsed)}
 
 
-def measure_bulk(ws: Workspace, args, sshd: Sshd | None, rows: dict) -> None:
+def measure_bulk(bench: Bench, rows: dict) -> None:
+    ws, args, sshd = bench.ws, bench.args, bench.sshd
     c2s, s2c, scp, small = [], [], [], []
     for i in range(args.runs):  # interleaved: ours, theirs, ours, theirs...
         note(f"bulk run {i + 1}/{args.runs}: client->server")
@@ -719,7 +653,9 @@ def handshake_in_memory(cid: crypt.Identity, sid: crypt.Identity) -> tuple[float
     return (t1 - t0) + (t3 - t2) + (t5 - t4), (t2 - t1) + (t4 - t3)
 
 
-def measure_handshake_latency(args, rows: dict) -> None:
+def measure_handshake_latency(bench: Bench, rows: dict) -> None:
+    note("handshake latency (in-process)")
+    args = bench.args
     cid, sid = crypt.Identity.generate(), crypt.Identity.generate()
     for _ in range(min(10, args.handshakes)):
         handshake_in_memory(cid, sid)  # warm-up
@@ -750,7 +686,9 @@ def handshake_over_tcp(identity: crypt.Identity, port: int) -> None:
             raise BenchError(f"server answered the handshake with message type {msg_type}")
 
 
-def measure_handshake_rate(ws: Workspace, args, rows: dict) -> None:
+def measure_handshake_rate(bench: Bench, rows: dict) -> None:
+    note(f"{CONCURRENT_CLIENTS} concurrent clients")
+    ws, args = bench.ws, bench.args
     per_client = max(1, args.handshakes // CONCURRENT_CLIENTS)
     identities = [crypt.Identity.generate() for _ in range(CONCURRENT_CLIENTS)]
     srv = ws.server()
@@ -795,7 +733,9 @@ def measure_handshake_rate(ws: Workspace, args, rows: dict) -> None:
 
 
 # --- one message, whole process -------------------------------------------------------------
-def measure_send_text(ws: Workspace, args, sshd: Sshd | None, rows: dict) -> None:
+def measure_send_text(bench: Bench, rows: dict) -> None:
+    note("one --send-text, whole process")
+    ws, args, sshd = bench.ws, bench.args, bench.sshd
     srv = ws.server()
     ours, theirs, bare, imports = [], [], [], []
 
@@ -844,89 +784,143 @@ def measure_send_text(ws: Workspace, args, sshd: Sshd | None, rows: dict) -> Non
 
 
 # --- the table ------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """What every measurement gets: the options, the workspace, the private sshd or None."""
+
+    args: argparse.Namespace
+    ws: Workspace
+    sshd: Sshd | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table and one entry of the JSON, in one place.
+
+    `label` may name {size}, {small} and {clients}.  `measure(bench, rows)` fills the
+    row's "values" (one measurement fills several rows, so that its runs interleave;
+    each runs once, in the order the rows first name it).  `result(values)` is the
+    table's text; `verdict(values, rows)` judges the medians against `target`: True,
+    False, or None when there is nothing to judge."""
+
+    id: str
+    label: str
+    target: str
+    measure: Callable[[Bench, dict], None]
+    result: Callable[[dict], str]
+    verdict: Callable[[dict, dict], bool | None] = lambda values, rows: None
+
+
+def rate_text(v: dict) -> str:
+    return f"best {v['best_mbps']:g} MB/s, median {v['median_mbps']:g} MB/s"
+
+
+def bulk_text(v: dict) -> str:
+    return (f"best {v['best_mbps']:g} MB/s ({v['ratio_best_to_limit']:.2f}x), "
+            f"median {v['median_mbps']:g} MB/s ({v['ratio_median_to_limit']:.2f}x limit)")
+
+
+def scp_text(v: dict) -> str:
+    return (f"best {v['best_mbps']:g}, median {v['median_mbps']:g} MB/s; ours/scp "
+            f"c->s {v['ours_c2s_process_vs_scp']:.2f}x (transfer only "
+            f"{v['ours_c2s_transfer_vs_scp']:.2f}x), s->c {v['ours_s2c_transfer_vs_scp']:.2f}x")
+
+
+def latency_text(v: dict) -> str:
+    return (f"median {v['median_ms']:g} ms, p99 {v['p99_ms']:g} ms (client "
+            f"{v['client_median_ms']:g} + server {v['server_median_ms']:g}; n={v['count']})")
+
+
+def handshake_rate_text(v: dict) -> str:
+    return (f"{v['per_second']:g}/s ({v['completed']}/{v['attempted']} done; server CPU "
+            f"{v['server_cpu_ms_per_handshake']:g} ms each)")
+
+
+def send_text_text(v: dict) -> str:
+    return (f"median {v['median_ms']:g} ms, best {v['best_ms']:g} ms (python -c pass "
+            f"{v['python_startup_median_ms']:g}, client.py --version "
+            f"{v['client_version_median_ms']:g})")
+
+
+def ssh_true_text(v: dict) -> str:
+    return (f"median {v['median_ms']:g} ms, best {v['best_ms']:g} ms; "
+            f"send-text/ssh {v['send_text_vs_ssh']:.2f}x")
+
+
+def rss_text(v: dict) -> str:
+    return "; ".join(f"{side} {v[f'{side}_small_mib']:g} -> {v[f'{side}_big_mib']:g} MiB "
+                     f"({v[f'{side}_ratio']:.2f}x)" for side in ("server", "client"))
+
+
+def half_the_limit(v: dict, rows: dict) -> bool:
+    return v["ratio_median_to_limit"] >= 0.5
+
+
+def rss_flat(v: dict, rows: dict) -> bool:
+    return v["server_ratio"] <= 1.2 and v["client_ratio"] <= 1.2
+
+
+def faster_than_ssh(v: dict, rows: dict) -> bool | None:
+    ssh = rows["ssh_true"].get("values")
+    return None if ssh is None else v["median_ms"] < ssh["median_ms"]
+
+
+# Table order; tests/test_bench.py checks every row is printed and in the JSON.
+ROWS = (
+    Row("limit", "per-side limit: crypt.RecordSender 1 MiB records + SHA-256, 1 core",
+        "reference (DESIGN: ~690 MB/s)", measure_limits, rate_text),
+    Row("limit_raw", "  ref: raw AES-256-CTR + HMAC-SHA-256 + SHA-256, 1 core", "",
+        measure_limits, rate_text),
+    Row("crypto_raw", "  ref: raw AES-256-CTR + HMAC-SHA-256 only", "(DESIGN: ~1.2 GB/s)",
+        measure_limits, rate_text),
+    Row("sha256_raw", "  ref: SHA-256 only", "", measure_limits, rate_text),
+    Row("limit_receiver", "  ref: crypt.RecordReceiver.open 1 MiB + SHA-256", "",
+        measure_limits, rate_text),
+    Row("bulk_c2s_process", "bulk client->server {size}, client.py start to exit",
+        ">= 0.5x limit", measure_bulk, bulk_text, half_the_limit),
+    Row("bulk_c2s_transfer", "bulk client->server, transfer only (client's summary)",
+        ">= 0.5x limit", measure_bulk, bulk_text, half_the_limit),
+    Row("bulk_s2c_transfer", "bulk server->client, server console on a pty (its summary)",
+        ">= 0.5x limit", measure_bulk, bulk_text, half_the_limit),
+    Row("scp", "OpenSSH scp {size} aes256-ctr + hmac-sha2-256-etm, start to exit",
+        "ours >= 1.5x scp (aim 2x)", measure_bulk, scp_text,
+        lambda v, rows: v["ours_c2s_process_vs_scp"] >= 1.5),
+    Row("handshake_latency", "handshake latency, in-process cores, hybrid identities",
+        "median <= 5 ms", measure_handshake_latency, latency_text,
+        lambda v, rows: v["median_ms"] <= 5),
+    Row("handshake_rate", "handshakes/s, {clients} concurrent clients, 1 server", ">= 200/s",
+        measure_handshake_rate, handshake_rate_text, lambda v, rows: v["per_second"] >= 200),
+    Row("send_text", "client.py --send-text, one message, whole process", "< ssh host true",
+        measure_send_text, send_text_text, faster_than_ssh),
+    Row("ssh_true", "ssh -p PORT user@127.0.0.1 true, whole process", "(reference)",
+        measure_send_text, ssh_true_text),
+    Row("rss_c2s", "peak RSS client->server, {size} vs {small}", "<= 1.2x", measure_bulk,
+        rss_text, rss_flat),
+    Row("rss_s2c", "peak RSS server->client, {size} vs {small}", "<= 1.2x", measure_bulk,
+        rss_text, rss_flat),
+)
+ROW_IDS = tuple(row.id for row in ROWS)
+
+
 def new_rows(size: int, small: int) -> dict:
-    big_vs_small = f"{human(size)} vs {human(small)}"
-    spec = {
-        "limit": ("per-side limit: crypt.RecordSender 1 MiB records + SHA-256, 1 core",
-                  "reference (DESIGN: ~690 MB/s)"),
-        "limit_raw": ("  ref: raw AES-256-CTR + HMAC-SHA-256 + SHA-256, 1 core", ""),
-        "crypto_raw": ("  ref: raw AES-256-CTR + HMAC-SHA-256 only", "(DESIGN: ~1.2 GB/s)"),
-        "sha256_raw": ("  ref: SHA-256 only", ""),
-        "limit_receiver": ("  ref: crypt.RecordReceiver.open 1 MiB + SHA-256", ""),
-        "bulk_c2s_process": (f"bulk client->server {human(size)}, client.py start to exit",
-                             ">= 0.5x limit"),
-        "bulk_c2s_transfer": ("bulk client->server, transfer only (client's summary)",
-                              ">= 0.5x limit"),
-        "bulk_s2c_transfer": ("bulk server->client, server console on a pty (its summary)",
-                              ">= 0.5x limit"),
-        "scp": (f"OpenSSH scp {human(size)} aes256-ctr + hmac-sha2-256-etm, start to exit",
-                "ours >= 1.5x scp (aim 2x)"),
-        "handshake_latency": ("handshake latency, in-process cores, hybrid identities",
-                              "median <= 5 ms"),
-        "handshake_rate": (f"handshakes/s, {CONCURRENT_CLIENTS} concurrent clients, 1 server",
-                           ">= 200/s"),
-        "send_text": ("client.py --send-text, one message, whole process", "< ssh host true"),
-        "ssh_true": ("ssh -p PORT user@127.0.0.1 true, whole process", "(reference)"),
-        "rss_c2s": (f"peak RSS client->server, {big_vs_small}", "<= 1.2x"),
-        "rss_s2c": (f"peak RSS server->client, {big_vs_small}", "<= 1.2x"),
-    }
-    return {key: {"id": key, "label": spec[key][0], "target": spec[key][1]} for key in ROW_IDS}
+    """The JSON rows, before any values: {id: {"id", "label", "target"}}."""
+    names = {"size": human(size), "small": human(small), "clients": CONCURRENT_CLIENTS}
+    return {row.id: {"id": row.id, "label": row.label.format(**names), "target": row.target}
+            for row in ROWS}
 
 
-def result_text(key: str, row: dict) -> str:
-    if "skipped" in row:
-        return f"skipped: {row['skipped']}"
-    v = row.get("values")
-    if v is None:
-        return "not measured"
-    if key in ("limit", "limit_raw", "crypto_raw", "sha256_raw", "limit_receiver"):
-        return f"best {v['best_mbps']:g} MB/s, median {v['median_mbps']:g} MB/s"
-    if key.startswith("bulk_"):
-        return (f"best {v['best_mbps']:g} MB/s ({v['ratio_best_to_limit']:.2f}x), "
-                f"median {v['median_mbps']:g} MB/s ({v['ratio_median_to_limit']:.2f}x limit)")
-    if key == "scp":
-        return (f"best {v['best_mbps']:g}, median {v['median_mbps']:g} MB/s; ours/scp "
-                f"c->s {v['ours_c2s_process_vs_scp']:.2f}x (transfer only "
-                f"{v['ours_c2s_transfer_vs_scp']:.2f}x), s->c {v['ours_s2c_transfer_vs_scp']:.2f}x")
-    if key == "handshake_latency":
-        return (f"median {v['median_ms']:g} ms, p99 {v['p99_ms']:g} ms (client "
-                f"{v['client_median_ms']:g} + server {v['server_median_ms']:g}; n={v['count']})")
-    if key == "handshake_rate":
-        return (f"{v['per_second']:g}/s ({v['completed']}/{v['attempted']} done; server CPU "
-                f"{v['server_cpu_ms_per_handshake']:g} ms each)")
-    if key == "send_text":
-        return (f"median {v['median_ms']:g} ms, best {v['best_ms']:g} ms (python -c pass "
-                f"{v['python_startup_median_ms']:g}, client.py --version "
-                f"{v['client_version_median_ms']:g})")
-    if key == "ssh_true":
-        return (f"median {v['median_ms']:g} ms, best {v['best_ms']:g} ms; "
-                f"send-text/ssh {v['send_text_vs_ssh']:.2f}x")
-    if key.startswith("rss_"):
-        return "; ".join(f"{side} {v[f'{side}_small_mib']:g} -> {v[f'{side}_big_mib']:g} MiB "
-                         f"({v[f'{side}_ratio']:.2f}x)" for side in ("server", "client"))
-    return json.dumps(v)
+def result_text(row: Row, data: dict) -> str:
+    if "skipped" in data:
+        return f"skipped: {data['skipped']}"
+    v = data.get("values")
+    return "not measured" if v is None else row.result(v)
 
 
-def verdict(key: str, rows: dict) -> str:
+def verdict(row: Row, rows: dict) -> str:
     """yes/NO against DESIGN.md's target, judged on medians; blank without one."""
-    v = rows[key].get("values")
-    if v is None:
-        return ""
-    if key.startswith("bulk_"):
-        ok = v["ratio_median_to_limit"] >= 0.5
-    elif key == "scp":
-        ok = v["ours_c2s_process_vs_scp"] >= 1.5
-    elif key == "handshake_latency":
-        ok = v["median_ms"] <= 5
-    elif key == "handshake_rate":
-        ok = v["per_second"] >= 200
-    elif key == "send_text" and "values" in rows["ssh_true"]:
-        ok = v["median_ms"] < rows["ssh_true"]["values"]["median_ms"]
-    elif key.startswith("rss_"):
-        ok = v["server_ratio"] <= 1.2 and v["client_ratio"] <= 1.2
-    else:
-        return ""
-    return "yes" if ok else "NO"
+    v = rows[row.id].get("values")
+    ok = None if v is None else row.verdict(v, rows)
+    return "" if ok is None else "yes" if ok else "NO"
 
 
 def print_table(rows: dict, meta: dict) -> None:
@@ -935,9 +929,9 @@ def print_table(rows: dict, meta: dict) -> None:
           f"{meta['openssh'] or 'no OpenSSH'}; bulk {human(meta['size'])} x {meta['runs']} runs"
           f"{' (quick)' if meta['quick'] else ''}")
     table = [("row", "result", "target", "met")]
-    for key in ROW_IDS:
-        table.append((rows[key]["label"], result_text(key, rows[key]), rows[key]["target"],
-                      verdict(key, rows)))
+    for row in ROWS:
+        data = rows[row.id]
+        table.append((data["label"], result_text(row, data), data["target"], verdict(row, rows)))
     widths = [max(len(r[i]) for r in table) for i in range(3)]
     for i, r in enumerate(table):
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
@@ -988,26 +982,19 @@ def parse_args(argv=None):
 
 
 def run(args, ws: Workspace, rows: dict) -> None:
-    note("per-side limit")
-    measure_limits(args, rows)
-    note("handshake latency (in-process)")
-    measure_handshake_latency(args, rows)
     note(f"source files: {human(args.size)} and {human(args.small_size)} in {ws.root}")
     ws.make_sources()
+    bench = Bench(args, ws)
     binary = None if args.no_ssh else find_sshd()
-    sshd = None
     try:
         if binary is not None:
             note(f"private sshd ({binary})")
-            sshd = Sshd(ws, binary)
-        measure_bulk(ws, args, sshd, rows)
-        note(f"{CONCURRENT_CLIENTS} concurrent clients")
-        measure_handshake_rate(ws, args, rows)
-        note("one --send-text, whole process")
-        measure_send_text(ws, args, sshd, rows)
+            bench.sshd = Sshd(ws, binary)
+        for measure in dict.fromkeys(row.measure for row in ROWS):  # once each, in row order
+            measure(bench, rows)
     finally:
-        if sshd is not None:
-            sshd.stop()
+        if bench.sshd is not None:
+            bench.sshd.stop()
 
 
 def main(argv=None) -> int:

@@ -39,8 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import PY, Proc, child_env, identity, jpeg_of_size  # noqa: E402
-from test_hostile import counts, read_to_eof  # noqa: E402
+from harness import PY, Proc, child_env, counts, identity, jpeg_of_size, read_to_eof  # noqa: E402
 from test_resources import raw_session, send_record  # noqa: E402
 
 import client  # noqa: E402

@@ -197,7 +197,7 @@ MUTANTS: list[dict] = [
          property="3.10 the key log is off by default",
          original="    path = os.environ.get(KEYLOG_ENV)\n",
          replacement='    path = os.environ.get(KEYLOG_ENV) or "qsocket-keys.log"\n',
-         tests=[TEXT + "test_keylog_is_off_by_default"]),
+         tests=[TEXT + "test_batch_text_delivered_and_printed_by_server"]),
     dict(id="keylog-0600", file="session.py", property="3.10 the key log is created 0600",
          original="        fd = os.open(path, flags, 0o600)",
          replacement="        fd = os.open(path, flags, 0o644)",

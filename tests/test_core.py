@@ -159,6 +159,15 @@ def raises_exactly(exc: type[Exception], call, *args):
     return info.value
 
 
+def refuses(exc: type[Exception], call, *args) -> bool:
+    """True when call(*args) raises exc; any other exception propagates."""
+    try:
+        call(*args)
+    except exc:
+        return True
+    return False
+
+
 def assert_client_failed_for_good(c: ClientHandshake) -> None:
     assert c.state is ClientState.FAILED
     for call, args in ((c.create_client_hello, ()), (c.consume_server_hello, (b"",)),
@@ -511,10 +520,9 @@ def test_invalid_p256_point_in_server_hello_is_rejected(kind):
 def test_ecdh_shared_rejects_invalid_points_directly():
     priv, point = crypt.ecdh_generate()
     assert len(crypt.ecdh_shared(priv, point)) == 32
-    for kind, bad in invalid_points().items():
-        with pytest.raises(RemoteProtocolError):
-            crypt.ecdh_shared(priv, bad)
-        assert kind
+    accepted = [kind for kind, bad in invalid_points().items()
+                if not refuses(RemoteProtocolError, crypt.ecdh_shared, priv, bad)]
+    assert accepted == []  # names every point that got through
     for bad in (point[:-1], point + b"\0", b""):
         with pytest.raises(RemoteProtocolError):
             crypt.ecdh_shared(priv, bad)
@@ -707,10 +715,9 @@ def test_verify_signatures_directly():
         "mldsa zero": protocol.Signatures(good.ecdsa, bytes(MLDSA65_SIG)),
         "mldsa flipped": protocol.Signatures(good.ecdsa, flip(good.mldsa, 100)),
     }
-    for label, sigs in bad_cases.items():
-        with pytest.raises(AuthError):
-            crypt.verify_signatures("server", a.public, sigs, th)
-        assert label
+    accepted = [label for label, sigs in bad_cases.items()
+                if not refuses(AuthError, crypt.verify_signatures, "server", a.public, sigs, th)]
+    assert accepted == []  # names every forgery that verified
     with pytest.raises(AuthError):  # wrong transcript hash
         crypt.verify_signatures("server", a.public, good, flip(th, 0))
     with pytest.raises(AuthError):  # wrong role (context string)
@@ -810,19 +817,17 @@ def test_replayed_record_is_rejected():
         sr.open(body)
 
 
-def test_reordered_records_are_rejected():
+def test_records_in_order_pass_and_out_of_order_fail():
     p, cs, cr, ss, sr = record_pairs()
+    # client -> server, reorder: the second record first is refused...
     r1, r2 = sealed(cs, MsgType.TEXT, b"first..."), sealed(cs, MsgType.TEXT, b"second..")
     with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
         sr.open(r2)
-    # the same records in order on a new receiver of this session are fine
+    # ...and the same records in order on a new receiver of this session are fine
     _, receiver = p.server.records()
     assert receiver.open(r1) == (MsgType.TEXT, b"first...")
     assert receiver.open(r2) == (MsgType.TEXT, b"second..")
-
-
-def test_records_in_order_pass_and_out_of_order_fail():
-    p, cs, cr, ss, sr = record_pairs()
+    # server -> client
     r0, r1, r2 = (sealed(ss, MsgType.TEXT, bytes(8) + b"%d" % i) for i in range(3))
     # reorder: 1 before 0
     _, receiver = p.client.records()
@@ -1291,12 +1296,6 @@ print("ok")
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
-
-
-def test_crypt_import_in_this_process_did_not_import_oqs():
-    if crypt.liboqs_library() is None:
-        crypt.kem_provider("auto")
-        assert "oqs" not in sys.modules
 
 
 @pytest.mark.skipif(crypt.liboqs_library() is None,

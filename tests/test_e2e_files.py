@@ -15,7 +15,6 @@ import re
 import socket
 import struct
 import subprocess
-import threading
 import unicodedata
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from conftest import (
     ROOT,
     Env,
     Proc,
+    Relay,
     Server,
     child_env,
     files_in,
@@ -472,94 +472,6 @@ def test_a_stream_that_breaks_the_protocol_ends_the_connection_and_leaves_nothin
 
 
 # --- transfers cut by a relay -------------------------------------------------------------------
-class Relay:
-    """A TCP relay for one connection, under the test's control.
-
-    cut_after: after this many client->server bytes, both sides are shut down and closed.
-    hold_after: server->client bytes beyond this wait until release() is called.
-    """
-
-    def __init__(self, target_port: int, *, cut_after: int | None = None,
-                 hold_after: int | None = None) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target_port = target_port
-        self.cut_after = cut_after
-        self.hold_after = hold_after
-        self.up = 0  # client -> server bytes forwarded
-        self._released = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="relay")
-        self._thread.start()
-
-    def release(self) -> None:
-        self._released.set()
-
-    def join(self) -> None:
-        self._thread.join(LINE_TIMEOUT)
-        assert not self._thread.is_alive()
-
-    def _run(self) -> None:
-        try:
-            client, _ = self.listener.accept()
-        finally:
-            self.listener.close()
-        server = socket.create_connection(("127.0.0.1", self.target_port))
-        down = threading.Thread(target=self._down, args=(server, client), daemon=True)
-        down.start()
-        cut = self._up(client, server)
-        if cut:
-            for s in (client, server):
-                _quietly(s.shutdown, socket.SHUT_RDWR)
-        else:  # the client finished: pass the half-close on
-            _quietly(server.shutdown, socket.SHUT_WR)
-        down.join(LINE_TIMEOUT)
-        client.close()
-        server.close()
-
-    def _up(self, client: socket.socket, server: socket.socket) -> bool:
-        """Forward client -> server; True when cut."""
-        try:
-            while self.cut_after is None or self.up < self.cut_after:
-                want = 1 << 16
-                if self.cut_after is not None:
-                    want = min(want, self.cut_after - self.up)
-                data = client.recv(want)
-                if not data:
-                    return False
-                server.sendall(data)
-                self.up += len(data)
-            return True
-        except OSError:
-            return True
-
-    def _down(self, server: socket.socket, client: socket.socket) -> None:
-        sent = 0
-        try:
-            while True:
-                want = 1 << 16
-                if self.hold_after is not None and not self._released.is_set():
-                    if sent >= self.hold_after:
-                        self._released.wait(LINE_TIMEOUT)
-                        self._released.set()  # never hold longer than that
-                        continue
-                    want = min(want, self.hold_after - sent)
-                data = server.recv(want)
-                if not data:
-                    break
-                client.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        _quietly(client.shutdown, socket.SHUT_WR)
-
-
-def _quietly(fn, *args) -> None:
-    try:
-        fn(*args)
-    except OSError:
-        pass
-
-
 def record(payload: int) -> int:
     """Bytes on the wire of one record carrying `payload` bytes."""
     return 4 + IV_SIZE + 1 + payload + MAC_SIZE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from conftest import Env, Relay, files_in
+from conftest import Env, Relay
 
 
 def test_batch_text_delivered_and_printed_by_server(env: Env):
@@ -15,6 +15,9 @@ def test_batch_text_delivered_and_printed_by_server(env: Env):
     line = srv.wait_for(r"\] hello, server$").string
     client_fp = env.client("--show-identity").stdout.strip()
     assert line == f"[{client_fp}] hello, server"
+    # the key log is off by default (this was test_keylog_is_off_by_default)
+    assert "QSOCKET_KEYLOGFILE" not in r.stderr
+    assert list(env.root.glob("*.log")) == []
 
 
 def test_unknown_host_in_batch_mode_is_refused_and_nothing_delivered(env: Env):
@@ -69,7 +72,6 @@ def test_connection_refused_exits_3_with_one_error_line(env: Env):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot connect to 127.0.0.1:{port}: Connection refused"]
     assert "Traceback" not in r.stderr
-    assert files_in(env.server_received) == []
 
 
 # --- key log: an independent decryption of a capture ------------------------------------
@@ -128,14 +130,6 @@ def test_keylog_lets_an_independent_tool_decrypt_a_capture(env: Env):
     assert not created
     assert client_id.public.ecdsa not in bytes(relay.c2s)
     assert client_id.public.mldsa[:64] not in bytes(relay.c2s)
-
-
-def test_keylog_is_off_by_default(env: Env):
-    srv = env.server()
-    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "x")
-    assert r.returncode == 0
-    assert "QSOCKET_KEYLOGFILE" not in r.stderr
-    assert list(env.root.glob("*.log")) == []
 
 
 # --- errors the user causes: one error line, no traceback -------------------------------

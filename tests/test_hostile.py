@@ -26,7 +26,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import PY, ROOT, Env, child_env, files_in, handshake_pair, identity, jpeg_of_size
+from conftest import (
+    PY,
+    ROOT,
+    Env,
+    Relay,
+    child_env,
+    counts,
+    files_in,
+    handshake_pair,
+    identity,
+    jpeg_of_size,
+    read_to_eof,
+    wait_until,
+)
 
 import session
 import transfer
@@ -84,52 +97,10 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-def counts(pid: int) -> tuple[int, int]:
-    """(threads, open file descriptors) of a process, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    threads = int(re.search(r"^Threads:\s+(\d+)$", status, re.M).group(1))
-    return threads, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_until(condition, timeout: float, what: str):
-    """Poll a condition (bounded in time); teardown elsewhere is asynchronous."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def idle_counts(pid: int) -> tuple[int, int]:
     """Counts of a headless server with no connection: the main thread and the accept loop."""
     return wait_until(lambda: (c := counts(pid))[0] == 2 and c, IO_TIMEOUT,
                       "the server to have only its main and accept threads")
-
-
-def read_to_eof(sock: socket.socket, timeout: float, limit: int = 1 << 20) -> tuple[bytes, str]:
-    """Everything the peer sends until it closes: (data, "eof" | "reset" | "timeout")."""
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    total = 0
-    while total <= limit:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), "timeout"
-        sock.settimeout(left)
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
-            return b"".join(chunks), "timeout"
-        except OSError:
-            return b"".join(chunks), "reset"
-        if not data:
-            return b"".join(chunks), "eof"
-        chunks.append(data)
-        total += len(data)
-    return b"".join(chunks), "too much data"
 
 
 def alert_of(data: bytes) -> Alert:
@@ -138,90 +109,10 @@ def alert_of(data: bytes) -> Alert:
     return Alert.decode(data[FRAME_HEADER.size:])
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """n bytes, or None on EOF before the first byte (the relay's own framing)."""
-    buf = bytearray()
-    while len(buf) < n:
-        data = sock.recv(n - len(buf))
-        if not data:
-            if buf:
-                raise ConnectionError("EOF inside a frame")
-            return None
-        buf += data
-    return bytes(buf)
-
-
 def flip_bit(frame: bytes, pos: int) -> bytes:
     b = bytearray(frame)
     b[pos] ^= 0x01
     return bytes(b)
-
-
-class FrameRelay:
-    """A relay for one client connection to the server.  Server -> client bytes pass
-    untouched; the client's frames (4-byte length prefix) are counted, the two
-    handshake frames pass, and each record after them goes through
-    `tamper(index, frame) -> frames to forward`.  With `gate`, the relay accepts
-    the client only once the gate is set (the client waits, connected, meanwhile)."""
-
-    def __init__(self, target_port: int, tamper=None, gate: threading.Event | None = None):
-        self.target = target_port
-        self.tamper = tamper or (lambda i, frame: [frame])
-        self.gate = gate
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.records = 0
-        self._socks: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def client_waiting(self, timeout: float) -> bool:
-        """True once a connection is pending in the listener's backlog."""
-        return bool(select.select([self.listener], [], [], timeout)[0])
-
-    def _run(self) -> None:
-        if self.gate is not None and not self.gate.wait(60):
-            return
-        self.listener.settimeout(60)
-        try:
-            a, _ = self.listener.accept()
-            b = socket.create_connection(("127.0.0.1", self.target), timeout=60)
-        except OSError:
-            return
-        self._socks += [a, b]
-        threading.Thread(target=self._pipe, args=(b, a), daemon=True).start()
-        try:
-            for n in range(100_000):
-                header = recv_exact(a, FRAME_HEADER.size)
-                if header is None:
-                    break
-                body = recv_exact(a, struct.unpack(">I", header)[0])
-                if body is None:
-                    raise ConnectionError("EOF after a frame header")
-                frame = header + body
-                if n < 2:
-                    out = [frame]
-                else:
-                    self.records = n - 1
-                    out = self.tamper(n - 2, frame)
-                for f in out:
-                    b.sendall(f)
-            b.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        for s in (self.listener, *self._socks):
-            s.close()
 
 
 @contextlib.contextmanager
@@ -372,7 +263,7 @@ def test_slow_and_idle_connections_time_out_while_a_client_is_served(env: Env):
     srv = env.server("--handshake-timeout", "2", "--max-startups-per-source", "64")
     pin(env, srv)
     gate = threading.Event()
-    relay = FrameRelay(srv.port, gate=gate)
+    relay = Relay(srv.port, gate=gate)
     pin(env, srv, relay.port)
     # the client starts (a slow process start-up) and waits connected to the gated relay
     client = start_client(env, "--port", str(relay.port), "--send-text", "not kept waiting")
@@ -554,7 +445,7 @@ def test_tampered_records_end_the_session_and_nothing_after_is_delivered(env: En
     tamper = make_tamper()
     srv = env.server()
     pin(env, srv)
-    relay = FrameRelay(srv.port, tamper)
+    relay = Relay(srv.port, tamper=tamper)
     pin(env, srv, relay.port)
     middle = ["--send-text", "tamper two"]
     if with_file:
@@ -664,7 +555,7 @@ def test_disk_full_during_a_transfer_is_refused_cleanly_and_the_server_goes_on(e
                 raise OSError("gate never opened")
             return [f]
 
-        relay = FrameRelay(srv.port, hold_data)
+        relay = Relay(srv.port, tamper=hold_data)
         pin(env, srv, relay.port)
         client = start_client(env, "--port", str(relay.port), "--send-file", str(photo))
         try:
