@@ -44,7 +44,6 @@ from test_hostile import counts, read_to_eof  # noqa: E402
 from test_resources import raw_session, send_record  # noqa: E402
 
 import client  # noqa: E402
-import crypt  # noqa: E402
 import keystore  # noqa: E402
 import session  # noqa: E402
 import transfer  # noqa: E402
@@ -150,7 +149,7 @@ class Soak:
             ["--port", str(port), "--home", str(home), "--fingerprint", fp,
              "--received-dir", str(recv)])
         ident, _ = keystore.load_identity(home)
-        kem = crypt.kem_provider("auto")
+        kem = session.kem_provider("auto")
         rng = random.Random(n)
         assets = sorted(self.assets.glob("*.jpg"))
         while once or not self.stop.is_set():

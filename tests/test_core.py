@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import fixed
 import pytest
 from conftest import ROOT, handshake_pair, identity, run_handshake
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,7 +28,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 import crypt
 import protocol
+import session
 from client_data import ClientHandshake, ClientState, Trust, TrustResult, check_host
+from crypt import Role
 from protocol import (
     CHUNK_SIZE,
     ECDSA_SIG,
@@ -185,9 +188,9 @@ class Claiming:
         self._signer = signer
         self._role_swap = role_swap
 
-    def sign(self, role: str, transcript_hash: bytes):
+    def sign(self, role: Role, transcript_hash: bytes):
         if self._role_swap:
-            role = {"client": "server", "server": "client"}[role]
+            role = {Role.CLIENT: Role.SERVER, Role.SERVER: Role.CLIENT}[role]
         return self._signer.sign(role, transcript_hash)
 
 
@@ -307,11 +310,13 @@ def test_key_schedule_rejects_inputs_of_the_wrong_length():
 def test_handshake_keys_come_from_both_secrets_and_the_transcript():
     """Drive both cores with known ephemeral values and recompute the keys independently."""
     c_scalar, s_scalar = 0x1C1C1C1C, 0x5E5E5E5E
-    c = ClientHandshake(identity("client"), ecdh_scalar=c_scalar, mlkem_seed=bytes(range(64)))
+    c = ClientHandshake(identity("client"), fixed.FixedKEM(seed=bytes(range(64))),
+                        randomness=fixed.randomness(bytes(32), bytes(32), ecdh_scalar=c_scalar))
     ch = c.create_client_hello()
     mlkem_secret, ct = crypt.CryptographyKEM().encapsulate(ClientHello.decode(ch).mlkem_ek)
-    s = ServerHandshake(identity("server"), ecdh_scalar=s_scalar)
-    s.consume_client_hello(ch, mlkem_encapsulation=(mlkem_secret, ct))
+    s = ServerHandshake(identity("server"), fixed.FixedKEM(encapsulation=(mlkem_secret, ct)),
+                        randomness=fixed.randomness(bytes(32), ecdh_scalar=s_scalar))
+    s.consume_client_hello(ch)
     sh = s.create_server_hello()
     c.consume_server_hello(sh)
     s.consume_client_auth(c.create_client_auth())
@@ -531,12 +536,12 @@ def test_mlkem_ek_failing_the_fips203_modulus_check_is_rejected(index, value):
                          replace(ch, CH_FIELDS, "mlkem_ek", bad_ek))
     assert "ML-KEM" in str(err)
     assert_server_failed_for_good(s)
-    # the same check runs on the path that reproduces the test vector
-    s2 = ServerHandshake(identity("server"))
-    with pytest.raises(RemoteProtocolError):
-        s2.consume_client_hello(replace(ch, CH_FIELDS, "mlkem_ek", bad_ek),
-                                mlkem_encapsulation=(bytes(32), bytes(MLKEM1024_CT)))
-    assert s2.state is ServerState.FAILED
+    # the server core runs the check whatever its KEM provider checks (this one: nothing)
+    s2 = ServerHandshake(identity("server"),
+                         fixed.FixedKEM(encapsulation=(bytes(32), bytes(MLKEM1024_CT))))
+    with pytest.raises(RemoteProtocolError, match="ML-KEM"):
+        s2.consume_client_hello(replace(ch, CH_FIELDS, "mlkem_ek", bad_ek))
+    assert_server_failed_for_good(s2)
     # and in the provider itself
     with pytest.raises(RemoteProtocolError):
         crypt.CryptographyKEM().encapsulate(bad_ek)
@@ -605,7 +610,7 @@ def test_client_auth_with_spliced_signatures_is_rejected():
     c.consume_server_hello(s.create_server_hello())
     th = c.transcript_hash  # what the client signs: through the server's Finished
     ca = c.create_client_auth()
-    forged = other.sign("client", th).encode()
+    forged = other.sign(Role.CLIENT, th).encode()
     spliced = replace(ca, CA_FIELDS, "sig_ecdsa", forged[:ECDSA_SIG])
     spliced = replace(spliced, CA_FIELDS, "sig_mldsa", forged[ECDSA_SIG:])
     raises_exactly(AuthError, s.consume_client_auth, spliced)
@@ -663,8 +668,8 @@ def test_server_hello_with_one_signature_resigned_over_the_transcript_is_rejecte
     t.add(ch)
     core_hash = t.add(sh[: ServerHello.CORE_SIZE])
     genuine = ServerHello.decode(sh).signatures
-    crypt.verify_signatures("server", sid.public, genuine, core_hash)  # replica is right
-    foreign = other.sign("server", core_hash)
+    crypt.verify_signatures(Role.SERVER, sid.public, genuine, core_hash)  # replica is right
+    foreign = other.sign(Role.SERVER, core_hash)
     sigs = (genuine.ecdsa + foreign.mldsa) if ecdsa_ok else (foreign.ecdsa + genuine.mldsa)
     forged = replace(sh, SH_FIELDS, "sig_ecdsa", sigs[:ECDSA_SIG])
     forged = replace(forged, SH_FIELDS, "sig_mldsa", sigs[ECDSA_SIG:])
@@ -692,9 +697,9 @@ def test_signature_made_for_the_other_role_is_rejected(side):
 def test_verify_signatures_directly():
     a, b = identity("server"), identity("other server")
     th = hashlib.sha256(b"some transcript").digest()
-    good = a.sign("server", th)
-    crypt.verify_signatures("server", a.public, good, th)  # no exception
-    foreign = b.sign("server", th)
+    good = a.sign(Role.SERVER, th)
+    crypt.verify_signatures(Role.SERVER, a.public, good, th)  # no exception
+    foreign = b.sign(Role.SERVER, th)
     n = P256_N.to_bytes(32, "big")
     bad_cases = {
         "ecdsa of another key": protocol.Signatures(foreign.ecdsa, good.mldsa),
@@ -709,16 +714,16 @@ def test_verify_signatures_directly():
     }
     for label, sigs in bad_cases.items():
         with pytest.raises(AuthError):
-            crypt.verify_signatures("server", a.public, sigs, th)
+            crypt.verify_signatures(Role.SERVER, a.public, sigs, th)
         assert label
     with pytest.raises(AuthError):  # wrong transcript hash
-        crypt.verify_signatures("server", a.public, good, flip(th, 0))
+        crypt.verify_signatures(Role.SERVER, a.public, good, flip(th, 0))
     with pytest.raises(AuthError):  # wrong role (context string)
-        crypt.verify_signatures("client", a.public, good, th)
+        crypt.verify_signatures(Role.CLIENT, a.public, good, th)
     with pytest.raises(AuthError):  # another identity's public keys
-        crypt.verify_signatures("server", b.public, good, th)
+        crypt.verify_signatures(Role.SERVER, b.public, good, th)
     with pytest.raises(AuthError):  # an identity whose ECDSA key is not a point
-        crypt.verify_signatures("server", protocol.IdentityPublic(b"\x04" + bytes(64),
+        crypt.verify_signatures(Role.SERVER, protocol.IdentityPublic(b"\x04" + bytes(64),
                                                                   a.public.mldsa), good, th)
 
 
@@ -1005,8 +1010,8 @@ def test_a_record_under_the_old_key_after_an_update_is_refused(old_seq):
 
 def test_key_update_is_due_at_the_record_limit_and_after_an_hour():
     p = handshake_pair()
-    cs, cr = crypt.record_pair(p.client.keys, "client", update_limit=4)
-    ss, sr = crypt.record_pair(p.server.keys, "server", update_limit=4)
+    cs, cr = crypt.record_pair(p.client.keys, Role.CLIENT, update_limit=4)
+    ss, sr = crypt.record_pair(p.server.keys, Role.SERVER, update_limit=4)
     now = 1000.0
     for i in range(3):
         assert not cs.update_due(now)
@@ -1068,7 +1073,8 @@ def test_verification_code_matches_within_a_session_and_differs_between_sessions
 # --- commit-then-reveal -------------------------------------------------------------------
 def test_client_hello_commits_to_the_nonce_the_client_auth_reveals():
     nonce = bytes(range(NONCE_SIZE))
-    c, s = ClientHandshake(identity("client"), nonce=nonce), ServerHandshake(identity("server"))
+    c = ClientHandshake(identity("client"), randomness=fixed.randomness(bytes(32), nonce))
+    s = ServerHandshake(identity("server"))
     ch, _, ca = run(c, s)
     assert field(ch, CH_FIELDS, "commitment") == hashlib.sha256(
         b"QSocket2 v2 code commitment" + nonce).digest()
@@ -1079,7 +1085,7 @@ def test_client_hello_commits_to_the_nonce_the_client_auth_reveals():
 def test_a_nonce_that_does_not_open_the_commitment_is_refused():
     """A client (or a man in the middle) that reveals another nonce than it committed to
     is refused with AUTH_FAILED, even though everything else verifies."""
-    c = ClientHandshake(identity("client"), nonce=bytes(32))
+    c = ClientHandshake(identity("client"), randomness=fixed.randomness(bytes(32), bytes(32)))
     s = ServerHandshake(identity("server"))
     ch = c.create_client_hello()
     s.consume_client_hello(ch)
@@ -1235,7 +1241,7 @@ def test_keylog_lines_format_and_contents():
 
 # --- KEM providers -------------------------------------------------------------------------
 def test_cryptography_kem_provider_round_trip():
-    kem = crypt.kem_provider("cryptography")
+    kem = session.kem_provider("cryptography")
     assert isinstance(kem, crypt.CryptographyKEM) and kem.name == "cryptography"
     priv, ek = kem.generate()
     assert len(ek) == MLKEM1024_EK
@@ -1247,15 +1253,15 @@ def test_cryptography_kem_provider_round_trip():
 
 
 def test_liboqs_provider_without_the_library_is_a_clear_local_error(monkeypatch):
-    monkeypatch.setattr(crypt, "liboqs_library", lambda: None)
+    monkeypatch.setattr(session, "liboqs_library", lambda: None)
     with pytest.raises(LocalProtocolError) as info:
-        crypt.kem_provider("liboqs")
+        session.kem_provider("liboqs")
     message = str(info.value)
     assert "liboqs" in message and "not installed" in message
     assert "--kem-provider cryptography" in message
-    assert isinstance(crypt.kem_provider("auto"), crypt.CryptographyKEM)
+    assert isinstance(session.kem_provider("auto"), crypt.CryptographyKEM)
     with pytest.raises(LocalProtocolError, match="unknown KEM provider"):
-        crypt.kem_provider("kyber")
+        session.kem_provider("kyber")
 
 
 def test_crypt_never_imports_oqs_without_the_library():
@@ -1273,13 +1279,13 @@ class NoOqs:  # records (and blocks) any attempt to import oqs, even a caught on
         return None
 
 sys.meta_path.insert(0, NoOqs())
-import crypt
+import client, client_data, crypt, server, server_data, session
 assert "oqs" not in sys.modules and not attempts, attempts
-crypt.liboqs_library = lambda: None
-kem = crypt.kem_provider("auto")
+session.liboqs_library = lambda: None
+kem = session.kem_provider("auto")
 assert type(kem).__name__ == "CryptographyKEM", kem
 try:
-    crypt.kem_provider("liboqs")
+    session.kem_provider("liboqs")
 except crypt.LocalProtocolError:
     pass
 else:
@@ -1294,18 +1300,18 @@ print("ok")
 
 
 def test_crypt_import_in_this_process_did_not_import_oqs():
-    if crypt.liboqs_library() is None:
-        crypt.kem_provider("auto")
+    if session.liboqs_library() is None:
+        session.kem_provider("auto")
         assert "oqs" not in sys.modules
 
 
-@pytest.mark.skipif(crypt.liboqs_library() is None,
+@pytest.mark.skipif(session.liboqs_library() is None,
                     reason="liboqs shared library not installed (pip's liboqs-python needs it; "
                            "see README)")
 @pytest.mark.parametrize("client_kem,server_kem", [("liboqs", "cryptography"),
                                                    ("cryptography", "liboqs")])
 def test_kem_providers_interoperate(client_kem, server_kem):
-    c, s = fresh(ckem=crypt.kem_provider(client_kem), skem=crypt.kem_provider(server_kem))
+    c, s = fresh(ckem=session.kem_provider(client_kem), skem=session.kem_provider(server_kem))
     run(c, s)
     assert c.keys == s.keys
     assert c.transcript_hash == s.transcript_hash
@@ -1411,7 +1417,7 @@ class FakeOqs:
 @pytest.fixture
 def fake_oqs(monkeypatch) -> FakeOqs:
     fake = FakeOqs()
-    monkeypatch.setattr(crypt, "liboqs_library", lambda: "/nonexistent/liboqs.so")
+    monkeypatch.setattr(session, "liboqs_library", lambda: "/nonexistent/liboqs.so")
     monkeypatch.setitem(sys.modules, "oqs", fake)
     return fake
 
@@ -1420,7 +1426,7 @@ def fake_oqs(monkeypatch) -> FakeOqs:
 @pytest.mark.parametrize("index,value", [(0, MLKEM_Q), (0, 0xFFF), (1023, MLKEM_Q)])
 def test_each_kem_provider_refuses_an_ek_failing_the_modulus_check_before_encapsulating(
         fake_oqs: FakeOqs, provider: str, index: int, value: int):
-    kem = crypt.kem_provider(provider)
+    kem = session.kem_provider(provider)
     assert kem.name == provider
     _, ek = crypt.CryptographyKEM().generate()
     kem.encapsulate(ek)  # a good key goes through (and, with liboqs, reaches liboqs)
