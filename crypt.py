@@ -429,8 +429,9 @@ def finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
 
 
 def check_finished(key: bytes, transcript_hash: bytes, received: bytes, who: Role) -> None:
+    check_role(who)
     if not hmac.compare_digest(finished_mac(key, transcript_hash), received):
-        raise AuthError(f"the {check_role(who).value}'s Finished MAC does not verify")
+        raise AuthError(f"the {who.value}'s Finished MAC does not verify")
 
 
 def verification_code(keys: SessionKeys, nonce: bytes) -> str:

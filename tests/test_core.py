@@ -7,6 +7,7 @@ signatures (2), record protection (4), downgrade/misbinding resistance (5) and t
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import hashlib
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 import crypt
 import protocol
+import server_data
 import session
 from client_data import ClientHandshake, ClientState, Trust, TrustResult, check_host
 from crypt import Role
@@ -1486,3 +1488,177 @@ def test_the_record_mac_covers_the_direction_even_under_equal_keys():
     with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
         crypt.RecordReceiver(crypt.DIRECTION_S2C, *keys).open(body)
     assert crypt.RecordReceiver(crypt.DIRECTION_C2S, *keys).open(body)[0] == MsgType.BYE
+
+
+# --- one guard for every handshake step; roles as an enum (issue 10) -------------------------
+class Faulty:
+    """Delegates to `real`, except that calling its method `fail` raises `exc`: a KEM
+    provider, random source or identity that breaks part-way, with no ProtocolError."""
+
+    def __init__(self, real, fail: str, exc: BaseException) -> None:
+        self._real, self._fail, self._exc = real, fail, exc
+
+    def __getattr__(self, name: str):
+        if name == self._fail:
+            def broken(*args, **kwargs):
+                raise self._exc
+            return broken
+        return getattr(self._real, name)
+
+
+def _deps(who: str) -> dict:
+    return {"identity": identity(who), "kem": crypt.CryptographyKEM(),
+            "randomness": crypt.Randomness()}
+
+
+def _raises_this(exc: BaseException, call) -> None:
+    with pytest.raises(type(exc)) as info:
+        call()
+    assert info.value is exc  # the injected failure itself, not a later symptom
+
+
+CLIENT_FAULTS = [
+    ("create_client_hello", "randomness", "random", RuntimeError("entropy source gone")),
+    ("create_client_hello", "randomness", "ecdh_key", ValueError("no P-256 key")),
+    ("create_client_hello", "kem", "generate", RuntimeError("KEM provider crashed")),
+    ("create_client_hello", "kem", "generate", KeyboardInterrupt()),
+    ("consume_server_hello", "kem", "decapsulate", RuntimeError("KEM provider crashed")),
+    ("create_client_auth", "identity", "sign", ValueError("signing key unusable")),
+]
+
+
+@pytest.mark.parametrize("step,dep,method,exc", CLIENT_FAULTS,
+                         ids=[f"{s}-{d}.{m}-{type(e).__name__}" for s, d, m, e in CLIENT_FAULTS])
+def test_any_failure_in_a_client_step_fails_the_handshake_for_good(step, dep, method, exc):
+    deps = _deps("client")
+    deps[dep] = Faulty(deps[dep], method, exc)
+    c = ClientHandshake(deps["identity"], deps["kem"], randomness=deps["randomness"])
+    s = ServerHandshake(identity("server"))
+    steps = {"create_client_hello": lambda: s.consume_client_hello(c.create_client_hello()),
+             "consume_server_hello": lambda: c.consume_server_hello(s.create_server_hello()),
+             "create_client_auth": c.create_client_auth}
+    for name, call in steps.items():
+        if name == step:
+            _raises_this(exc, call)
+            break
+        call()
+    assert_client_failed_for_good(c)
+    assert c.code is None
+
+
+SERVER_FAULTS = [
+    ("consume_client_hello", "crypt", "mlkem_public_key", RuntimeError("bug in a check")),
+    ("consume_client_hello", "crypt", "p256_public", KeyboardInterrupt()),
+    ("create_server_hello", "randomness", "random", RuntimeError("entropy source gone")),
+    ("create_server_hello", "randomness", "ecdh_key", ValueError("no P-256 key")),
+    ("create_server_hello", "kem", "encapsulate", RuntimeError("KEM provider crashed")),
+    ("create_server_hello", "identity", "sign", ValueError("signing key unusable")),
+    ("consume_client_auth", "crypt", "verification_code", RuntimeError("bug after the checks")),
+]
+
+
+@pytest.mark.parametrize("step,dep,method,exc", SERVER_FAULTS,
+                         ids=[f"{s}-{d}.{m}-{type(e).__name__}" for s, d, m, e in SERVER_FAULTS])
+def test_any_failure_in_a_server_step_fails_the_handshake_for_good(step, dep, method, exc,
+                                                                  monkeypatch):
+    deps = _deps("server")
+    if dep == "crypt":  # a function of the core itself
+        monkeypatch.setattr(server_data, "crypt", Faulty(crypt, method, exc))
+    else:
+        deps[dep] = Faulty(deps[dep], method, exc)
+    c = ClientHandshake(identity("client"))
+    s = ServerHandshake(deps["identity"], deps["kem"], randomness=deps["randomness"])
+    ch = c.create_client_hello()
+    steps = {"consume_client_hello": lambda: s.consume_client_hello(ch),
+             "create_server_hello": lambda: c.consume_server_hello(s.create_server_hello()),
+             "consume_client_auth": lambda: s.consume_client_auth(c.create_client_auth())}
+    for name, call in steps.items():
+        if name == step:
+            _raises_this(exc, call)
+            break
+        call()
+    assert_server_failed_for_good(s)
+    assert s.client is None and s.code is None
+
+
+class Recording:
+    """Delegates to `real` and records which of its methods are called, in order."""
+
+    def __init__(self, real, calls: list[str]) -> None:
+        self._real, self._calls = real, calls
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._real, name)
+        if not callable(attr):
+            return attr
+
+        def recorded(*args, **kwargs):
+            self._calls.append(name)
+            return attr(*args, **kwargs)
+        return recorded
+
+
+def test_the_create_steps_create_and_nothing_before_them_does():
+    """WireGuard's CreateMessageResponse: the initiation is consumed first, then the
+    ephemeral key is created; construction and the Consume step draw nothing."""
+    c_calls: list[str] = []
+    s_calls: list[str] = []
+    c = ClientHandshake(identity("client"), Recording(crypt.CryptographyKEM(), c_calls),
+                        randomness=Recording(crypt.Randomness(), c_calls))
+    s = ServerHandshake(identity("server"), Recording(crypt.CryptographyKEM(), s_calls),
+                        randomness=Recording(crypt.Randomness(), s_calls))
+    assert c_calls == [] and s_calls == [] and c.random is None
+    ch = c.create_client_hello()
+    assert c_calls == ["random", "random", "ecdh_key", "generate"]
+    assert c.random == ClientHello.decode(ch).random
+
+    s.consume_client_hello(ch)
+    assert s_calls == [] and s.keys is None and s.random is None
+    assert s.client_random == c.random
+    sh = s.create_server_hello()
+    assert s_calls == ["random", "ecdh_key", "encapsulate"]
+    assert s.random == ServerHello.decode(sh).random
+    c.consume_server_hello(sh)
+    s.consume_client_auth(c.create_client_auth())
+    assert c.keys == s.keys and c.code == s.code
+
+
+@pytest.mark.parametrize("role", ["client", "server", "CLIENT", "", None, 0,
+                                  ClientState.DONE], ids=repr)
+def test_a_role_that_is_not_a_crypt_role_is_refused_everywhere(role):
+    """A role given as a string (or anything else) is an error, never a silent fallback to
+    the other role's signature context or record directions."""
+    ident = identity("server")
+    keys = crypt.derive_keys(*SECRETS)
+    th = SECRETS[2]
+    sigs = ident.sign(Role.SERVER, th)
+    mac = crypt.finished_mac(keys.server_finished, th)
+    calls = {"sign": lambda: ident.sign(role, th),
+             "verify_signatures": lambda: crypt.verify_signatures(role, ident.public, sigs, th),
+             "check_finished": lambda: crypt.check_finished(keys.server_finished, th, mac, role),
+             "record_pair": lambda: crypt.record_pair(keys, role)}
+    for name, call in calls.items():
+        with pytest.raises(LocalProtocolError, match="crypt.Role.CLIENT or crypt.Role.SERVER"):
+            call()
+    # the same calls with the enum go through, and each role gets its own directions
+    crypt.verify_signatures(Role.SERVER, ident.public, sigs, th)
+    crypt.check_finished(keys.server_finished, th, mac, Role.SERVER)
+    c_send, c_recv = crypt.record_pair(keys, Role.CLIENT)
+    s_send, s_recv = crypt.record_pair(keys, Role.SERVER)
+    assert s_recv.open(b"".join(c_send.seal(MsgType.TEXT, b"up"))[4:]) == (MsgType.TEXT, b"up")
+    assert c_recv.open(b"".join(s_send.seal(MsgType.TEXT, b"down"))[4:]) == \
+        (MsgType.TEXT, b"down")
+
+
+@pytest.mark.parametrize("module", ["crypt.py", "client_data.py", "server_data.py"])
+def test_the_core_modules_do_no_io(module):
+    """Sans-I/O: no socket, thread, clock, environment, filesystem or ctypes in the core;
+    finding liboqs is the shell's job (session.kem_provider)."""
+    tree = ast.parse((ROOT / module).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    forbidden = {"os", "socket", "threading", "time", "ctypes", "pathlib", "queue", "select",
+                 "subprocess", "shutil", "oqs", "session"}
+    assert imported & forbidden == set()
