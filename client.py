@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import crypt
 import keystore
 import session
 import transfer
@@ -404,7 +403,7 @@ def run(args) -> int:
     if created:
         print(f"created identity {identity.fingerprint()} in {home}", file=sys.stderr)
     try:
-        kem = crypt.kem_provider(args.kem_provider)
+        kem = session.kem_provider(args.kem_provider)
     except ProtocolError as e:
         raise Fatal(EXIT_USAGE, str(e)) from e
     batch = getattr(args, "batch", None) or []

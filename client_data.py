@@ -7,17 +7,16 @@ as text.  client.py moves the bytes and owns the files.
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass
 
 import crypt
+from crypt import Role
 from protocol import (
     NONCE_SIZE,
     RANDOM_SIZE,
     ClientAuth,
     ClientHello,
     LocalProtocolError,
-    ProtocolError,
     ServerHello,
 )
 
@@ -34,21 +33,20 @@ ServerInfo = crypt.PeerIdentity  # what the handshake proved about the peer
 
 
 class ClientHandshake:
-    """ClientHello -> (ServerHello) -> ClientAuth.  Any failure is final (FAILED)."""
+    """ClientHello -> (ServerHello) -> ClientAuth.  Any failure is final (FAILED).
 
-    def __init__(self, identity: crypt.Identity, kem=None, *, random: bytes | None = None,
-                 ecdh_scalar: int | None = None, mlkem_seed: bytes | None = None,
-                 nonce: bytes | None = None) -> None:
+    `kem` (an ML-KEM-1024 provider) and `randomness` are the only sources of fresh
+    values; the documented test vector passes fixed ones."""
+
+    def __init__(self, identity: crypt.Identity, kem=None, *,
+                 randomness: crypt.Randomness | None = None) -> None:
         self.state = ClientState.START
         self._identity = identity
         self._kem = kem or crypt.CryptographyKEM()
-        # fixed values exist only for the documented test vector
-        self.random = random if random is not None else os.urandom(RANDOM_SIZE)
-        # the code nonce: committed to in the ClientHello, revealed in the ClientAuth
-        self._nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
-        self._ecdh, self._ecdh_share = crypt.ecdh_generate(ecdh_scalar)
-        self._mlkem, self._mlkem_ek = self._kem.generate(mlkem_seed)
+        self._randomness = randomness or crypt.Randomness()
         self._transcript = crypt.Transcript()
+        self._nonce = self._ecdh = self._mlkem = None  # created by create_client_hello
+        self.random: bytes | None = None  # the client random, once the ClientHello exists
         self.keys: crypt.SessionKeys | None = None
         self.server: ServerInfo | None = None
         self.code: str | None = None  # the verification code, once DONE
@@ -58,25 +56,22 @@ class ClientHandshake:
             failed, self.state = self.state, ClientState.FAILED
             raise LocalProtocolError(f"client handshake is {failed.name}, expected {state.name}")
 
+    @crypt.step(ClientState.START, then=ClientState.WAIT_SERVER_HELLO)
     def create_client_hello(self) -> bytes:
-        self._expect(ClientState.START)
-        body = ClientHello(self.random, self._ecdh_share, self._mlkem_ek,
+        # create the ephemeral keys, the random and the code nonce (committed to here,
+        # revealed in the ClientAuth)
+        self.random = self._randomness.random(RANDOM_SIZE)
+        self._nonce = self._randomness.random(NONCE_SIZE)
+        self._ecdh, ecdh_share = self._randomness.ecdh_key()
+        self._mlkem, mlkem_ek = self._kem.generate()
+
+        body = ClientHello(self.random, ecdh_share, mlkem_ek,
                            crypt.commitment(self._nonce)).encode()
         self._transcript.add(body)
-        self.state = ClientState.WAIT_SERVER_HELLO
         return body
 
+    @crypt.step(ClientState.WAIT_SERVER_HELLO, then=ClientState.SERVER_VERIFIED)
     def consume_server_hello(self, body: bytes) -> ServerInfo:
-        self._expect(ClientState.WAIT_SERVER_HELLO)
-        try:
-            info = self._consume_server_hello(body)
-        except ProtocolError:
-            self.state = ClientState.FAILED
-            raise
-        self.state = ClientState.SERVER_VERIFIED
-        return info
-
-    def _consume_server_hello(self, body: bytes) -> ServerInfo:
         hello = ServerHello.decode(body)
 
         # both shared secrets: ECDH x-coordinate, then ML-KEM
@@ -88,36 +83,37 @@ class ClientHandshake:
         self._ecdh = self._mlkem = None
 
         # verify the server's signatures over the transcript up to its identity
-        crypt.verify_signatures("server", hello.identity, hello.signatures, core_hash)
+        crypt.verify_signatures(Role.SERVER, hello.identity, hello.signatures, core_hash)
 
         # verify the server's Finished (key confirmation)
         signed_hash = self._transcript.add(hello.signatures.encode())
-        crypt.check_finished(self.keys.server_finished, signed_hash, hello.finished, "server")
+        crypt.check_finished(self.keys.server_finished, signed_hash, hello.finished,
+                             Role.SERVER)
         self._transcript.add(hello.finished)
 
         self.server = ServerInfo(hello.identity, crypt.fingerprint(hello.identity))
         return self.server
 
+    @crypt.step(ClientState.SERVER_VERIFIED, then=ClientState.DONE)
     def create_client_auth(self) -> bytes:
         """Reveal the nonce and our identity, sign them with the transcript through the
         server's Finished, confirm the keys; all of it sealed under the handshake keys."""
-        self._expect(ClientState.SERVER_VERIFIED)
         cauth_id = ClientAuth.encode_id(self._nonce, self._identity.public)
-        sigs = self._identity.sign("client", self._transcript.add(cauth_id))
+        sigs = self._identity.sign(Role.CLIENT, self._transcript.add(cauth_id))
         signed_hash = self._transcript.add(sigs.encode())
         finished = crypt.finished_mac(self.keys.client_finished, signed_hash)
         self._transcript.add(finished)
         auth = ClientAuth(self._nonce, self._identity.public, sigs, finished)
+        sealed = crypt.seal_client_auth(self.keys, auth.encode_inner())
         self.code = crypt.verification_code(self.keys, self._nonce)
-        self.state = ClientState.DONE
-        return crypt.seal_client_auth(self.keys, auth.encode_inner())
+        return sealed
 
     def fail(self) -> None:
         self.state = ClientState.FAILED
 
     def records(self):
         self._expect(ClientState.DONE)
-        return crypt.record_pair(self.keys, "client")
+        return crypt.record_pair(self.keys, Role.CLIENT)
 
     @property
     def transcript_hash(self) -> bytes:

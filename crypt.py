@@ -7,13 +7,14 @@ Sans-I/O: no sockets, no files, no clock.  Every primitive comes from
 from __future__ import annotations
 
 import base64
-import ctypes.util
+import enum
+import functools
 import hashlib
 import hmac
-import os
+import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -94,38 +95,15 @@ def mlkem_public_key(ek: bytes) -> mlkem.MLKEM1024PublicKey:
         raise RemoteProtocolError("invalid ML-KEM-1024 encapsulation key") from e
 
 
-def liboqs_library() -> str | None:
-    """Path of the liboqs shared library if one is installed, else None.
-
-    Checked *before* importing `oqs`, whose import tries to git-clone and build
-    liboqs when the library is missing.
-    """
-    install = os.environ.get("OQS_INSTALL_PATH")
-    roots = [Path(install)] if install else [Path.home() / "_oqs"]
-    for root in roots:
-        for sub in ("lib", "lib64"):
-            for name in ("liboqs.so", "liboqs.dylib"):
-                if (root / sub / name).exists():
-                    return str(root / sub / name)
-    return ctypes.util.find_library("oqs")
-
-
 class LiboqsKEM:
-    """ML-KEM-1024 from liboqs (optional); speaks the same FIPS 203 bytes."""
+    """ML-KEM-1024 from liboqs (optional); speaks the same FIPS 203 bytes.
+
+    Takes liboqs-python's `oqs` module: finding the library and importing it is the
+    shell's job (session.kem_provider), so this module reads no environment or disk."""
 
     name = "liboqs"
 
-    def __init__(self) -> None:
-        if liboqs_library() is None:
-            raise LocalProtocolError(
-                "liboqs is not installed (no liboqs shared library found; "
-                "set OQS_INSTALL_PATH or use --kem-provider cryptography)"
-            )
-        try:
-            import oqs  # noqa: PLC0415 - only safe once the library is known to exist
-        except Exception as e:  # ImportError, or liboqs-python's own SystemExit-free errors
-            raise LocalProtocolError(f"liboqs found but its Python module cannot be used: {e} "
-                                     f"(pip install liboqs-python)") from e
+    def __init__(self, oqs) -> None:
         self._oqs = oqs
 
     def generate(self, seed: bytes | None = None):
@@ -145,20 +123,6 @@ class LiboqsKEM:
         return private.decap_secret(ct)
 
 
-def kem_provider(name: str = "auto"):
-    """`cryptography`, `liboqs`, or `auto` (liboqs where its library exists)."""
-    if name == "cryptography":
-        return CryptographyKEM()
-    if name == "liboqs":
-        return LiboqsKEM()
-    if name == "auto":
-        try:
-            return LiboqsKEM() if liboqs_library() else CryptographyKEM()
-        except LocalProtocolError:  # library present, Python module missing or broken
-            return CryptographyKEM()
-    raise LocalProtocolError(f"unknown KEM provider {name!r}")
-
-
 # --- ECDH P-256 ------------------------------------------------------------------
 def ecdh_generate(scalar: int | None = None) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     if scalar is None:
@@ -174,7 +138,7 @@ def _point(public: ec.EllipticCurvePublicKey) -> bytes:
     )
 
 
-def _p256_public(point: bytes) -> ec.EllipticCurvePublicKey:
+def p256_public(point: bytes) -> ec.EllipticCurvePublicKey:
     if len(point) != P256_POINT or point[0] != 0x04:
         raise RemoteProtocolError("P-256 share must be a 65-byte uncompressed point")
     try:
@@ -186,13 +150,69 @@ def _p256_public(point: bytes) -> ec.EllipticCurvePublicKey:
 
 def ecdh_shared(private: ec.EllipticCurvePrivateKey, peer_point: bytes) -> bytes:
     """The 32-byte x-coordinate of the shared point."""
-    return private.exchange(ec.ECDH(), _p256_public(peer_point))
+    return private.exchange(ec.ECDH(), p256_public(peer_point))
+
+
+@dataclass(frozen=True)
+class Randomness:
+    """Where a handshake draws its fresh values: random bytes (`random(n)`) and
+    ephemeral ECDH key pairs (`ecdh_key()`).  The defaults are the operating system's;
+    the documented test vector passes fixed ones, as it passes a fixed KEM provider
+    (dependencies passed in, like noise's `from_name(name, backend=...)`)."""
+
+    random: Callable[[int], bytes] = secrets.token_bytes
+    ecdh_key: Callable[[], tuple[ec.EllipticCurvePrivateKey, bytes]] = ecdh_generate
+
+
+# --- roles -----------------------------------------------------------------------
+class Role(enum.Enum):
+    """Which end of the handshake: picks the signature context, the Finished key and
+    the direction of each record layer.  An enum, not a string: a typo is an error,
+    never the other role's keys."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+def check_role(role: Role) -> Role:
+    if not isinstance(role, Role):
+        raise LocalProtocolError(f"a role is crypt.Role.CLIENT or crypt.Role.SERVER, "
+                                 f"not {role!r}")
+    return role
+
+
+# --- handshake steps -------------------------------------------------------------
+def step(expected: enum.Enum, then: enum.Enum):
+    """Make a method a handshake step: it runs only in state `expected` and leaves the
+    handshake in `then`; *any* exception inside it (a peer's bad message, a failing KEM
+    provider or random source, a bug, an interrupt) moves the handshake to FAILED for
+    good and propagates (h11's `except: self._process_error(...); raise`).
+
+    The handshake object provides `state` and `_expect(state)`; both state enums have
+    a FAILED member."""
+    failed = type(expected).FAILED
+
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            try:
+                self._expect(expected)
+                result = method(self, *args, **kwargs)
+            except BaseException:
+                self.state = failed
+                raise
+            self.state = then
+            return result
+
+        return run
+
+    return decorate
 
 
 # --- long-term identities -----------------------------------------------------
 SIGNATURE_CONTEXT = {
-    "server": b"QSocket2 v2 server signature",
-    "client": b"QSocket2 v2 client signature",
+    Role.SERVER: b"QSocket2 v2 server signature",
+    Role.CLIENT: b"QSocket2 v2 client signature",
 }
 
 
@@ -223,8 +243,8 @@ class Identity:
     def fingerprint(self) -> str:
         return fingerprint(self.public)
 
-    def sign(self, role: str, transcript_hash: bytes) -> Signatures:
-        context = SIGNATURE_CONTEXT[role]
+    def sign(self, role: Role, transcript_hash: bytes) -> Signatures:
+        context = SIGNATURE_CONTEXT[check_role(role)]
         der = self.ecdsa.sign(context + b"\x00" + transcript_hash, ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return Signatures(r.to_bytes(32, "big") + s.to_bytes(32, "big"),
@@ -266,12 +286,12 @@ def fingerprint(public: IdentityPublic) -> str:
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
-def verify_signatures(role: str, public: IdentityPublic, sigs: Signatures,
+def verify_signatures(role: Role, public: IdentityPublic, sigs: Signatures,
                       transcript_hash: bytes) -> None:
     """Both signatures must verify; any failure is the same AuthError."""
-    context = SIGNATURE_CONTEXT[role]
+    context = SIGNATURE_CONTEXT[check_role(role)]
     try:
-        ecdsa_key = _p256_public(public.ecdsa)
+        ecdsa_key = p256_public(public.ecdsa)
         r = int.from_bytes(sigs.ecdsa[:32], "big")
         s = int.from_bytes(sigs.ecdsa[32:ECDSA_SIG], "big")
         ecdsa_key.verify(encode_dss_signature(r, s), context + b"\x00" + transcript_hash,
@@ -279,7 +299,7 @@ def verify_signatures(role: str, public: IdentityPublic, sigs: Signatures,
         mldsa_key = mldsa.MLDSA65PublicKey.from_public_bytes(public.mldsa)
         mldsa_key.verify(sigs.mldsa, transcript_hash, context)
     except (InvalidSignature, ValueError, RemoteProtocolError) as e:
-        raise AuthError(f"the {role}'s signature does not verify") from e
+        raise AuthError(f"the {role.value}'s signature does not verify") from e
 
 
 # --- transcript and key schedule --------------------------------------------------
@@ -408,9 +428,10 @@ def finished_mac(key: bytes, transcript_hash: bytes) -> bytes:
     return hmac.new(key, transcript_hash, hashlib.sha256).digest()
 
 
-def check_finished(key: bytes, transcript_hash: bytes, received: bytes, who: str) -> None:
+def check_finished(key: bytes, transcript_hash: bytes, received: bytes, who: Role) -> None:
+    check_role(who)
     if not hmac.compare_digest(finished_mac(key, transcript_hash), received):
-        raise AuthError(f"the {who}'s Finished MAC does not verify")
+        raise AuthError(f"the {who.value}'s Finished MAC does not verify")
 
 
 def verification_code(keys: SessionKeys, nonce: bytes) -> str:
@@ -595,7 +616,7 @@ class RecordReceiver(_RecordLayer):
         return msg_type, payload
 
 
-def record_pair(keys: SessionKeys, role: str, update_limit: int = KEY_UPDATE_RECORDS
+def record_pair(keys: SessionKeys, role: Role, update_limit: int = KEY_UPDATE_RECORDS
                 ) -> tuple[RecordSender, RecordReceiver]:
     """The session's two record layers; `update_limit` (records per key epoch) is
     lowered only by tests."""
@@ -603,6 +624,6 @@ def record_pair(keys: SessionKeys, role: str, update_limit: int = KEY_UPDATE_REC
     s2c = (DIRECTION_S2C, keys.s2c_enc, keys.s2c_mac, keys.s2c_iv)
     c2s_kw = {"secret": keys.c2s_traffic, "update_limit": update_limit}
     s2c_kw = {"secret": keys.s2c_traffic, "update_limit": update_limit}
-    if role == "client":
+    if check_role(role) is Role.CLIENT:
         return RecordSender(*c2s, **c2s_kw), RecordReceiver(*s2c, **s2c_kw)
     return RecordSender(*s2c, **s2c_kw), RecordReceiver(*c2s, **c2s_kw)

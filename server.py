@@ -479,7 +479,7 @@ def run(args) -> int:
         print(identity.fingerprint())
         return EXIT_OK
     authorized = load_authorized(args.authorized_clients)
-    kem = crypt.kem_provider(args.kem_provider)
+    kem = session.kem_provider(args.kem_provider)
     try:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -7,15 +7,14 @@ list is parsed from text.  server.py moves the bytes and owns the files.
 from __future__ import annotations
 
 import enum
-import os
 
 import crypt
+from crypt import Role
 from protocol import (
     RANDOM_SIZE,
     ClientAuth,
     ClientHello,
     LocalProtocolError,
-    ProtocolError,
     ServerHello,
 )
 
@@ -32,18 +31,20 @@ ClientInfo = crypt.PeerIdentity  # what the handshake proved about the peer
 
 
 class ServerHandshake:
-    """(ClientHello) -> ServerHello -> (ClientAuth).  Any failure is final (FAILED)."""
+    """(ClientHello) -> ServerHello -> (ClientAuth).  Any failure is final (FAILED).
 
-    def __init__(self, identity: crypt.Identity, kem=None, *, random: bytes | None = None,
-                 ecdh_scalar: int | None = None) -> None:
+    `kem` (an ML-KEM-1024 provider) and `randomness` are the only sources of fresh
+    values; the documented test vector passes fixed ones."""
+
+    def __init__(self, identity: crypt.Identity, kem=None, *,
+                 randomness: crypt.Randomness | None = None) -> None:
         self.state = ServerState.WAIT_CLIENT_HELLO
         self._identity = identity
         self._kem = kem or crypt.CryptographyKEM()
-        self.random = random if random is not None else os.urandom(RANDOM_SIZE)
-        self._ecdh_scalar = ecdh_scalar
+        self._randomness = randomness or crypt.Randomness()
         self._transcript = crypt.Transcript()
         self._hello: ClientHello | None = None
-        self._server_hello: bytes | None = None
+        self.random: bytes | None = None  # the server random, once the ServerHello exists
         self.keys: crypt.SessionKeys | None = None
         self.client: ClientInfo | None = None
         self.client_random: bytes | None = None
@@ -54,34 +55,26 @@ class ServerHandshake:
             failed, self.state = self.state, ServerState.FAILED
             raise LocalProtocolError(f"server handshake is {failed.name}, expected {state.name}")
 
-    def _guard(self, step, *args):
-        try:
-            return step(*args)
-        except ProtocolError:
-            self.state = ServerState.FAILED
-            raise
-
-    def consume_client_hello(self, body: bytes, *, mlkem_encapsulation=None) -> None:
-        """Check the hello, run both key exchanges and prepare the ServerHello.
-
-        `mlkem_encapsulation` = (secret, ciphertext) replaces the random
-        encapsulation only to reproduce the documented test vector.
-        """
-        self._expect(ServerState.WAIT_CLIENT_HELLO)
-        self._guard(self._consume_client_hello, body, mlkem_encapsulation)
-        self.state = ServerState.HELLO_READY
-
-    def _consume_client_hello(self, body: bytes, fixed) -> None:
+    @crypt.step(ServerState.WAIT_CLIENT_HELLO, then=ServerState.HELLO_READY)
+    def consume_client_hello(self, body: bytes) -> None:
+        """Check the hello and both of its key shares; the ServerHello is created next."""
         hello = ClientHello.decode(body)
+
+        # invalid shares are rejected here, whatever the KEM provider checks itself
+        crypt.p256_public(hello.ecdh_share)
+        crypt.mlkem_public_key(hello.mlkem_ek)
+
         self._transcript.add(body)
         self.client_random = hello.random
+        self._hello = hello
 
-        # both key exchanges; invalid shares are rejected here
-        ecdh, ecdh_share = crypt.ecdh_generate(self._ecdh_scalar)
-        ecdh_secret = crypt.ecdh_shared(ecdh, hello.ecdh_share)
-        if fixed:  # the test vector skips encapsulation, not the FIPS 203 key check
-            crypt.mlkem_public_key(hello.mlkem_ek)
-        mlkem_secret, ct = fixed or self._kem.encapsulate(hello.mlkem_ek)
+    @crypt.step(ServerState.HELLO_READY, then=ServerState.WAIT_CLIENT_AUTH)
+    def create_server_hello(self) -> bytes:
+        # create the ephemeral key and the random; run both key exchanges
+        self.random = self._randomness.random(RANDOM_SIZE)
+        ecdh, ecdh_share = self._randomness.ecdh_key()
+        ecdh_secret = crypt.ecdh_shared(ecdh, self._hello.ecdh_share)
+        mlkem_secret, ct = self._kem.encapsulate(self._hello.mlkem_ek)
 
         # keys from both secrets and the transcript through our identity
         core = ServerHello.encode_core(self.random, ecdh_share, ct, self._identity.public)
@@ -89,25 +82,14 @@ class ServerHandshake:
         self.keys = crypt.derive_keys(ecdh_secret, mlkem_secret, core_hash)
 
         # sign, then confirm the keys
-        sigs = self._identity.sign("server", core_hash)
+        sigs = self._identity.sign(Role.SERVER, core_hash)
         signed_hash = self._transcript.add(sigs.encode())
         finished = crypt.finished_mac(self.keys.server_finished, signed_hash)
         self._transcript.add(finished)
-        self._hello = hello
-        self._server_hello = core + sigs.encode() + finished
+        return core + sigs.encode() + finished
 
-    def create_server_hello(self) -> bytes:
-        self._expect(ServerState.HELLO_READY)
-        self.state = ServerState.WAIT_CLIENT_AUTH
-        return self._server_hello
-
+    @crypt.step(ServerState.WAIT_CLIENT_AUTH, then=ServerState.DONE)
     def consume_client_auth(self, body: bytes) -> ClientInfo:
-        self._expect(ServerState.WAIT_CLIENT_AUTH)
-        info = self._guard(self._consume_client_auth, body)
-        self.state = ServerState.DONE
-        return info
-
-    def _consume_client_auth(self, body: bytes) -> ClientInfo:
         # only the holder of the session keys can seal it; nobody else sees the identity
         auth = crypt.open_client_auth(self.keys, body)
 
@@ -116,11 +98,12 @@ class ServerHandshake:
 
         # verify the client's signatures over the transcript through its identity
         cid_hash = self._transcript.add(ClientAuth.encode_id(auth.nonce, auth.identity))
-        crypt.verify_signatures("client", auth.identity, auth.signatures, cid_hash)
+        crypt.verify_signatures(Role.CLIENT, auth.identity, auth.signatures, cid_hash)
 
         # verify the client's Finished
         signed_hash = self._transcript.add(auth.signatures.encode())
-        crypt.check_finished(self.keys.client_finished, signed_hash, auth.finished, "client")
+        crypt.check_finished(self.keys.client_finished, signed_hash, auth.finished,
+                             Role.CLIENT)
         self._transcript.add(auth.finished)
 
         self.code = crypt.verification_code(self.keys, auth.nonce)
@@ -132,7 +115,7 @@ class ServerHandshake:
 
     def records(self):
         self._expect(ServerState.DONE)
-        return crypt.record_pair(self.keys, "server")
+        return crypt.record_pair(self.keys, Role.SERVER)
 
     @property
     def transcript_hash(self) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes.util
 import dataclasses
 import errno
 import hashlib
@@ -44,6 +45,7 @@ from protocol import (
     FileReject,
     FileSaved,
     KeyUpdate,
+    LocalProtocolError,
     ProtocolError,
     Reason,
     RemoteProtocolError,
@@ -1047,3 +1049,48 @@ class Connection:
 def _join(thread: threading.Thread, deadline: float) -> None:
     if thread.ident is not None:  # shutdown may meet a session that is still starting
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# --- ML-KEM provider choice (the shell's: it reads the environment and the disk) ------
+def liboqs_library() -> str | None:
+    """Path of the liboqs shared library if one is installed, else None.
+
+    Checked *before* importing `oqs`, whose import tries to git-clone and build
+    liboqs when the library is missing.
+    """
+    install = os.environ.get("OQS_INSTALL_PATH")
+    roots = [Path(install)] if install else [Path.home() / "_oqs"]
+    for root in roots:
+        for sub in ("lib", "lib64"):
+            for name in ("liboqs.so", "liboqs.dylib"):
+                if (root / sub / name).exists():
+                    return str(root / sub / name)
+    return ctypes.util.find_library("oqs")
+
+
+def _liboqs_kem() -> crypt.LiboqsKEM:
+    if liboqs_library() is None:
+        raise LocalProtocolError(
+            "liboqs is not installed (no liboqs shared library found; "
+            "set OQS_INSTALL_PATH or use --kem-provider cryptography)"
+        )
+    try:
+        import oqs  # noqa: PLC0415 - only safe once the library is known to exist
+    except Exception as e:  # ImportError, or liboqs-python's own SystemExit-free errors
+        raise LocalProtocolError(f"liboqs found but its Python module cannot be used: {e} "
+                                 f"(pip install liboqs-python)") from e
+    return crypt.LiboqsKEM(oqs)
+
+
+def kem_provider(name: str = "auto"):
+    """`cryptography`, `liboqs`, or `auto` (liboqs where its library exists)."""
+    if name == "cryptography":
+        return crypt.CryptographyKEM()
+    if name == "liboqs":
+        return _liboqs_kem()
+    if name == "auto":
+        try:
+            return _liboqs_kem() if liboqs_library() else crypt.CryptographyKEM()
+        except LocalProtocolError:  # library present, Python module missing or broken
+            return crypt.CryptographyKEM()
+    raise LocalProtocolError(f"unknown KEM provider {name!r}")

@@ -411,7 +411,7 @@ def _chunks(pool: memoryview, total: int, size: int):
 
 def rate_record_sender(pool: memoryview, total: int) -> float:
     """The real sender's per-byte work: crypt.RecordSender.seal + the file's SHA-256."""
-    sender, _ = crypt.record_pair(session_keys(), "client")
+    sender, _ = crypt.record_pair(session_keys(), crypt.Role.CLIENT)
     size = record_size()
     h = hashlib.sha256()
     t0 = time.perf_counter()
@@ -430,7 +430,7 @@ def _frame_body(pieces) -> bytes:
 def rate_record_receiver(pool: memoryview, total: int) -> float:
     """The real receiver's per-byte work: crypt.RecordReceiver.open + SHA-256."""
     keys = session_keys()
-    sender, _ = crypt.record_pair(keys, "client")
+    sender, _ = crypt.record_pair(keys, crypt.Role.CLIENT)
     size = record_size()
     bodies = [_frame_body(sender.seal(FileData.TYPE, c))
               for c in _chunks(pool, len(pool) // size * size, size)]
@@ -438,7 +438,7 @@ def rate_record_receiver(pool: memoryview, total: int) -> float:
     done = 0
     t0 = time.perf_counter()
     while done < total:
-        _, receiver = crypt.record_pair(keys, "server")  # sequence numbers start again
+        _, receiver = crypt.record_pair(keys, crypt.Role.SERVER)  # sequence numbers start again
         for body in bodies:
             _, payload = receiver.open(body)
             h.update(payload)

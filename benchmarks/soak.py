@@ -43,7 +43,6 @@ from harness import PY, Proc, child_env, counts, identity, jpeg_of_size, read_to
 from test_resources import raw_session, send_record  # noqa: E402
 
 import client  # noqa: E402
-import crypt  # noqa: E402
 import keystore  # noqa: E402
 import session  # noqa: E402
 import transfer  # noqa: E402
@@ -149,7 +148,7 @@ class Soak:
             ["--port", str(port), "--home", str(home), "--fingerprint", fp,
              "--received-dir", str(recv)])
         ident, _ = keystore.load_identity(home)
-        kem = crypt.kem_provider("auto")
+        kem = session.kem_provider("auto")
         rng = random.Random(n)
         assets = sorted(self.assets.glob("*.jpg"))
         while once or not self.stop.is_set():

@@ -43,8 +43,8 @@ MUTANTS: list[dict] = [
          original="mldsa_key.verify(sigs.mldsa, transcript_hash, context)",
          replacement="mldsa_key.public_bytes_raw()", tests=CORE),
     dict(id="role-context", file="crypt.py", property="3.2/3.5 signatures bound to the role",
-         original='"client": b"QSocket2 v2 client signature",',
-         replacement='"client": b"QSocket2 v2 server signature",', tests=CORE),
+         original='Role.CLIENT: b"QSocket2 v2 client signature",',
+         replacement='Role.CLIENT: b"QSocket2 v2 server signature",', tests=CORE),
     dict(id="transcript", file="crypt.py", property="3.5 everything into the transcript",
          original="        self._h.update(message)\n", replacement="        pass\n", tests=CORE),
     dict(id="key-schedule-transcript", file="crypt.py",
@@ -121,9 +121,10 @@ MUTANTS: list[dict] = [
          original="prk = HKDF.extract(hashes.SHA256(), transcript_hash, ecdh_secret",
          replacement="prk = HKDF.extract(hashes.SHA256(), transcript_hash, bytes(32)", tests=CORE),
     dict(id="fips203-vector-path", file="server_data.py",
-         property="3.1 FIPS 203 check also where encapsulation is fixed (test vector)",
-         original="            crypt.mlkem_public_key(hello.mlkem_ek)",
-         replacement="            pass",
+         property="3.1 FIPS 203 check by the server core whatever its KEM provider "
+                  "(a fixed one too: the test vector)",
+         original="        crypt.mlkem_public_key(hello.mlkem_ek)\n",
+         replacement="        pass\n",
          tests=CORE),
     dict(id="mlkem-ciphertext-length", file="crypt.py",
          property="3.1 an ML-KEM ciphertext of the wrong length is refused",
@@ -202,6 +203,20 @@ MUTANTS: list[dict] = [
          original="        fd = os.open(path, flags, 0o600)",
          replacement="        fd = os.open(path, flags, 0o644)",
          tests=[TEXT + "test_keylog_lets_an_independent_tool_decrypt_a_capture"]),
+    # --- issue 10: the handshake core finished ----------------------------------------------
+    dict(id="step-guard-any-exception", file="crypt.py",
+         property="3.4/3.5 a handshake fails for good on any error in a step, not only a "
+                  "protocol error (a failing KEM provider, random source, bug)",
+         original="            except BaseException:\n                self.state = failed",
+         replacement="            except (AuthError, LocalProtocolError, RemoteProtocolError):\n"
+                     "                self.state = failed",
+         tests=["tests/test_core.py::test_any_failure_in_a_client_step_fails_the_handshake_for_good",
+                "tests/test_core.py::test_any_failure_in_a_server_step_fails_the_handshake_for_good"]),
+    dict(id="role-enum-checked", file="crypt.py",
+         property="3.2/3.4 a role is crypt.Role: a mistyped string is an error, never the "
+                  "other role's signature context or record directions",
+         original="    if not isinstance(role, Role):", replacement="    if False:",
+         tests=["tests/test_core.py::test_a_role_that_is_not_a_crypt_role_is_refused_everywhere"]),
 ]
 
 FIELDS = ("id", "file", "original", "replacement", "tests", "property")

@@ -7,6 +7,7 @@ signatures (2), record protection (4), downgrade/misbinding resistance (5) and t
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import hashlib
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import fixed
 import pytest
 from conftest import ROOT, handshake_pair, identity, run_handshake
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,7 +29,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 import crypt
 import protocol
+import server_data
+import session
 from client_data import ClientHandshake, ClientState, Trust, TrustResult, check_host
+from crypt import Role
 from protocol import (
     CHUNK_SIZE,
     ECDSA_SIG,
@@ -194,9 +199,9 @@ class Claiming:
         self._signer = signer
         self._role_swap = role_swap
 
-    def sign(self, role: str, transcript_hash: bytes):
+    def sign(self, role: Role, transcript_hash: bytes):
         if self._role_swap:
-            role = {"client": "server", "server": "client"}[role]
+            role = {Role.CLIENT: Role.SERVER, Role.SERVER: Role.CLIENT}[role]
         return self._signer.sign(role, transcript_hash)
 
 
@@ -316,11 +321,13 @@ def test_key_schedule_rejects_inputs_of_the_wrong_length():
 def test_handshake_keys_come_from_both_secrets_and_the_transcript():
     """Drive both cores with known ephemeral values and recompute the keys independently."""
     c_scalar, s_scalar = 0x1C1C1C1C, 0x5E5E5E5E
-    c = ClientHandshake(identity("client"), ecdh_scalar=c_scalar, mlkem_seed=bytes(range(64)))
+    c = ClientHandshake(identity("client"), fixed.FixedKEM(seed=bytes(range(64))),
+                        randomness=fixed.randomness(bytes(32), bytes(32), ecdh_scalar=c_scalar))
     ch = c.create_client_hello()
     mlkem_secret, ct = crypt.CryptographyKEM().encapsulate(ClientHello.decode(ch).mlkem_ek)
-    s = ServerHandshake(identity("server"), ecdh_scalar=s_scalar)
-    s.consume_client_hello(ch, mlkem_encapsulation=(mlkem_secret, ct))
+    s = ServerHandshake(identity("server"), fixed.FixedKEM(encapsulation=(mlkem_secret, ct)),
+                        randomness=fixed.randomness(bytes(32), ecdh_scalar=s_scalar))
+    s.consume_client_hello(ch)
     sh = s.create_server_hello()
     c.consume_server_hello(sh)
     s.consume_client_auth(c.create_client_auth())
@@ -539,12 +546,12 @@ def test_mlkem_ek_failing_the_fips203_modulus_check_is_rejected(index, value):
                          replace(ch, CH_FIELDS, "mlkem_ek", bad_ek))
     assert "ML-KEM" in str(err)
     assert_server_failed_for_good(s)
-    # the same check runs on the path that reproduces the test vector
-    s2 = ServerHandshake(identity("server"))
-    with pytest.raises(RemoteProtocolError):
-        s2.consume_client_hello(replace(ch, CH_FIELDS, "mlkem_ek", bad_ek),
-                                mlkem_encapsulation=(bytes(32), bytes(MLKEM1024_CT)))
-    assert s2.state is ServerState.FAILED
+    # the server core runs the check whatever its KEM provider checks (this one: nothing)
+    s2 = ServerHandshake(identity("server"),
+                         fixed.FixedKEM(encapsulation=(bytes(32), bytes(MLKEM1024_CT))))
+    with pytest.raises(RemoteProtocolError, match="ML-KEM"):
+        s2.consume_client_hello(replace(ch, CH_FIELDS, "mlkem_ek", bad_ek))
+    assert_server_failed_for_good(s2)
     # and in the provider itself
     with pytest.raises(RemoteProtocolError):
         crypt.CryptographyKEM().encapsulate(bad_ek)
@@ -613,7 +620,7 @@ def test_client_auth_with_spliced_signatures_is_rejected():
     c.consume_server_hello(s.create_server_hello())
     th = c.transcript_hash  # what the client signs: through the server's Finished
     ca = c.create_client_auth()
-    forged = other.sign("client", th).encode()
+    forged = other.sign(Role.CLIENT, th).encode()
     spliced = replace(ca, CA_FIELDS, "sig_ecdsa", forged[:ECDSA_SIG])
     spliced = replace(spliced, CA_FIELDS, "sig_mldsa", forged[ECDSA_SIG:])
     raises_exactly(AuthError, s.consume_client_auth, spliced)
@@ -671,8 +678,8 @@ def test_server_hello_with_one_signature_resigned_over_the_transcript_is_rejecte
     t.add(ch)
     core_hash = t.add(sh[: ServerHello.CORE_SIZE])
     genuine = ServerHello.decode(sh).signatures
-    crypt.verify_signatures("server", sid.public, genuine, core_hash)  # replica is right
-    foreign = other.sign("server", core_hash)
+    crypt.verify_signatures(Role.SERVER, sid.public, genuine, core_hash)  # replica is right
+    foreign = other.sign(Role.SERVER, core_hash)
     sigs = (genuine.ecdsa + foreign.mldsa) if ecdsa_ok else (foreign.ecdsa + genuine.mldsa)
     forged = replace(sh, SH_FIELDS, "sig_ecdsa", sigs[:ECDSA_SIG])
     forged = replace(forged, SH_FIELDS, "sig_mldsa", sigs[ECDSA_SIG:])
@@ -700,9 +707,9 @@ def test_signature_made_for_the_other_role_is_rejected(side):
 def test_verify_signatures_directly():
     a, b = identity("server"), identity("other server")
     th = hashlib.sha256(b"some transcript").digest()
-    good = a.sign("server", th)
-    crypt.verify_signatures("server", a.public, good, th)  # no exception
-    foreign = b.sign("server", th)
+    good = a.sign(Role.SERVER, th)
+    crypt.verify_signatures(Role.SERVER, a.public, good, th)  # no exception
+    foreign = b.sign(Role.SERVER, th)
     n = P256_N.to_bytes(32, "big")
     bad_cases = {
         "ecdsa of another key": protocol.Signatures(foreign.ecdsa, good.mldsa),
@@ -716,16 +723,16 @@ def test_verify_signatures_directly():
         "mldsa flipped": protocol.Signatures(good.ecdsa, flip(good.mldsa, 100)),
     }
     accepted = [label for label, sigs in bad_cases.items()
-                if not refuses(AuthError, crypt.verify_signatures, "server", a.public, sigs, th)]
+                if not refuses(AuthError, crypt.verify_signatures, Role.SERVER, a.public, sigs, th)]
     assert accepted == []  # names every forgery that verified
     with pytest.raises(AuthError):  # wrong transcript hash
-        crypt.verify_signatures("server", a.public, good, flip(th, 0))
+        crypt.verify_signatures(Role.SERVER, a.public, good, flip(th, 0))
     with pytest.raises(AuthError):  # wrong role (context string)
-        crypt.verify_signatures("client", a.public, good, th)
+        crypt.verify_signatures(Role.CLIENT, a.public, good, th)
     with pytest.raises(AuthError):  # another identity's public keys
-        crypt.verify_signatures("server", b.public, good, th)
+        crypt.verify_signatures(Role.SERVER, b.public, good, th)
     with pytest.raises(AuthError):  # an identity whose ECDSA key is not a point
-        crypt.verify_signatures("server", protocol.IdentityPublic(b"\x04" + bytes(64),
+        crypt.verify_signatures(Role.SERVER, protocol.IdentityPublic(b"\x04" + bytes(64),
                                                                   a.public.mldsa), good, th)
 
 
@@ -1010,8 +1017,8 @@ def test_a_record_under_the_old_key_after_an_update_is_refused(old_seq):
 
 def test_key_update_is_due_at_the_record_limit_and_after_an_hour():
     p = handshake_pair()
-    cs, cr = crypt.record_pair(p.client.keys, "client", update_limit=4)
-    ss, sr = crypt.record_pair(p.server.keys, "server", update_limit=4)
+    cs, cr = crypt.record_pair(p.client.keys, Role.CLIENT, update_limit=4)
+    ss, sr = crypt.record_pair(p.server.keys, Role.SERVER, update_limit=4)
     now = 1000.0
     for i in range(3):
         assert not cs.update_due(now)
@@ -1073,7 +1080,8 @@ def test_verification_code_matches_within_a_session_and_differs_between_sessions
 # --- commit-then-reveal -------------------------------------------------------------------
 def test_client_hello_commits_to_the_nonce_the_client_auth_reveals():
     nonce = bytes(range(NONCE_SIZE))
-    c, s = ClientHandshake(identity("client"), nonce=nonce), ServerHandshake(identity("server"))
+    c = ClientHandshake(identity("client"), randomness=fixed.randomness(bytes(32), nonce))
+    s = ServerHandshake(identity("server"))
     ch, _, ca = run(c, s)
     assert field(ch, CH_FIELDS, "commitment") == hashlib.sha256(
         b"QSocket2 v2 code commitment" + nonce).digest()
@@ -1084,7 +1092,7 @@ def test_client_hello_commits_to_the_nonce_the_client_auth_reveals():
 def test_a_nonce_that_does_not_open_the_commitment_is_refused():
     """A client (or a man in the middle) that reveals another nonce than it committed to
     is refused with AUTH_FAILED, even though everything else verifies."""
-    c = ClientHandshake(identity("client"), nonce=bytes(32))
+    c = ClientHandshake(identity("client"), randomness=fixed.randomness(bytes(32), bytes(32)))
     s = ServerHandshake(identity("server"))
     ch = c.create_client_hello()
     s.consume_client_hello(ch)
@@ -1240,7 +1248,7 @@ def test_keylog_lines_format_and_contents():
 
 # --- KEM providers -------------------------------------------------------------------------
 def test_cryptography_kem_provider_round_trip():
-    kem = crypt.kem_provider("cryptography")
+    kem = session.kem_provider("cryptography")
     assert isinstance(kem, crypt.CryptographyKEM) and kem.name == "cryptography"
     priv, ek = kem.generate()
     assert len(ek) == MLKEM1024_EK
@@ -1252,15 +1260,15 @@ def test_cryptography_kem_provider_round_trip():
 
 
 def test_liboqs_provider_without_the_library_is_a_clear_local_error(monkeypatch):
-    monkeypatch.setattr(crypt, "liboqs_library", lambda: None)
+    monkeypatch.setattr(session, "liboqs_library", lambda: None)
     with pytest.raises(LocalProtocolError) as info:
-        crypt.kem_provider("liboqs")
+        session.kem_provider("liboqs")
     message = str(info.value)
     assert "liboqs" in message and "not installed" in message
     assert "--kem-provider cryptography" in message
-    assert isinstance(crypt.kem_provider("auto"), crypt.CryptographyKEM)
+    assert isinstance(session.kem_provider("auto"), crypt.CryptographyKEM)
     with pytest.raises(LocalProtocolError, match="unknown KEM provider"):
-        crypt.kem_provider("kyber")
+        session.kem_provider("kyber")
 
 
 def test_crypt_never_imports_oqs_without_the_library():
@@ -1278,13 +1286,13 @@ class NoOqs:  # records (and blocks) any attempt to import oqs, even a caught on
         return None
 
 sys.meta_path.insert(0, NoOqs())
-import crypt
+import client, client_data, crypt, server, server_data, session
 assert "oqs" not in sys.modules and not attempts, attempts
-crypt.liboqs_library = lambda: None
-kem = crypt.kem_provider("auto")
+session.liboqs_library = lambda: None
+kem = session.kem_provider("auto")
 assert type(kem).__name__ == "CryptographyKEM", kem
 try:
-    crypt.kem_provider("liboqs")
+    session.kem_provider("liboqs")
 except crypt.LocalProtocolError:
     pass
 else:
@@ -1298,13 +1306,13 @@ print("ok")
     assert r.stdout.strip() == "ok"
 
 
-@pytest.mark.skipif(crypt.liboqs_library() is None,
+@pytest.mark.skipif(session.liboqs_library() is None,
                     reason="liboqs shared library not installed (pip's liboqs-python needs it; "
                            "see README)")
 @pytest.mark.parametrize("client_kem,server_kem", [("liboqs", "cryptography"),
                                                    ("cryptography", "liboqs")])
 def test_kem_providers_interoperate(client_kem, server_kem):
-    c, s = fresh(ckem=crypt.kem_provider(client_kem), skem=crypt.kem_provider(server_kem))
+    c, s = fresh(ckem=session.kem_provider(client_kem), skem=session.kem_provider(server_kem))
     run(c, s)
     assert c.keys == s.keys
     assert c.transcript_hash == s.transcript_hash
@@ -1410,7 +1418,7 @@ class FakeOqs:
 @pytest.fixture
 def fake_oqs(monkeypatch) -> FakeOqs:
     fake = FakeOqs()
-    monkeypatch.setattr(crypt, "liboqs_library", lambda: "/nonexistent/liboqs.so")
+    monkeypatch.setattr(session, "liboqs_library", lambda: "/nonexistent/liboqs.so")
     monkeypatch.setitem(sys.modules, "oqs", fake)
     return fake
 
@@ -1419,7 +1427,7 @@ def fake_oqs(monkeypatch) -> FakeOqs:
 @pytest.mark.parametrize("index,value", [(0, MLKEM_Q), (0, 0xFFF), (1023, MLKEM_Q)])
 def test_each_kem_provider_refuses_an_ek_failing_the_modulus_check_before_encapsulating(
         fake_oqs: FakeOqs, provider: str, index: int, value: int):
-    kem = crypt.kem_provider(provider)
+    kem = session.kem_provider(provider)
     assert kem.name == provider
     _, ek = crypt.CryptographyKEM().generate()
     kem.encapsulate(ek)  # a good key goes through (and, with liboqs, reaches liboqs)
@@ -1479,3 +1487,177 @@ def test_the_record_mac_covers_the_direction_even_under_equal_keys():
     with pytest.raises(AuthError, match=re.escape(crypt.AUTH_FAILED)):
         crypt.RecordReceiver(crypt.DIRECTION_S2C, *keys).open(body)
     assert crypt.RecordReceiver(crypt.DIRECTION_C2S, *keys).open(body)[0] == MsgType.BYE
+
+
+# --- one guard for every handshake step; roles as an enum (issue 10) -------------------------
+class Faulty:
+    """Delegates to `real`, except that calling its method `fail` raises `exc`: a KEM
+    provider, random source or identity that breaks part-way, with no ProtocolError."""
+
+    def __init__(self, real, fail: str, exc: BaseException) -> None:
+        self._real, self._fail, self._exc = real, fail, exc
+
+    def __getattr__(self, name: str):
+        if name == self._fail:
+            def broken(*args, **kwargs):
+                raise self._exc
+            return broken
+        return getattr(self._real, name)
+
+
+def _deps(who: str) -> dict:
+    return {"identity": identity(who), "kem": crypt.CryptographyKEM(),
+            "randomness": crypt.Randomness()}
+
+
+def _raises_this(exc: BaseException, call) -> None:
+    with pytest.raises(type(exc)) as info:
+        call()
+    assert info.value is exc  # the injected failure itself, not a later symptom
+
+
+CLIENT_FAULTS = [
+    ("create_client_hello", "randomness", "random", RuntimeError("entropy source gone")),
+    ("create_client_hello", "randomness", "ecdh_key", ValueError("no P-256 key")),
+    ("create_client_hello", "kem", "generate", RuntimeError("KEM provider crashed")),
+    ("create_client_hello", "kem", "generate", KeyboardInterrupt()),
+    ("consume_server_hello", "kem", "decapsulate", RuntimeError("KEM provider crashed")),
+    ("create_client_auth", "identity", "sign", ValueError("signing key unusable")),
+]
+
+
+@pytest.mark.parametrize("step,dep,method,exc", CLIENT_FAULTS,
+                         ids=[f"{s}-{d}.{m}-{type(e).__name__}" for s, d, m, e in CLIENT_FAULTS])
+def test_any_failure_in_a_client_step_fails_the_handshake_for_good(step, dep, method, exc):
+    deps = _deps("client")
+    deps[dep] = Faulty(deps[dep], method, exc)
+    c = ClientHandshake(deps["identity"], deps["kem"], randomness=deps["randomness"])
+    s = ServerHandshake(identity("server"))
+    steps = {"create_client_hello": lambda: s.consume_client_hello(c.create_client_hello()),
+             "consume_server_hello": lambda: c.consume_server_hello(s.create_server_hello()),
+             "create_client_auth": c.create_client_auth}
+    for name, call in steps.items():
+        if name == step:
+            _raises_this(exc, call)
+            break
+        call()
+    assert_client_failed_for_good(c)
+    assert c.code is None
+
+
+SERVER_FAULTS = [
+    ("consume_client_hello", "crypt", "mlkem_public_key", RuntimeError("bug in a check")),
+    ("consume_client_hello", "crypt", "p256_public", KeyboardInterrupt()),
+    ("create_server_hello", "randomness", "random", RuntimeError("entropy source gone")),
+    ("create_server_hello", "randomness", "ecdh_key", ValueError("no P-256 key")),
+    ("create_server_hello", "kem", "encapsulate", RuntimeError("KEM provider crashed")),
+    ("create_server_hello", "identity", "sign", ValueError("signing key unusable")),
+    ("consume_client_auth", "crypt", "verification_code", RuntimeError("bug after the checks")),
+]
+
+
+@pytest.mark.parametrize("step,dep,method,exc", SERVER_FAULTS,
+                         ids=[f"{s}-{d}.{m}-{type(e).__name__}" for s, d, m, e in SERVER_FAULTS])
+def test_any_failure_in_a_server_step_fails_the_handshake_for_good(step, dep, method, exc,
+                                                                  monkeypatch):
+    deps = _deps("server")
+    if dep == "crypt":  # a function of the core itself
+        monkeypatch.setattr(server_data, "crypt", Faulty(crypt, method, exc))
+    else:
+        deps[dep] = Faulty(deps[dep], method, exc)
+    c = ClientHandshake(identity("client"))
+    s = ServerHandshake(deps["identity"], deps["kem"], randomness=deps["randomness"])
+    ch = c.create_client_hello()
+    steps = {"consume_client_hello": lambda: s.consume_client_hello(ch),
+             "create_server_hello": lambda: c.consume_server_hello(s.create_server_hello()),
+             "consume_client_auth": lambda: s.consume_client_auth(c.create_client_auth())}
+    for name, call in steps.items():
+        if name == step:
+            _raises_this(exc, call)
+            break
+        call()
+    assert_server_failed_for_good(s)
+    assert s.client is None and s.code is None
+
+
+class Recording:
+    """Delegates to `real` and records which of its methods are called, in order."""
+
+    def __init__(self, real, calls: list[str]) -> None:
+        self._real, self._calls = real, calls
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._real, name)
+        if not callable(attr):
+            return attr
+
+        def recorded(*args, **kwargs):
+            self._calls.append(name)
+            return attr(*args, **kwargs)
+        return recorded
+
+
+def test_the_create_steps_create_and_nothing_before_them_does():
+    """WireGuard's CreateMessageResponse: the initiation is consumed first, then the
+    ephemeral key is created; construction and the Consume step draw nothing."""
+    c_calls: list[str] = []
+    s_calls: list[str] = []
+    c = ClientHandshake(identity("client"), Recording(crypt.CryptographyKEM(), c_calls),
+                        randomness=Recording(crypt.Randomness(), c_calls))
+    s = ServerHandshake(identity("server"), Recording(crypt.CryptographyKEM(), s_calls),
+                        randomness=Recording(crypt.Randomness(), s_calls))
+    assert c_calls == [] and s_calls == [] and c.random is None
+    ch = c.create_client_hello()
+    assert c_calls == ["random", "random", "ecdh_key", "generate"]
+    assert c.random == ClientHello.decode(ch).random
+
+    s.consume_client_hello(ch)
+    assert s_calls == [] and s.keys is None and s.random is None
+    assert s.client_random == c.random
+    sh = s.create_server_hello()
+    assert s_calls == ["random", "ecdh_key", "encapsulate"]
+    assert s.random == ServerHello.decode(sh).random
+    c.consume_server_hello(sh)
+    s.consume_client_auth(c.create_client_auth())
+    assert c.keys == s.keys and c.code == s.code
+
+
+@pytest.mark.parametrize("role", ["client", "server", "CLIENT", "", None, 0,
+                                  ClientState.DONE], ids=repr)
+def test_a_role_that_is_not_a_crypt_role_is_refused_everywhere(role):
+    """A role given as a string (or anything else) is an error, never a silent fallback to
+    the other role's signature context or record directions."""
+    ident = identity("server")
+    keys = crypt.derive_keys(*SECRETS)
+    th = SECRETS[2]
+    sigs = ident.sign(Role.SERVER, th)
+    mac = crypt.finished_mac(keys.server_finished, th)
+    calls = {"sign": lambda: ident.sign(role, th),
+             "verify_signatures": lambda: crypt.verify_signatures(role, ident.public, sigs, th),
+             "check_finished": lambda: crypt.check_finished(keys.server_finished, th, mac, role),
+             "record_pair": lambda: crypt.record_pair(keys, role)}
+    for name, call in calls.items():
+        with pytest.raises(LocalProtocolError, match="crypt.Role.CLIENT or crypt.Role.SERVER"):
+            call()
+    # the same calls with the enum go through, and each role gets its own directions
+    crypt.verify_signatures(Role.SERVER, ident.public, sigs, th)
+    crypt.check_finished(keys.server_finished, th, mac, Role.SERVER)
+    c_send, c_recv = crypt.record_pair(keys, Role.CLIENT)
+    s_send, s_recv = crypt.record_pair(keys, Role.SERVER)
+    assert s_recv.open(b"".join(c_send.seal(MsgType.TEXT, b"up"))[4:]) == (MsgType.TEXT, b"up")
+    assert c_recv.open(b"".join(s_send.seal(MsgType.TEXT, b"down"))[4:]) == \
+        (MsgType.TEXT, b"down")
+
+
+@pytest.mark.parametrize("module", ["crypt.py", "client_data.py", "server_data.py"])
+def test_the_core_modules_do_no_io(module):
+    """Sans-I/O: no socket, thread, clock, environment, filesystem or ctypes in the core;
+    finding liboqs is the shell's job (session.kem_provider)."""
+    tree = ast.parse((ROOT / module).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    forbidden = {"os", "socket", "threading", "time", "ctypes", "pathlib", "queue", "select",
+                 "subprocess", "shutil", "oqs", "session"}
+    assert imported & forbidden == set()

@@ -43,9 +43,9 @@ def test_key_updates_at_the_limit_and_on_demand_in_both_directions_during_transf
     c_dir.mkdir()
     s_dir.mkdir()
     c_events, s_events = Quiet(), Quiet()
-    client = session.Connection(a, crypt.record_pair(pair.client.keys, "client", LIMIT),
+    client = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT, LIMIT),
                                 label="server", events=c_events, received_dir=str(c_dir)).start()
-    server = session.Connection(b, crypt.record_pair(pair.server.keys, "server", LIMIT),
+    server = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER, LIMIT),
                                 label="client", events=s_events, received_dir=str(s_dir)).start()
     try:
         up = jpeg_of_size(tmp_path / "up.jpg", 4_200_000)  # 5 FileData records
@@ -95,10 +95,10 @@ def test_without_the_updates_the_receiver_refuses_the_session(tmp_path: Path):
     pair = handshake_pair()
     a, b = socket.socketpair()
     events = Quiet()
-    server = session.Connection(b, crypt.record_pair(pair.server.keys, "server", LIMIT),
+    server = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER, LIMIT),
                                 label="client", events=events,
                                 received_dir=str(tmp_path)).start()
-    sender, receiver = crypt.record_pair(pair.client.keys, "client", 1 << 20)
+    sender, receiver = crypt.record_pair(pair.client.keys, crypt.Role.CLIENT, 1 << 20)
     client = session.Connection(a, (sender, receiver), label="server", events=Quiet(),
                                 received_dir=str(tmp_path)).start()
     try:

@@ -13,6 +13,7 @@ import hashlib
 import struct
 import unicodedata
 
+import fixed
 import pytest
 from conftest import identity, run_handshake
 from hypothesis import HealthCheck, example, given, settings
@@ -53,8 +54,8 @@ C_NONCE = bytes(range(128, 160))
 
 
 def fixed_client() -> ClientHandshake:
-    return ClientHandshake(identity("client"), random=C_RANDOM, ecdh_scalar=C_SCALAR,
-                           mlkem_seed=C_SEED, nonce=C_NONCE)
+    return ClientHandshake(identity("client"), fixed.FixedKEM(seed=C_SEED),
+                           randomness=fixed.randomness(C_RANDOM, C_NONCE, ecdh_scalar=C_SCALAR))
 
 
 _GENUINE: dict[str, object] = {}
@@ -375,7 +376,7 @@ def test_server_consume_client_auth(case):
 
 # --- records ---------------------------------------------------------------------------------
 def fresh_receiver() -> crypt.RecordReceiver:
-    return crypt.record_pair(genuine()["keys"], "server")[1]
+    return crypt.record_pair(genuine()["keys"], crypt.Role.SERVER)[1]
 
 
 @FAST

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import fixed
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +32,7 @@ import protocol
 import server
 import server_data
 import transfer
+from crypt import Role
 from protocol import (
     MESSAGES,
     AlertCode,
@@ -229,14 +231,16 @@ def run() -> Run:
                                     vb("client_identity_mldsa_seed"))
     sid = crypt.Identity.from_seeds(vint("server_identity_ecdsa_scalar"),
                                     vb("server_identity_mldsa_seed"))
-    c = client_data.ClientHandshake(cid, random=vb("client_random"),
-                                    ecdh_scalar=vint("client_ecdh_scalar"),
-                                    mlkem_seed=vb("client_mlkem_seed"),
-                                    nonce=vb("client_nonce"))
-    s = server_data.ServerHandshake(sid, random=vb("server_random"),
-                                    ecdh_scalar=vint("server_ecdh_scalar"))
+    # the vector's inputs are the cores' dependencies: a fixed KEM and fixed randomness
+    c = client_data.ClientHandshake(
+        cid, fixed.FixedKEM(seed=vb("client_mlkem_seed")),
+        randomness=fixed.randomness(vb("client_random"), vb("client_nonce"),
+                                    ecdh_scalar=vint("client_ecdh_scalar")))
+    s = server_data.ServerHandshake(
+        sid, fixed.FixedKEM(encapsulation=(vb("mlkem_secret"), vb("mlkem_ciphertext"))),
+        randomness=fixed.randomness(vb("server_random"), ecdh_scalar=vint("server_ecdh_scalar")))
     ch = c.create_client_hello()
-    s.consume_client_hello(ch, mlkem_encapsulation=(vb("mlkem_secret"), vb("mlkem_ciphertext")))
+    s.consume_client_hello(ch)
     sh = s.create_server_hello()
     c.consume_server_hello(sh)
     ca = c.create_client_auth()
@@ -367,9 +371,9 @@ def test_first_key_update():
         VECTOR["record_c2s_epoch_1_0_text_3_again"]
     # the code: seal the session's records and the update; the server's side opens them
     sender, _ = crypt.record_pair(crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
-                                                    vb("transcript_h_core")), "client")
+                                                    vb("transcript_h_core")), Role.CLIENT)
     _, receiver = crypt.record_pair(crypt.derive_keys(vb("ecdh_secret"), vb("mlkem_secret"),
-                                                      vb("transcript_h_core")), "server")
+                                                      vb("transcript_h_core")), Role.SERVER)
     for name in ("record_c2s_0_text_1_hello", "record_c2s_1_text_2_world"):
         msg = next(m for n, _, _, m in RECORDS if n == name)
         assert b"".join(sender.seal(msg.TYPE, msg.encode())) == vb(name)
@@ -437,12 +441,13 @@ def test_signatures_and_finished_follow_the_transcript(run):
         doc_verify("server", vb("server_identity_ecdsa_public"), run.server_id.public.mldsa,
                    sigs_s, h_sfin)
     with pytest.raises(protocol.AuthError):
-        crypt.verify_signatures("client", run.server_id.public,
+        crypt.verify_signatures(Role.CLIENT, run.server_id.public,
                                 protocol.Signatures.decode(sigs_s), h_core)
 
 
 def test_contexts_and_label_match_the_code():
-    assert doc_contexts() == crypt.SIGNATURE_CONTEXT
+    assert doc_contexts() == {role.value: ctx for role, ctx in crypt.SIGNATURE_CONTEXT.items()}
+    assert set(crypt.SIGNATURE_CONTEXT) == set(Role)
     assert all(len(ctx) == 28 for ctx in crypt.SIGNATURE_CONTEXT.values())
     text = section("2. Protocol label")
     assert f"the {len(protocol.PROTOCOL_LABEL)} ASCII bytes" in flat(text)

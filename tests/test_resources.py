@@ -30,7 +30,6 @@ from test_hostile import (
     wait_until,
 )
 
-import crypt
 import server
 import session
 from client_data import ClientHandshake
@@ -231,7 +230,7 @@ def in_process_server(tmp_path: Path, *flags: str) -> tuple[server.Server, list[
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     (tmp_path / "received").mkdir()
-    srv = server.Server(args, identity("server"), home, crypt.kem_provider("auto"), None)
+    srv = server.Server(args, identity("server"), home, session.kem_provider("auto"), None)
     lines: list[str] = []
     srv.events.out = lines.append
     srv.listen()
