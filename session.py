@@ -43,15 +43,28 @@ from protocol import (
     FileOffer,
     FileReject,
     FileSaved,
-    KeyUpdate,
     ProtocolError,
     Reason,
     RemoteProtocolError,
     Text,
-    decode_message,
     encode_frame,
     frame_length,
     neutralise,
+)
+from session_core import (
+    Close,
+    CloseKind,
+    FileCancelled,
+    FileChunk,
+    FileDiscarded,
+    FileEnded,
+    FileOffered,
+    ReplyReceived,
+    SessionCore,
+    SessionEnded,
+    Side,
+    State,
+    TextReceived,
 )
 
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
@@ -66,6 +79,10 @@ EXIT_TIMEOUT = 5.0  # seconds a connection's threads get to exit once its socket
 
 class ConnectionLost(Exception):
     """the connection was lost"""
+
+
+class PeerClosed(ConnectionLost):
+    """the peer closed the connection between two frames (no goodbye)"""
 
 
 class NoAnswer(ConnectionLost):
@@ -221,8 +238,9 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = N
         except OSError as e:
             raise ConnectionLost(f"connection lost: {e.strerror or e}") from e
         if k == 0:
-            raise ConnectionLost("connection closed by peer" if got == 0 and n == FRAME_HEADER.size
-                                 else "connection closed in the middle of a frame")
+            if got == 0 and n == FRAME_HEADER.size:
+                raise PeerClosed("connection closed by peer")
+            raise ConnectionLost("connection closed in the middle of a frame")
         got += k
 
 
@@ -391,6 +409,11 @@ class Events:
 
     def closed(self, conn: Connection, why: str) -> None:
         self.out(f"[{conn.label}] {why}")
+
+    def file_aborted(self, conn: Connection, name: str, received: int, why: str) -> None:
+        """The session ended while a file was coming in: nothing of it was kept."""
+        self.out(f"[{conn.label}] receiving '{neutralise(name)}' aborted after "
+                 f"{human_size(received)}: {neutralise(why)}; nothing saved")
 
     def progress(self, total: int, desc: str):
         if not sys.stdout.isatty():
@@ -624,8 +647,10 @@ class Connection:
         self.events = events
         self.received_dir = received_dir
         self.max_file_size = max_file_size
-        self._sender, self._receiver = records
-        self._seal_lock = threading.Lock()
+        # the protocol's state lives in the sans-I/O core; this class is its plumbing
+        self._core = records if isinstance(records, SessionCore) else \
+            SessionCore(records, client=False, opened=True)
+        self._seal_lock = threading.Lock()  # around every step of the core
         self._out: queue.Queue = queue.Queue()
         # plaintext buffers for received records: one being filled by the reader,
         # the others queued for the disk thread (page-aligned payloads)
@@ -633,17 +658,15 @@ class Connection:
         for _ in range(DATA_IN_FLIGHT + 1):
             self._free.put(PlainBuffer())
         self._disk = DiskWriter(self._free, name=f"disk {label}")
-        self._incoming_bytes = 0
         self._replies: queue.Queue = queue.Queue()
         self._op_lock = threading.Lock()
-        self._op_active = False
-        self._next_id = 0
         self._incoming: transfer.IncomingFile | None = None
         self._incoming_started = 0.0
         self._bar = None
-        self._discarding = False
         self.closed = threading.Event()
-        self.close_reason = ""
+        self.close_reason = ""  # for people; logic looks at close_info
+        self._seen_close: Close | None = None  # what ended the reader or the writer
+        self._local_close: Close | None = None  # begin_close, when we ended it first
         self._closing = False  # we ended it: no "peer disconnected" report
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"reader {label}")
@@ -651,7 +674,7 @@ class Connection:
                                         name=f"writer {label}")
 
     def start(self) -> Connection:
-        self._sender.start_clock(time.monotonic())  # the hour of a key epoch counts from here
+        self._core.start_clock(time.monotonic())  # the hour of a key epoch counts from here
         set_send_deadline(self.sock, self.send_timeout)
         self._writer.start()
         self._reader.start()
@@ -668,9 +691,13 @@ class Connection:
             # up unless it stopped reading: it may not make us buffer without bound
             raise RemoteProtocolError("peer is not reading what we send")
         with self._seal_lock:
-            if self._sender.update_due(time.monotonic()):
-                self._out.put((self._sender.seal_key_update(time.monotonic()), None))
-            pieces = self._sender.seal(msg.TYPE, msg.encode(), out)
+            if self._core.state is State.CLOSING and not isinstance(msg, Error | Bye):
+                if on_sent is not None:  # we said goodbye: the writer sends nothing more
+                    on_sent()
+                return
+            *key_update, pieces = self._core.seal(msg, time.monotonic(), out)
+            for record in key_update:  # a KeyUpdate when one is due
+                self._out.put((record, None))
             self._out.put((pieces, on_sent))
 
     def update_keys(self) -> None:
@@ -678,7 +705,7 @@ class Connection:
         if self.closed.is_set():
             raise ConnectionLost(self.close_reason or "connection closed")
         with self._seal_lock:
-            self._out.put((self._sender.seal_key_update(time.monotonic()), None))
+            self._out.put((self._core.seal_key_update(time.monotonic()), None))
 
     def _write_loop(self) -> None:
         failed = False
@@ -692,12 +719,14 @@ class Connection:
                     send_pieces(self.sock, pieces)
             except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
                 failed = True
-                self._end(f"connection closed: the peer stopped reading for "
-                          f"{self.send_timeout:g} s")
+                self._end(Close(CloseKind.TIMEOUT, Side.PEER,
+                                f"connection closed: the peer stopped reading for "
+                                f"{self.send_timeout:g} s"))
                 shut_down(self.sock)  # wakes the reader: the session is over
             except OSError as e:
                 failed = True
-                self._end(f"connection lost: {e.strerror or e}")
+                self._end(Close(CloseKind.CONNECTION_LOST, Side.PEER,
+                                f"connection lost: {e.strerror or e}"))
                 shut_down(self.sock)
             finally:
                 if on_sent is not None:
@@ -709,39 +738,53 @@ class Connection:
 
     # receiving side ----------------------------------------------------------------
     def _read_loop(self) -> None:
-        why = "connection closed"
+        close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
         frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
         try:
-            while True:
-                body = read_frame_into(self.sock, frame)
-                buf = self._free.get()
-                try:
-                    msg = decode_message(*self._receiver.open(body, buf.plain))
-                except BaseException:
-                    self._free.put(buf)
-                    raise
-                if isinstance(msg, FileData):
-                    self._on_data(msg.data, buf)  # the disk thread gives buf back
-                    continue
-                self._free.put(buf)  # decode_message copied everything else
-                if self._dispatch(msg):
-                    why = self.close_reason or why
-                    break
+            while (ended := self._read_one(frame)) is None:
+                pass
+            close = ended
         except AuthError as e:
-            why = f"connection closed: {e}"
+            close = Close(CloseKind.AUTH_FAILED, Side.PEER, f"connection closed: {e}")
             self._send_quietly(Error(str(e)))
         except ProtocolError as e:
-            why = f"connection closed: protocol error: {e}"
+            by = Side.PEER if isinstance(e, RemoteProtocolError) else Side.LOCAL
+            close = Close(CloseKind.PROTOCOL_ERROR, by, f"connection closed: protocol error: {e}")
             self._send_quietly(Error(f"protocol error: {e}"))
+        except PeerClosed:
+            close = Close(CloseKind.PEER_VANISHED, Side.PEER, "peer disconnected")
         except ConnectionLost as e:
-            why = "peer disconnected" if "closed by peer" in str(e) else str(e)
+            close = Close(CloseKind.CONNECTION_LOST, Side.PEER, str(e))
         except Exception as e:  # a bug must end this session only, with one line
-            why = f"connection closed: internal error: {e!r}"
+            close = Close(CloseKind.INTERNAL_ERROR, Side.LOCAL,
+                          f"connection closed: internal error: {e!r}")
             self._send_quietly(Error("internal error"))
         finally:
-            self._abort_incoming()
+            self._incoming_aborted(self.close_info or close)
             self._disk.stop()
-            self._end(why)
+            self._end(close)
+
+    def _read_one(self, frame: memoryview) -> Close | None:
+        """Receive one record and act on it; the Close when the peer ended the session."""
+        body = read_frame_into(self.sock, frame)
+        buf = self._free.get()
+        msg = None
+        try:
+            msg = self._core.open_record(body, buf.plain)
+            with self._seal_lock:
+                events = self._core.receive(msg)
+        except BaseException:
+            if isinstance(msg, FileData):
+                msg.data.release()
+            self._free.put(buf)
+            raise
+        if not isinstance(msg, FileData):
+            self._free.put(buf)  # decode_message copied everything else
+        for event in events:
+            if isinstance(event, SessionEnded):
+                return event.close
+            self._handle(event, buf)
+        return None
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -749,45 +792,28 @@ class Connection:
         except (ConnectionLost, ProtocolError):
             pass
 
-    def _dispatch(self, msg) -> bool:
-        """Handle one message from the peer; True when the session is over."""
-        if isinstance(msg, Text):
-            self.events.text(self, msg.text)
-            self.send(Delivered(msg.msg_id))
-        elif isinstance(msg, FileOffer):
-            self._on_offer(msg)
-        elif isinstance(msg, FileEnd):
-            self._on_end(msg.sha256)
-        elif isinstance(msg, FileCancel):
-            if self._incoming is None and not self._discarding:
-                raise RemoteProtocolError("FileCancel without a transfer")
-            name = self._incoming.name if self._incoming else ""
+    def _handle(self, event, buf: PlainBuffer) -> None:
+        """Act on one event of the core (the ordering rules were checked there)."""
+        if isinstance(event, TextReceived):
+            self.events.text(self, event.text)
+            self.send(Delivered(event.msg_id))
+        elif isinstance(event, FileChunk):
+            self._on_data(event.data, buf)  # the disk thread gives buf back
+        elif isinstance(event, FileDiscarded):
+            self._free.put(buf)  # the receiver already failed; the sender ends the stream
+        elif isinstance(event, FileOffered):
+            self._on_offer(event)
+        elif isinstance(event, FileEnded):
+            self._on_end(event.sha256)
+        elif isinstance(event, FileCancelled):
             self._abort_incoming()
-            self._discarding = False
-            if name:
-                self.events.file_failed(self, name, f"sender cancelled: {msg.detail}")
-        elif isinstance(msg, (Delivered, FileAccept, FileReject, FileSaved, FileFailed)):
-            if not self._op_active:
-                raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
-                                          f"for a reply")
-            self._replies.put(msg)
-        elif isinstance(msg, Bye):
-            self.close_reason = "peer said goodbye" + (f" ({neutralise(msg.reason)})"
-                                                       if msg.reason else "")
-            return True
-        elif isinstance(msg, Error):
-            self.close_reason = f"peer reported an error: {neutralise(msg.reason)}"
-            return True
-        elif isinstance(msg, KeyUpdate):
-            pass  # the record layer has already moved to the peer's next key epoch
-        else:
-            raise RemoteProtocolError(f"unexpected {type(msg).__name__} in a session")
-        return False
+            if event.name:
+                self.events.file_failed(self, event.name, f"sender cancelled: {event.detail}")
+        elif isinstance(event, ReplyReceived):
+            self._replies.put(event.msg)
 
     # receiving a file: offer -> data... -> end -------------------------------------
-    def _on_offer(self, offer: FileOffer) -> None:
-        if self._incoming is not None or self._discarding:
-            raise RemoteProtocolError("a second file offer while a transfer is running")
+    def _on_offer(self, offer: FileOffered) -> None:
         try:
             self._incoming = transfer.IncomingFile(self.received_dir, offer.name, offer.size,
                                                    self.max_file_size)
@@ -796,7 +822,6 @@ class Connection:
             self.send(FileReject(r.reason, r.detail))
             return
         self._incoming_started = time.monotonic()
-        self._incoming_bytes = 0
         # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
         # to the front of the announcement line on a terminal
         self.events.file_offered(self, offer.name, offer.size)
@@ -806,17 +831,6 @@ class Connection:
     def _on_data(self, data: memoryview, buf: PlainBuffer) -> None:
         """Hand a verified chunk to the disk thread, which hashes and writes it while
         this thread verifies and decrypts the next record."""
-        if self._discarding or self._incoming is None:
-            data.release()
-            self._free.put(buf)
-            if self._discarding:
-                return  # the receiver already failed; the sender will end the stream
-            raise RemoteProtocolError("file data without an accepted offer")
-        self._incoming_bytes += len(data)
-        if self._incoming_bytes > self._incoming.size:
-            data.release()
-            self._free.put(buf)
-            raise RemoteProtocolError("file data beyond the announced size")
         if self._disk.failure is not None:
             data.release()
             self._free.put(buf)
@@ -830,11 +844,6 @@ class Connection:
         self._bar.update(n)
 
     def _on_end(self, sha256: bytes) -> None:
-        if self._discarding:
-            self._discarding = False
-            return
-        if self._incoming is None:
-            raise RemoteProtocolError("file end without an accepted offer")
         incoming = self._incoming
         try:
             failure = self._disk.settle()
@@ -842,7 +851,7 @@ class Connection:
                 raise failure
             saved, digest = incoming.finish(sha256)
         except transfer.Rejected as r:
-            self._fail_incoming(r, discard=False)
+            self._fail_incoming(r)
             return
         self._close_bar()
         self._incoming = None
@@ -851,10 +860,10 @@ class Connection:
         self.send(FileSaved(digest, saved))
         self.events.file_saved(self, str(incoming.directory / saved), result)
 
-    def _fail_incoming(self, r: transfer.Rejected, *, discard: bool = True) -> None:
+    def _fail_incoming(self, r: transfer.Rejected) -> None:
+        """FileFailed: during the data the core then drains the rest of the stream."""
         name = self._incoming.name
         self._abort_incoming()
-        self._discarding = discard
         self.send(FileFailed(r.reason, r.detail))
         self.events.file_failed(self, name, r.detail)
 
@@ -864,6 +873,13 @@ class Connection:
             self._incoming.abort()
             self._incoming = None
             self._close_bar()
+
+    def _incoming_aborted(self, close: Close) -> None:
+        """The session ends with a file coming in: delete it and say so."""
+        running = self._core.receiving() if self._incoming is not None else None
+        self._abort_incoming()
+        if running is not None:
+            self.events.file_aborted(self, running[0], running[1], close.detail)
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -876,18 +892,22 @@ class Connection:
         """One caller operation at a time.  A peer that breaks the exchange or never
         answers loses the session: any violation closes, as in the reader."""
         with self._op_lock:
-            self._op_active = True
             try:
                 yield
             except RemoteProtocolError as e:
                 self._send_quietly(Error(f"protocol error: {e}"))
-                self.begin_close()
+                self.begin_close(kind=CloseKind.PROTOCOL_ERROR)
                 raise
             except NoAnswer:
-                self.begin_close("no answer")
+                self.begin_close("no answer", kind=CloseKind.TIMEOUT)
                 raise
             finally:
-                self._op_active = False
+                with self._seal_lock:
+                    self._core.operation_over()  # a late reply is the peer's error
+
+    def _check_reply(self, reply, *, msg_id: int | None = None):
+        with self._seal_lock:
+            return self._core.check_reply(reply, msg_id=msg_id)
 
     def _check_interrupted(self) -> None:
         """Act on Ctrl-C/SIGTERM here, between records, never inside one."""
@@ -913,12 +933,9 @@ class Connection:
     def send_text(self, text: str, timeout: float | None = REPLY_TIMEOUT) -> None:
         """Send one text and wait until the peer acknowledges it."""
         with self._operation():
-            self._next_id += 1
-            msg_id = self._next_id
+            msg_id = self._core.text_id()
             self.send(Text(msg_id, text))
-            reply = self._reply(timeout)
-            if not isinstance(reply, Delivered) or reply.msg_id != msg_id:
-                raise RemoteProtocolError(f"expected Delivered({msg_id}), got {reply}")
+            self._check_reply(self._reply(timeout), msg_id=msg_id)
 
     def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
                   strip: bool = False) -> FileResult:
@@ -931,17 +948,13 @@ class Connection:
         with self._operation():
             started = time.monotonic()
             self.send(FileOffer(out.size, out.name))
-            reply = self._reply(REPLY_TIMEOUT)
+            reply = self._check_reply(self._reply(REPLY_TIMEOUT))  # FileAccept or FileReject
             if isinstance(reply, FileReject):
                 raise transfer.Rejected(reply.reason, f"rejected by peer: {reply.detail}")
-            if not isinstance(reply, FileAccept):
-                raise RemoteProtocolError(f"expected FileAccept, got {type(reply).__name__}")
             digest = self._stream(out)
-            reply = self._reply(SAVED_TIMEOUT)
+            reply = self._check_reply(self._reply(SAVED_TIMEOUT))  # FileSaved or FileFailed
             if isinstance(reply, FileFailed):
                 raise transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
-            if not isinstance(reply, FileSaved):
-                raise RemoteProtocolError(f"expected FileSaved, got {type(reply).__name__}")
             if reply.sha256 != digest:
                 raise transfer.Rejected(Reason.HASH_MISMATCH, "peer's SHA-256 differs from ours")
             return FileResult(reply.name, out.size, digest, time.monotonic() - started,
@@ -995,26 +1008,33 @@ class Connection:
             msg = self._replies.get_nowait()
         except queue.Empty:
             return None
-        if isinstance(msg, FileFailed):
-            return msg
         if msg is None:
             self._replies.put(None)
             raise ConnectionLost(self.close_reason or "connection closed")
-        raise RemoteProtocolError(f"unexpected {type(msg).__name__} during a transfer")
+        return self._check_reply(msg)  # only a FileFailed fits here
 
     # closing ---------------------------------------------------------------------------
-    def _end(self, why: str) -> None:
+    def _end(self, close: Close) -> None:
         if self.closed.is_set():
             return
-        self.close_reason = self.close_reason or why
+        self._seen_close = self._seen_close or close
+        self.close_reason = self.close_reason or close.detail
         self.closed.set()
         self._replies.put(None)
         self._out.put(None)
         if not self._closing:
             self.events.closed(self, self.close_reason)
 
-    def begin_close(self, reason: str = "") -> None:
+    @property
+    def close_info(self) -> Close | None:
+        """How the session ended: our own close when we ended it first, else what
+        the reader or writer saw (None while it is open)."""
+        return self._local_close or self._seen_close
+
+    def begin_close(self, reason: str = "", kind: CloseKind = CloseKind.LOCAL_SHUTDOWN) -> None:
         """Say goodbye (if still connected) and stop sending; returns at once."""
+        if self._local_close is None and self._seen_close is None:
+            self._local_close = Close(kind, Side.LOCAL, reason or kind.value)
         self._closing = True
         if not self.closed.is_set():
             self._send_quietly(Bye(reason))
