@@ -24,6 +24,7 @@ from client_data import (
     known_hosts_line,
     normalise_fingerprint,
 )
+from limits import LIMITS
 from protocol import (
     ALERT_MEANING,
     MAX_HANDSHAKE,
@@ -47,8 +48,8 @@ __version__ = "2.0.0"
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_AUTH, EXIT_UNDELIVERED = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
-CONNECT_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = LIMITS.connect_timeout
+HANDSHAKE_TIMEOUT = LIMITS.handshake_timeout
 ALERT_EXIT = {AlertCode.BUSY: EXIT_CONNECT, AlertCode.TIMEOUT: EXIT_CONNECT,
               AlertCode.AUTH_FAILED: EXIT_AUTH, AlertCode.BAD_VERSION: EXIT_CONNECT}
 # one exit code and one message for a version mismatch, whichever side notices it
@@ -338,7 +339,7 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
             return EXIT_OK
         elif choice:
             print(MENU)
-    return EXIT_OK if conn.close_reason.startswith("peer said goodbye") else EXIT_ERROR
+    return EXIT_OK if conn.close_info is not None and conn.close_info.clean else EXIT_ERROR
 
 
 def make_prompt(conn: session.Connection, interrupt: session.Interrupt):

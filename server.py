@@ -17,6 +17,7 @@ import crypt
 import keystore
 import session
 import transfer
+from limits import LIMITS
 from protocol import (
     MAX_HANDSHAKE,
     Alert,
@@ -40,12 +41,12 @@ from server_data import (
 
 __version__ = "2.0.0"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-SHUTDOWN_GRACE = 4.0
+SHUTDOWN_GRACE = LIMITS.shutdown_grace
 # accept() failing (EMFILE, ENFILE, ENOBUFS, ENOMEM...): wait, doubling from the first
 # delay up to the cap, as Go's net/http does, rather than spin on a listener that stays
 # readable while the error lasts
-ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP = 0.005, 1.0
-MAX_KNOWN_CLIENTS = 10_000  # lines in known_clients: strangers cannot grow it without bound
+ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP = LIMITS.accept_backoff_first, LIMITS.accept_backoff_cap
+MAX_KNOWN_CLIENTS = LIMITS.max_known_clients  # strangers cannot grow known_clients unbounded
 
 
 def build_parser() -> session.Parser:
@@ -131,7 +132,7 @@ class Server:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.args.host, self.args.port))
-            sock.listen(128)
+            sock.listen(LIMITS.listen_backlog)
         except (OSError, OverflowError) as e:
             raise keystore.HomeError(f"cannot listen on {self.args.host}:{self.args.port}: "
                                      f"{getattr(e, 'strerror', None) or e}") from e
@@ -354,7 +355,7 @@ class Server:
 def refuse(sock: socket.socket, alert: Alert) -> None:
     """Best-effort plaintext alert, then close; never blocks the caller for long."""
     try:
-        sock.settimeout(1.0)
+        sock.settimeout(LIMITS.refuse_timeout)
         session.send_frame(sock, alert.encode())
         sock.shutdown(socket.SHUT_WR)
     except (OSError, session.ConnectionLost):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import crypt
 import transfer
+from limits import LIMITS
 from protocol import (
     CHUNK_SIZE,
     FRAME_HEADER,
@@ -68,13 +69,14 @@ from session_core import (
 )
 
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
-DATA_IN_FLIGHT = 4  # file records queued for the writer at most
-MAX_BACKLOG = 64  # records waiting for the writer before the peer counts as not reading
-REPLY_TIMEOUT = 30.0  # seconds for Delivered and FileAccept, answered at once by the peer
-SAVED_TIMEOUT = 600.0  # seconds for FileSaved: the receiver flushes the whole file first
-STALL_TIMEOUT = 120.0  # seconds a file stream may make no progress before we give up
-SEND_TIMEOUT = 60.0  # seconds the writer may make no progress before the session ends
-EXIT_TIMEOUT = 5.0  # seconds a connection's threads get to exit once its socket is shut down
+# the session's limits, named here for the code below (all of them are in limits.py)
+DATA_IN_FLIGHT = LIMITS.data_in_flight
+MAX_BACKLOG = LIMITS.max_backlog
+REPLY_TIMEOUT = LIMITS.reply_timeout
+SAVED_TIMEOUT = LIMITS.saved_timeout
+STALL_TIMEOUT = LIMITS.stall_timeout
+SEND_TIMEOUT = LIMITS.send_timeout
+EXIT_TIMEOUT = LIMITS.exit_timeout
 
 
 class ConnectionLost(Exception):
@@ -590,7 +592,7 @@ def stripped_outgoing(out: transfer.Outgoing) -> transfer.Outgoing:
 
 
 # --- Ctrl-C and SIGTERM ------------------------------------------------------------------
-POLL = 0.1  # seconds between checks for an interrupt while an operation waits
+POLL = LIMITS.poll  # seconds between checks for an interrupt while an operation waits
 
 
 class Interrupt:
@@ -1059,7 +1061,7 @@ class Connection:
             _join(thread, exit_by)
         self.sock.close()
 
-    def close(self, reason: str = "", timeout: float = 3.0) -> None:
+    def close(self, reason: str = "", timeout: float = LIMITS.close_timeout) -> None:
         self.begin_close(reason)
         self.finish_close(time.monotonic() + timeout)
 
