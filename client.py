@@ -36,13 +36,11 @@ from protocol import (
     PeerAlert,
     ProtocolError,
     Reason,
-    Refused,
     RemoteProtocolError,
     VersionMismatch,
-    Welcome,
-    decode_message,
     neutralise,
 )
+from session_core import SessionCore, WasRefused
 
 __version__ = "2.0.0"
 
@@ -123,7 +121,8 @@ def connect(args) -> socket.socket:
 
 
 def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
-    """Run the handshake; returns (ClientHandshake, records).  Fatal on any failure."""
+    """Run the handshake; returns (ClientHandshake, the session's SessionCore, welcomed).
+    Fatal on any failure."""
     hs = ClientHandshake(identity, kem)
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
@@ -136,8 +135,8 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
             raise
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT  # a person may have been asked
         session.send_frame(sock, hs.create_client_auth())
-        records = hs.records()
-        welcome = first_record(records[1], session.read_frame(sock, deadline))
+        core = SessionCore(hs.records(), client=True)
+        welcome = first_record(core, session.read_frame(sock, deadline))
         sock.settimeout(None)
     except PeerAlert as e:
         code = ALERT_EXIT.get(e.alert.code, EXIT_ERROR)
@@ -157,11 +156,11 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
         raise Fatal(EXIT_AUTH, f"handshake failed: {e}") from e
     except session.ConnectionLost as e:
         raise Fatal(EXIT_CONNECT, f"handshake with {args.host}:{args.port} failed: {e}") from e
-    if isinstance(welcome, Refused):
+    if isinstance(welcome, WasRefused):
         code = EXIT_CONNECT if welcome.reason == Reason.BUSY else EXIT_AUTH
         raise Fatal(code, f"server refused this client: {neutralise(welcome.detail)}")
     session.write_keylog(hs.random, hs.keys)
-    return hs, records
+    return hs, core
 
 
 CHANGED_WARNING = """\
@@ -179,14 +178,15 @@ If you are sure the change is legitimate, remove line {line} of {path}
 and connect again to pin the new identity."""
 
 
-def first_record(receiver, body: bytes):
-    """Welcome or Refused, sealed; or the server's plaintext Alert when it rejected
-    our ClientAuth.  A genuine record always verifies, so trying the record first
-    and the alert second is unambiguous.  Anything else (a record that does not open
-    and is no Alert, another message type, a malformed Welcome or Refused) is one
+def first_record(core: SessionCore, body: bytes):
+    """The core's Welcomed or WasRefused for the sealed first record (Welcome or
+    Refused); or the server's plaintext Alert when it rejected our ClientAuth.  A
+    genuine record always verifies, so trying the record first and the alert second
+    is unambiguous.  Anything else (a record that does not open and is no Alert,
+    another message type, a malformed Welcome or Refused) is one
     case: the client closes without sending anything and exits 4."""
     try:
-        msg = decode_message(*receiver.open(body))
+        msg = core.open_record(body)
     except AuthError:
         try:
             alert = Alert.decode(bytes(body))
@@ -195,9 +195,11 @@ def first_record(receiver, body: bytes):
         raise PeerAlert(alert) from None
     except RemoteProtocolError as e:
         raise bad_first_record(str(e)) from None
-    if not isinstance(msg, Welcome | Refused):
-        raise bad_first_record(f"{type(msg).__name__} instead of Welcome or Refused")
-    return msg
+    try:
+        [event] = core.receive(msg)  # the core: Welcome or Refused, nothing else
+    except RemoteProtocolError as e:
+        raise bad_first_record(str(e)) from None
+    return event
 
 
 def bad_first_record(why: str) -> Fatal:
@@ -275,9 +277,9 @@ def connect_and_handshake(args, identity, kem, home: Path, ask):
     for attempt in (1, 2):
         sock = connect(args)
         try:
-            hs, records = handshake(args, sock, identity, kem, home,
-                                    ask_once if ask else None)
-            return hs, sock, records
+            hs, core = handshake(args, sock, identity, kem, home,
+                                 ask_once if ask else None)
+            return hs, sock, core
         except Fatal as e:
             sock.close()
             if not (attempt == 1 and asked and e.code == EXIT_CONNECT):
@@ -429,7 +431,7 @@ def run(args) -> int:
         print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
               file=sys.stderr)
 
-    hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
+    hs, sock, core = connect_and_handshake(args, identity, kem, home, ask)
     if args.verbose or interactive:
         print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
         print(f"verification code: {hs.code}  (compare with the "
@@ -438,7 +440,7 @@ def run(args) -> int:
     # from here on SIGINT and SIGTERM only set a flag that the session acts on
     # between records (see session.Interrupt): goodbye to the server, exit 130
     interrupt = session.Interrupt()
-    conn = session.Connection(sock, records, label="server", events=events,
+    conn = session.Connection(sock, core, label="server", events=events,
                               received_dir=str(args.received_dir),
                               max_file_size=args.max_file_size,
                               interrupted=interrupt.event)

@@ -38,6 +38,7 @@ from server_data import (
     parse_authorized_clients,
     parse_known_clients,
 )
+from session_core import CloseKind, SessionCore
 
 __version__ = "2.0.0"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -87,7 +88,8 @@ class ServerEvents(session.Events):
                  f"saved at {neutralise(path)}")
 
     def closed(self, conn, why):
-        self.out(f"[{conn.label}] {'disconnected' if why == 'peer disconnected' else why}")
+        vanished = conn.close_info is not None and conn.close_info.kind is CloseKind.PEER_VANISHED
+        self.out(f"[{conn.label}] {'disconnected' if vanished else why}")
 
 
 class Client:
@@ -236,23 +238,22 @@ class Server:
     def _serve(self, sock: socket.socket, peer: str, hs: ServerHandshake, fp: str) -> None:
         name = (self.authorized or {}).get(fp, "")
         label = f"{name} {fp}" if name else fp
-        records = hs.records()
-        sender = records[0]
+        core = SessionCore(hs.records(), client=False)  # its first record: Welcome or Refused
 
         # admission: authorised list, then welcome
         if self.authorized is not None and fp not in self.authorized:
             # logged, not recorded: strangers must not grow a file on our disk
             self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
-            session.send_pieces(sock, sender.seal(Refused.TYPE, Refused(
+            session.send_records(sock, core.seal(Refused(
                 Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
-            ).encode()))
+            ), time.monotonic()))
             sock.shutdown(socket.SHUT_WR)
             return
         self.record_client(fp, peer)
-        session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
+        session.send_records(sock, core.seal(Welcome(), time.monotonic()))
         sock.settimeout(None)
         session.write_keylog(hs.client_random, hs.keys)
-        conn = session.Connection(sock, records, label=label, events=self.events,
+        conn = session.Connection(sock, core, label=label, events=self.events,
                                   received_dir=str(self.args.received_dir),
                                   max_file_size=self.args.max_file_size,
                                   interrupted=self.interrupt.event)

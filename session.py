@@ -279,6 +279,12 @@ def send_pieces(sock: socket.socket, pieces: list) -> None:
             views[0] = views[0][sent:]
 
 
+def send_records(sock: socket.socket, records: list) -> None:
+    """Send each sealed record of a list (as SessionCore.seal returns them)."""
+    for pieces in records:
+        send_pieces(sock, pieces)
+
+
 def set_send_deadline(sock: socket.socket, seconds: float) -> None:
     """A blocking send that makes no progress for `seconds` fails (SO_SNDTIMEO), and
     so does a TCP connection whose sent data stays unacknowledged that long
