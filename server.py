@@ -34,9 +34,7 @@ from protocol import (
 )
 from server_data import (
     ServerHandshake,
-    known_clients_line,
     parse_authorized_clients,
-    parse_known_clients,
 )
 from session_core import CloseKind, SessionCore
 
@@ -48,6 +46,11 @@ SHUTDOWN_GRACE = LIMITS.shutdown_grace
 # readable while the error lasts
 ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP = LIMITS.accept_backoff_first, LIMITS.accept_backoff_cap
 MAX_KNOWN_CLIENTS = LIMITS.max_known_clients  # strangers cannot grow known_clients unbounded
+
+
+class StartupError(Exception):
+    """The server cannot start: it cannot listen, or cannot use its received dir or
+    its --authorized-clients file (exit 1, like a bad home)."""
 
 
 def build_parser() -> session.Parser:
@@ -119,9 +122,7 @@ class Server:
         self.slots = threading.BoundedSemaphore(args.max_clients)
         self.startups: dict[str, int] = {}  # source address: connections in the handshake
         self.listener: socket.socket | None = None
-        # read once: re-reading a growing file on every connection costs each handshake
-        self.known_clients = parse_known_clients(keystore.read_text(home / keystore.KNOWN_CLIENTS))
-        self.known_clients_full = False
+        self.known_clients = keystore.KnownClients(home, MAX_KNOWN_CLIENTS)
         self._next = 0
 
     def log(self, line: str) -> None:
@@ -136,8 +137,8 @@ class Server:
             sock.bind((self.args.host, self.args.port))
             sock.listen(LIMITS.listen_backlog)
         except (OSError, OverflowError) as e:
-            raise keystore.HomeError(f"cannot listen on {self.args.host}:{self.args.port}: "
-                                     f"{getattr(e, 'strerror', None) or e}") from e
+            raise StartupError(f"cannot listen on {self.args.host}:{self.args.port}: "
+                               f"{getattr(e, 'strerror', None) or e}") from e
         self.listener = sock
         return sock.getsockname()[:2]
 
@@ -306,26 +307,11 @@ class Server:
         return None
 
     def record_client(self, fp: str, peer: str) -> None:
-        path = self.home / keystore.KNOWN_CLIENTS
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         with self.lock:
-            if fp in self.known_clients or self.known_clients_full:
-                return
-            if len(self.known_clients) >= MAX_KNOWN_CLIENTS:
-                self.known_clients_full = True
-                self.log(f"warning: {path} holds {MAX_KNOWN_CLIENTS} clients; new clients are "
-                         f"admitted but no longer recorded (use --authorized-clients to "
-                         f"admit only known ones)")
-                return
-            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            try:
-                keystore.append_line(path, known_clients_line(fp, peer, when))
-            except keystore.HomeError as e:
-                # a record, not an access list: a full disk or no free fd must not
-                # turn clients away; the next session of this client tries again
-                self.log(f"warning: client {fp} not recorded: {e}")
-                return
-            self.known_clients.add(fp)
-        self.log(f"new client {fp} recorded in {path}")
+            line = self.known_clients.record(fp, peer, when)
+        if line:
+            self.log(line)
 
     # shutting down ---------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -449,7 +435,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except keystore.HomeError as e:
+    except (keystore.HomeError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except ProtocolError as e:
@@ -466,12 +452,12 @@ def load_authorized(path: Path | None) -> dict[str, str] | None:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise keystore.HomeError(f"cannot read authorized clients file {path}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from e
+        raise StartupError(f"cannot read authorized clients file {path}: "
+                           f"{getattr(e, 'strerror', None) or e}") from e
     try:
         return parse_authorized_clients(text)
     except ValueError as e:
-        raise keystore.HomeError(f"{path}: {e}") from e
+        raise StartupError(f"{path}: {e}") from e
 
 
 def run(args) -> int:
@@ -485,7 +471,7 @@ def run(args) -> int:
     try:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise keystore.HomeError(f"cannot create {args.received_dir}: {e.strerror}") from e
+        raise StartupError(f"cannot create {args.received_dir}: {e.strerror}") from e
     for name in transfer.remove_stale_temps(args.received_dir):
         print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
               flush=True)
