@@ -40,7 +40,7 @@ from protocol import (
     VersionMismatch,
     neutralise,
 )
-from session_core import SessionCore, WasRefused
+from session_core import CloseKind, SessionCore, WasRefused
 
 __version__ = "2.0.0"
 
@@ -106,7 +106,8 @@ class ClientEvents(session.Events):
         self.out(f"[server] {neutralise(text)}")
 
     def closed(self, conn, why):
-        self.out(f"server: {why}" if why != "peer disconnected" else "server disconnected")
+        vanished = conn.close_info is not None and conn.close_info.kind is CloseKind.PEER_VANISHED
+        self.out("server disconnected" if vanished else f"server: {why}")
 
 
 # --- connecting and the handshake ---------------------------------------------------------
@@ -399,13 +400,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    home = keystore.open_home(args.home or keystore.default_home())
-    identity, created = keystore.load_identity(home)
+    """The client from start to end, one named step after the other."""
+    home, identity = open_identity(args)
     if args.show_identity:
         print(identity.fingerprint())
         return EXIT_OK
-    if created:
-        print(f"created identity {identity.fingerprint()} in {home}", file=sys.stderr)
     try:
         kem = crypt.kem_provider(args.kem_provider)
     except ProtocolError as e:
@@ -413,7 +412,34 @@ def run(args) -> int:
     batch = getattr(args, "batch", None) or []
     interactive = not batch
     ask = ask_user if interactive and sys.stdin.isatty() else None
-    for kind, value in batch:  # refuse locally before connecting
+    refuse_batch_locally(batch, args)
+    prepare_received_dir(args.received_dir)
+    hs, sock, core = connect_and_handshake(args, identity, kem, home, ask)
+    if args.verbose or interactive:
+        announce(args, hs)
+    # from here on SIGINT and SIGTERM only set a flag that the session acts on
+    # between records (see session.Interrupt): goodbye to the server, exit 130
+    interrupt = session.Interrupt()
+    conn = session.Connection(sock, core, label="server", events=ClientEvents(),
+                              received_dir=str(args.received_dir),
+                              max_file_size=args.max_file_size,
+                              interrupted=interrupt.event)
+    interrupt.install()
+    conn.start()
+    return run_session(conn, args, batch, interrupt)
+
+
+def open_identity(args) -> tuple[Path, crypt.Identity]:
+    home = keystore.open_home(args.home or keystore.default_home())
+    identity, created = keystore.load_identity(home)
+    if created and not args.show_identity:
+        print(f"created identity {identity.fingerprint()} in {home}", file=sys.stderr)
+    return home, identity
+
+
+def refuse_batch_locally(batch: list, args) -> None:
+    """What --send-text/--send-file could never deliver fails before connecting."""
+    for kind, value in batch:
         if kind == "text" and len(value.encode("utf-8")) > MAX_TEXT:
             raise Fatal(EXIT_UNDELIVERED, f"text not sent: longer than {MAX_TEXT} bytes")
         if kind == "file":
@@ -423,29 +449,27 @@ def run(args) -> int:
                     session.stripped_outgoing(out)
             except transfer.Rejected as e:
                 raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
+
+
+def prepare_received_dir(received_dir) -> None:
     try:
-        Path(args.received_dir).mkdir(parents=True, exist_ok=True)
+        Path(received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise Fatal(EXIT_ERROR, f"cannot create {args.received_dir}: {e.strerror}") from e
-    for name in transfer.remove_stale_temps(args.received_dir):
-        print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
+        raise Fatal(EXIT_ERROR, f"cannot create {received_dir}: {e.strerror}") from e
+    for name in transfer.remove_stale_temps(received_dir):
+        print(f"removed a partial file left by a crash: {Path(received_dir) / name}",
               file=sys.stderr)
 
-    hs, sock, core = connect_and_handshake(args, identity, kem, home, ask)
-    if args.verbose or interactive:
-        print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
-        print(f"verification code: {hs.code}  (compare with the "
-              f"server's to rule out a man in the middle)")
-    events = ClientEvents()
-    # from here on SIGINT and SIGTERM only set a flag that the session acts on
-    # between records (see session.Interrupt): goodbye to the server, exit 130
-    interrupt = session.Interrupt()
-    conn = session.Connection(sock, core, label="server", events=events,
-                              received_dir=str(args.received_dir),
-                              max_file_size=args.max_file_size,
-                              interrupted=interrupt.event)
-    interrupt.install()
-    conn.start()
+
+def announce(args, hs) -> None:
+    print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
+    print(f"verification code: {hs.code}  (compare with the "
+          f"server's to rule out a man in the middle)")
+
+
+def run_session(conn: session.Connection, args, batch: list, interrupt: session.Interrupt
+                ) -> int:
+    """The batch or the menu; then goodbye in every case.  The exit code."""
     code = EXIT_INTERRUPTED
     try:
         if batch:
@@ -459,9 +483,13 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_ERROR
     finally:
-        conn.close({EXIT_OK: "client done", EXIT_INTERRUPTED: "client interrupted"}
-                   .get(code, "client gave up"))
+        reason, kind = GOODBYE.get(code, ("client gave up", CloseKind.LOCAL_SHUTDOWN))
+        conn.close(reason, kind=kind)
     return code
+
+
+GOODBYE = {EXIT_OK: ("client done", CloseKind.LOCAL_SHUTDOWN),
+           EXIT_INTERRUPTED: ("client interrupted", CloseKind.INTERRUPTED)}
 
 
 if __name__ == "__main__":
