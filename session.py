@@ -419,10 +419,9 @@ class Events:
         self.out(f"[{conn.label}] {why}")
 
     def file_aborted(self, conn: Connection, name: str, received: int, why: str) -> None:
-        """The session ended while a file was coming in: nothing of it was kept.  This
-        is then the session's closing report (it carries the why): closed() is not
-        called as well."""
-        self.out(f"[{conn.label}] receiving '{neutralise(name)}' aborted after "
+        """The session ended while a file was coming in: nothing of it was kept.
+        Reported just before closed() (which the consoles render as they like)."""
+        self.out(f"receiving '{neutralise(name)}' aborted after "
                  f"{human_size(received)}: {neutralise(why)}; nothing saved")
 
     def progress(self, total: int, desc: str):
@@ -770,9 +769,9 @@ class Connection:
                           f"connection closed: internal error: {e!r}")
             self._send_quietly(Error("internal error"))
         finally:
-            aborted = self._incoming_aborted(self.close_info or close)
+            self._incoming_aborted(self.close_info or close)
             self._disk.stop()
-            self._end(close, report=not aborted)  # the aborted line already says why
+            self._end(close)
 
     def _read_one(self, frame: memoryview) -> Close | None:
         """Receive one record and act on it; the Close when the peer ended the session."""
@@ -884,14 +883,12 @@ class Connection:
             self._incoming = None
             self._close_bar()
 
-    def _incoming_aborted(self, close: Close) -> bool:
-        """The session ends with a file coming in: delete it and say so (True)."""
+    def _incoming_aborted(self, close: Close) -> None:
+        """The session ends with a file coming in: delete it and say so."""
         running = self._core.receiving() if self._incoming is not None else None
         self._abort_incoming()
-        if running is None:
-            return False
-        self.events.file_aborted(self, running[0], running[1], close.detail)
-        return True
+        if running is not None:
+            self.events.file_aborted(self, running[0], running[1], close.detail)
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -1026,7 +1023,7 @@ class Connection:
         return self._check_reply(msg)  # only a FileFailed fits here
 
     # closing ---------------------------------------------------------------------------
-    def _end(self, close: Close, *, report: bool = True) -> None:
+    def _end(self, close: Close) -> None:
         if self.closed.is_set():
             return
         self._seen_close = self._seen_close or close
@@ -1034,7 +1031,7 @@ class Connection:
         self.closed.set()
         self._replies.put(None)
         self._out.put(None)
-        if not self._closing and report:
+        if not self._closing:
             self.events.closed(self, self.close_reason)
 
     @property
