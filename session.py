@@ -639,6 +639,169 @@ class Interrupt:
             self._at_prompt = False
 
 
+# --- the file coming in, the file going out -------------------------------------------------
+class IncomingFile:
+    """The file coming in, as one piece on the reader thread: the answer to the offer,
+    each verified chunk to the disk thread, the answer to the end, a cancel, and the
+    abort when the session ends.  The ordering rules were checked by the core."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        # plaintext buffers for received records: one being filled by the reader,
+        # the others queued for the disk thread (page-aligned payloads)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(DATA_IN_FLIGHT + 1):
+            self.free.put(PlainBuffer())
+        self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
+        self._file: transfer.IncomingFile | None = None
+        self._started = 0.0
+        self._bar = None
+
+    def offered(self, offer: FileOffered) -> None:
+        conn = self._conn
+        try:
+            self._file = transfer.IncomingFile(conn.received_dir, offer.name, offer.size,
+                                               conn.max_file_size)
+        except transfer.Rejected as r:
+            conn.events.file_failed(conn, offer.name, f"rejected: {r.detail}")
+            conn.send(FileReject(r.reason, r.detail))
+            return
+        self._started = time.monotonic()
+        # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
+        # to the front of the announcement line on a terminal
+        conn.events.file_offered(conn, offer.name, offer.size)
+        self._bar = conn.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
+        conn.send(FileAccept())
+
+    def chunk(self, data: memoryview, buf: PlainBuffer) -> None:
+        """Hand a verified chunk to the disk thread, which hashes and writes it while
+        the reader verifies and decrypts the next record."""
+        if self._disk.failure is not None:
+            data.release()
+            self.free.put(buf)
+            failure = self._disk.settle()
+            if not isinstance(failure, transfer.Rejected):
+                raise failure
+            self._fail(failure)
+            return
+        n = len(data)  # the disk thread releases `data` once written
+        self._disk.write(self._file, data, buf)
+        self._bar.update(n)
+
+    def ended(self, sha256: bytes) -> None:
+        incoming, conn = self._file, self._conn
+        try:
+            failure = self._disk.settle()
+            if failure is not None:
+                raise failure
+            saved, digest = incoming.finish(sha256)
+        except transfer.Rejected as r:
+            self._fail(r)
+            return
+        self._close_bar()
+        self._file = None
+        result = FileResult(saved, incoming.size, digest, time.monotonic() - self._started)
+        conn.send(FileSaved(digest, saved))
+        conn.events.file_saved(conn, str(incoming.directory / saved), result)
+
+    def cancelled(self, event: FileCancelled) -> None:
+        self._abort()
+        if event.name:
+            self._conn.events.file_failed(self._conn, event.name,
+                                          f"sender cancelled: {event.detail}")
+
+    def _fail(self, r: transfer.Rejected) -> None:
+        """FileFailed: during the data the core then drains the rest of the stream."""
+        name = self._file.name
+        self._abort()
+        self._conn.send(FileFailed(r.reason, r.detail))
+        self._conn.events.file_failed(self._conn, name, r.detail)
+
+    def _abort(self) -> None:
+        if self._file is not None:
+            self._disk.settle()  # no write may race the temp file's removal
+            self._file.abort()
+            self._file = None
+            self._close_bar()
+
+    def aborted(self, close: Close) -> None:
+        """The session ended: delete a file still coming in, say so, stop the disk thread."""
+        running = self._conn._core.receiving() if self._file is not None else None
+        self._abort()
+        self._disk.stop()
+        if running is not None:
+            self._conn.events.file_aborted(self._conn, running[0], running[1], close.detail)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class OutgoingFile:
+    """The file going out, as one piece on the caller's thread: read, hash and seal
+    chunk after chunk into a small pool of reused cipher buffers, which the writer
+    thread sends while the next chunk is prepared (memory stays flat)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._plain = memoryview(bytearray(CHUNK_SIZE))
+        self._pool: queue.Queue = queue.Queue()
+        for _ in range(DATA_IN_FLIGHT):
+            self._pool.put(memoryview(bytearray(CHUNK_SIZE + 16)))
+
+    def stream(self, out: transfer.Outgoing) -> bytes:
+        """Every FileData and the FileEnd; the file's SHA-256."""
+        conn, plain, pool = self._conn, self._plain, self._pool
+        h = hashlib.sha256()
+        sent = 0
+        with transfer.open_outgoing(out) as f, \
+                conn.events.progress(out.size, f"sending {out.name[:30]}") as bar:
+            while sent < out.size:
+                conn._check_interrupted()
+                failure = self._early_failure()
+                if failure is not None:
+                    conn.send(FileCancel(Reason.CANCELLED, "receiver failed"))
+                    raise transfer.Rejected(failure.reason,
+                                            f"peer could not save it: {failure.detail}")
+                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                if not n:
+                    conn.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
+                    raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
+                h.update(plain[:n])
+                buf = self._free_cipher_buffer()
+                conn.send(FileData(plain[:n]), out=buf, on_sent=lambda b=buf: pool.put(b))
+                sent += n
+                bar.update(n)
+        conn.send(FileEnd(h.digest()))
+        return h.digest()
+
+    def _free_cipher_buffer(self) -> memoryview:
+        # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
+        conn = self._conn
+        stalled_since = time.monotonic()
+        while True:
+            conn._check_interrupted()
+            try:
+                return self._pool.get(timeout=POLL)
+            except queue.Empty:
+                if conn.closed.is_set() or conn._closing:
+                    raise ConnectionLost(conn.close_reason or "connection closed") from None
+                if time.monotonic() - stalled_since > STALL_TIMEOUT:
+                    raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
+
+    def _early_failure(self) -> FileFailed | None:
+        conn = self._conn
+        try:
+            msg = conn._replies.get_nowait()
+        except queue.Empty:
+            return None
+        if msg is None:
+            conn._replies.put(None)
+            raise ConnectionLost(conn.close_reason or "connection closed")
+        return conn._check_reply(msg)  # only a FileFailed fits here
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
     """One authenticated session: a reader thread that handles what the peer sends,
@@ -663,15 +826,9 @@ class Connection:
         self._out: queue.Queue = queue.Queue()
         # plaintext buffers for received records: one being filled by the reader,
         # the others queued for the disk thread (page-aligned payloads)
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(DATA_IN_FLIGHT + 1):
-            self._free.put(PlainBuffer())
-        self._disk = DiskWriter(self._free, name=f"disk {label}")
+        self._in = IncomingFile(self)
         self._replies: queue.Queue = queue.Queue()
         self._op_lock = threading.Lock()
-        self._incoming: transfer.IncomingFile | None = None
-        self._incoming_started = 0.0
-        self._bar = None
         self.closed = threading.Event()
         self.close_reason = ""  # for people; logic looks at close_info
         self._seen_close: Close | None = None  # what ended the reader or the writer
@@ -769,14 +926,13 @@ class Connection:
                           f"connection closed: internal error: {e!r}")
             self._send_quietly(Error("internal error"))
         finally:
-            self._incoming_aborted(self.close_info or close)
-            self._disk.stop()
+            self._in.aborted(self.close_info or close)
             self._end(close)
 
     def _read_one(self, frame: memoryview) -> Close | None:
         """Receive one record and act on it; the Close when the peer ended the session."""
         body = read_frame_into(self.sock, frame)
-        buf = self._free.get()
+        buf = self._in.free.get()
         msg = None
         try:
             msg = self._core.open_record(body, buf.plain)
@@ -785,10 +941,10 @@ class Connection:
         except BaseException:
             if isinstance(msg, FileData):
                 msg.data.release()
-            self._free.put(buf)
+            self._in.free.put(buf)
             raise
         if not isinstance(msg, FileData):
-            self._free.put(buf)  # decode_message copied everything else
+            self._in.free.put(buf)  # decode_message copied everything else
         for event in events:
             if isinstance(event, SessionEnded):
                 return event.close
@@ -807,93 +963,17 @@ class Connection:
             self.events.text(self, event.text)
             self.send(Delivered(event.msg_id))
         elif isinstance(event, FileChunk):
-            self._on_data(event.data, buf)  # the disk thread gives buf back
+            self._in.chunk(event.data, buf)  # the disk thread gives buf back
         elif isinstance(event, FileDiscarded):
-            self._free.put(buf)  # the receiver already failed; the sender ends the stream
+            self._in.free.put(buf)  # the receiver already failed; the sender ends the stream
         elif isinstance(event, FileOffered):
-            self._on_offer(event)
+            self._in.offered(event)
         elif isinstance(event, FileEnded):
-            self._on_end(event.sha256)
+            self._in.ended(event.sha256)
         elif isinstance(event, FileCancelled):
-            self._abort_incoming()
-            if event.name:
-                self.events.file_failed(self, event.name, f"sender cancelled: {event.detail}")
+            self._in.cancelled(event)
         elif isinstance(event, ReplyReceived):
             self._replies.put(event.msg)
-
-    # receiving a file: offer -> data... -> end -------------------------------------
-    def _on_offer(self, offer: FileOffered) -> None:
-        try:
-            self._incoming = transfer.IncomingFile(self.received_dir, offer.name, offer.size,
-                                                   self.max_file_size)
-        except transfer.Rejected as r:
-            self.events.file_failed(self, offer.name, f"rejected: {r.detail}")
-            self.send(FileReject(r.reason, r.detail))
-            return
-        self._incoming_started = time.monotonic()
-        # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
-        # to the front of the announcement line on a terminal
-        self.events.file_offered(self, offer.name, offer.size)
-        self._bar = self.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
-        self.send(FileAccept())
-
-    def _on_data(self, data: memoryview, buf: PlainBuffer) -> None:
-        """Hand a verified chunk to the disk thread, which hashes and writes it while
-        this thread verifies and decrypts the next record."""
-        if self._disk.failure is not None:
-            data.release()
-            self._free.put(buf)
-            failure = self._disk.settle()
-            if not isinstance(failure, transfer.Rejected):
-                raise failure
-            self._fail_incoming(failure)
-            return
-        n = len(data)  # the disk thread releases `data` once written
-        self._disk.write(self._incoming, data, buf)
-        self._bar.update(n)
-
-    def _on_end(self, sha256: bytes) -> None:
-        incoming = self._incoming
-        try:
-            failure = self._disk.settle()
-            if failure is not None:
-                raise failure
-            saved, digest = incoming.finish(sha256)
-        except transfer.Rejected as r:
-            self._fail_incoming(r)
-            return
-        self._close_bar()
-        self._incoming = None
-        result = FileResult(saved, incoming.size, digest,
-                            time.monotonic() - self._incoming_started)
-        self.send(FileSaved(digest, saved))
-        self.events.file_saved(self, str(incoming.directory / saved), result)
-
-    def _fail_incoming(self, r: transfer.Rejected) -> None:
-        """FileFailed: during the data the core then drains the rest of the stream."""
-        name = self._incoming.name
-        self._abort_incoming()
-        self.send(FileFailed(r.reason, r.detail))
-        self.events.file_failed(self, name, r.detail)
-
-    def _abort_incoming(self) -> None:
-        if self._incoming is not None:
-            self._disk.settle()  # no write may race the temp file's removal
-            self._incoming.abort()
-            self._incoming = None
-            self._close_bar()
-
-    def _incoming_aborted(self, close: Close) -> None:
-        """The session ends with a file coming in: delete it and say so."""
-        running = self._core.receiving() if self._incoming is not None else None
-        self._abort_incoming()
-        if running is not None:
-            self.events.file_aborted(self, running[0], running[1], close.detail)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
     # operations for the caller -------------------------------------------------------
     @contextlib.contextmanager
@@ -960,7 +1040,7 @@ class Connection:
             reply = self._check_reply(self._reply(REPLY_TIMEOUT))  # FileAccept or FileReject
             if isinstance(reply, FileReject):
                 raise transfer.Rejected(reply.reason, f"rejected by peer: {reply.detail}")
-            digest = self._stream(out)
+            digest = OutgoingFile(self).stream(out)
             reply = self._check_reply(self._reply(SAVED_TIMEOUT))  # FileSaved or FileFailed
             if isinstance(reply, FileFailed):
                 raise transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
@@ -968,59 +1048,6 @@ class Connection:
                 raise transfer.Rejected(Reason.HASH_MISMATCH, "peer's SHA-256 differs from ours")
             return FileResult(reply.name, out.size, digest, time.monotonic() - started,
                               "without metadata" if strip else "")
-
-    def _stream(self, out: transfer.Outgoing) -> bytes:
-        """Read, hash and seal chunk after chunk into reused buffers; the writer
-        thread sends each while the next is prepared."""
-        h = hashlib.sha256()
-        sent = 0
-        plain = memoryview(bytearray(CHUNK_SIZE))
-        cipher: queue.Queue = queue.Queue()
-        for _ in range(DATA_IN_FLIGHT):
-            cipher.put(memoryview(bytearray(CHUNK_SIZE + 16)))
-        with transfer.open_outgoing(out) as f, \
-                self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
-            while sent < out.size:
-                self._check_interrupted()
-                failure = self._early_failure()
-                if failure is not None:
-                    self.send(FileCancel(Reason.CANCELLED, "receiver failed"))
-                    raise transfer.Rejected(failure.reason,
-                                            f"peer could not save it: {failure.detail}")
-                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
-                if not n:
-                    self.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
-                    raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
-                h.update(plain[:n])
-                buf = self._free_cipher_buffer(cipher)
-                self.send(FileData(plain[:n]), out=buf, on_sent=lambda b=buf: cipher.put(b))
-                sent += n
-                bar.update(n)
-        self.send(FileEnd(h.digest()))
-        return h.digest()
-
-    def _free_cipher_buffer(self, pool: queue.Queue) -> memoryview:
-        # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
-        stalled_since = time.monotonic()
-        while True:
-            self._check_interrupted()
-            try:
-                return pool.get(timeout=POLL)
-            except queue.Empty:
-                if self.closed.is_set() or self._closing:
-                    raise ConnectionLost(self.close_reason or "connection closed") from None
-                if time.monotonic() - stalled_since > STALL_TIMEOUT:
-                    raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
-
-    def _early_failure(self) -> FileFailed | None:
-        try:
-            msg = self._replies.get_nowait()
-        except queue.Empty:
-            return None
-        if msg is None:
-            self._replies.put(None)
-            raise ConnectionLost(self.close_reason or "connection closed")
-        return self._check_reply(msg)  # only a FileFailed fits here
 
     # closing ---------------------------------------------------------------------------
     def _end(self, close: Close) -> None:
