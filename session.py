@@ -802,6 +802,63 @@ class OutgoingFile:
         return conn._check_reply(msg)  # only a FileFailed fits here
 
 
+# --- the socket's two directions --------------------------------------------------------------
+class SocketWriter:
+    """The writer thread: it owns the socket's send side and sends each queued record
+    whole (gathered, never joined).  After a failure the rest is dropped, never
+    retried, and `on_failure` gets the Close; at the end the send side is shut down."""
+
+    def __init__(self, sock: socket.socket, name: str, send_timeout: float, on_failure) -> None:
+        self.sock = sock
+        self.send_timeout = send_timeout
+        self.queue: queue.Queue = queue.Queue()
+        self._on_failure = on_failure
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def _run(self) -> None:
+        failed = False
+        while (item := self.queue.get()) is not None:
+            pieces, on_sent = item
+            try:
+                if not failed:
+                    send_pieces(self.sock, pieces)
+            except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
+                failed = True
+                self._on_failure(Close(CloseKind.TIMEOUT, Side.PEER,
+                                       f"connection closed: the peer stopped reading for "
+                                       f"{self.send_timeout:g} s"))
+                shut_down(self.sock)  # wakes the reader: the session is over
+            except OSError as e:
+                failed = True
+                self._on_failure(Close(CloseKind.CONNECTION_LOST, Side.PEER,
+                                       f"connection lost: {e.strerror or e}"))
+                shut_down(self.sock)
+            finally:
+                if on_sent is not None:
+                    on_sent()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def reader_close(e: Exception) -> tuple[Close, Error | None]:
+    """How the reader's exception ends the session, and the Error that tells the peer
+    (None when it is gone anyway)."""
+    if isinstance(e, AuthError):
+        return Close(CloseKind.AUTH_FAILED, Side.PEER, f"connection closed: {e}"), Error(str(e))
+    if isinstance(e, ProtocolError):
+        by = Side.PEER if isinstance(e, RemoteProtocolError) else Side.LOCAL
+        return (Close(CloseKind.PROTOCOL_ERROR, by, f"connection closed: protocol error: {e}"),
+                Error(f"protocol error: {e}"))
+    if isinstance(e, PeerClosed):
+        return Close(CloseKind.PEER_VANISHED, Side.PEER, "peer disconnected"), None
+    if isinstance(e, ConnectionLost):
+        return Close(CloseKind.CONNECTION_LOST, Side.PEER, str(e)), None
+    return (Close(CloseKind.INTERNAL_ERROR, Side.LOCAL,
+                  f"connection closed: internal error: {e!r}"), Error("internal error"))
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
     """One authenticated session: a reader thread that handles what the peer sends,
@@ -823,9 +880,8 @@ class Connection:
         self._core = records if isinstance(records, SessionCore) else \
             SessionCore(records, client=False, opened=True)
         self._seal_lock = threading.Lock()  # around every step of the core
-        self._out: queue.Queue = queue.Queue()
-        # plaintext buffers for received records: one being filled by the reader,
-        # the others queued for the disk thread (page-aligned payloads)
+        self._sending = SocketWriter(sock, f"writer {label}", send_timeout, self._end)
+        self._out = self._sending.queue  # (pieces, on_sent) of each sealed record; None ends
         self._in = IncomingFile(self)
         self._replies: queue.Queue = queue.Queue()
         self._op_lock = threading.Lock()
@@ -836,8 +892,7 @@ class Connection:
         self._closing = False  # we ended it: no "peer disconnected" report
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"reader {label}")
-        self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                        name=f"writer {label}")
+        self._writer = self._sending.thread
 
     def start(self) -> Connection:
         self._core.start_clock(time.monotonic())  # the hour of a key epoch counts from here
@@ -873,35 +928,6 @@ class Connection:
         with self._seal_lock:
             self._out.put((self._core.seal_key_update(time.monotonic()), None))
 
-    def _write_loop(self) -> None:
-        failed = False
-        while True:
-            item = self._out.get()
-            if item is None:
-                break
-            pieces, on_sent = item
-            try:
-                if not failed:  # after a failure the rest is dropped, never retried
-                    send_pieces(self.sock, pieces)
-            except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
-                failed = True
-                self._end(Close(CloseKind.TIMEOUT, Side.PEER,
-                                f"connection closed: the peer stopped reading for "
-                                f"{self.send_timeout:g} s"))
-                shut_down(self.sock)  # wakes the reader: the session is over
-            except OSError as e:
-                failed = True
-                self._end(Close(CloseKind.CONNECTION_LOST, Side.PEER,
-                                f"connection lost: {e.strerror or e}"))
-                shut_down(self.sock)
-            finally:
-                if on_sent is not None:
-                    on_sent()
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
     # receiving side ----------------------------------------------------------------
     def _read_loop(self) -> None:
         close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
@@ -910,21 +936,10 @@ class Connection:
             while (ended := self._read_one(frame)) is None:
                 pass
             close = ended
-        except AuthError as e:
-            close = Close(CloseKind.AUTH_FAILED, Side.PEER, f"connection closed: {e}")
-            self._send_quietly(Error(str(e)))
-        except ProtocolError as e:
-            by = Side.PEER if isinstance(e, RemoteProtocolError) else Side.LOCAL
-            close = Close(CloseKind.PROTOCOL_ERROR, by, f"connection closed: protocol error: {e}")
-            self._send_quietly(Error(f"protocol error: {e}"))
-        except PeerClosed:
-            close = Close(CloseKind.PEER_VANISHED, Side.PEER, "peer disconnected")
-        except ConnectionLost as e:
-            close = Close(CloseKind.CONNECTION_LOST, Side.PEER, str(e))
-        except Exception as e:  # a bug must end this session only, with one line
-            close = Close(CloseKind.INTERNAL_ERROR, Side.LOCAL,
-                          f"connection closed: internal error: {e!r}")
-            self._send_quietly(Error("internal error"))
+        except Exception as e:  # also a bug: it must end this session only, with one line
+            close, last_word = reader_close(e)
+            if last_word is not None:
+                self._send_quietly(last_word)
         finally:
             self._in.aborted(self.close_info or close)
             self._end(close)
@@ -1081,24 +1096,30 @@ class Connection:
 
         Waiting for the peer's EOF (rather than closing at once) keeps the kernel
         from answering late data with a reset that could destroy our goodbye."""
-        for thread in (self._writer, self._reader):
-            _join(thread, deadline)
-        if self._writer.is_alive():
-            # what it still holds will never be read: reset rather than leave the
-            # kernel to keep it (and the socket) for a peer that does not read
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                     struct.pack("@ii", 1, 0))
-        shut_down(self.sock)  # wakes a writer blocked in sendmsg, a reader in recv
-        exit_by = time.monotonic() + EXIT_TIMEOUT
-        for thread in (self._writer, self._reader):
-            _join(thread, exit_by)
-        self.sock.close()
+        hang_up(self.sock, self._writer, self._reader, deadline)
 
     def close(self, reason: str = "", timeout: float = LIMITS.close_timeout, *,
               kind: CloseKind = CloseKind.LOCAL_SHUTDOWN) -> None:
         self.begin_close(reason, kind)
         self.finish_close(time.monotonic() + timeout)
+
+
+def hang_up(sock: socket.socket, writer: threading.Thread, reader: threading.Thread,
+            deadline: float) -> None:
+    """Wait until `deadline` for both threads, then shut the socket down (which wakes
+    a writer blocked in sendmsg, a reader in recv), let them exit and close it."""
+    for thread in (writer, reader):
+        _join(thread, deadline)
+    if writer.is_alive():
+        # what it still holds will never be read: reset rather than leave the
+        # kernel to keep it (and the socket) for a peer that does not read
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("@ii", 1, 0))
+    shut_down(sock)
+    exit_by = time.monotonic() + EXIT_TIMEOUT
+    for thread in (writer, reader):
+        _join(thread, exit_by)
+    sock.close()
 
 
 def _join(thread: threading.Thread, deadline: float) -> None:
