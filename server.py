@@ -208,7 +208,8 @@ class Server:
         self.admission = Admission(args.max_clients, args.max_startups_per_source)
         self.startups = self.admission.startups
         self.listener: socket.socket | None = None
-        self.known_clients = keystore.KnownClients(home, MAX_KNOWN_CLIENTS)
+        self.known = keystore.KnownClients(home, MAX_KNOWN_CLIENTS)
+        self.known_clients = self.known.seen  # the fingerprints recorded (the same set)
 
     def log(self, line: str) -> None:
         self.events.out(line)
@@ -366,7 +367,7 @@ class Server:
     def record_client(self, fp: str, peer: str) -> None:
         when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         with self.lock:
-            line = self.known_clients.record(fp, peer, when)
+            line = self.known.record(fp, peer, when)
         if line:
             self.log(line)
 

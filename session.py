@@ -912,6 +912,8 @@ class Connection:
             # up unless it stopped reading: it may not make us buffer without bound
             raise RemoteProtocolError("peer is not reading what we send")
         with self._seal_lock:
+            if self._core.state is State.CLOSED:  # the peer's Bye came; closed is set next
+                raise ConnectionLost(self.close_reason or "connection closed")
             if self._core.state is State.CLOSING and not isinstance(msg, Error | Bye):
                 if on_sent is not None:  # we said goodbye: the writer sends nothing more
                     on_sent()
