@@ -355,3 +355,19 @@ def test_every_close_kind_has_a_human_name_and_only_bye_is_clean(kind):
     assert str(close) == "detail for humans"
     assert close.clean is (kind is CloseKind.PEER_BYE)
     assert kind.value and kind.value == kind.value.lower()
+
+
+def test_the_core_is_sans_io():
+    """It imports no socket, thread, queue, clock, file or signal module."""
+    import ast
+    from pathlib import Path
+
+    source = Path(session_core.__file__).read_text()
+    tree = ast.parse(source)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported == {"__future__", "enum", "functools", "dataclasses", "protocol"}
+    assert "sans-I/O" in session_core.__doc__
+    assert " open(" not in source and "(open(" not in source  # the builtin: no file
