@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import crypt
 import keystore
 import session
 import transfer
@@ -23,6 +24,7 @@ from client_data import (
     known_hosts_line,
     normalise_fingerprint,
 )
+from limits import LIMITS
 from protocol import (
     ALERT_MEANING,
     MAX_HANDSHAKE,
@@ -34,20 +36,18 @@ from protocol import (
     PeerAlert,
     ProtocolError,
     Reason,
-    Refused,
     RemoteProtocolError,
     VersionMismatch,
-    Welcome,
-    decode_message,
     neutralise,
 )
+from session_core import CloseKind, SessionCore, WasRefused
 
 __version__ = "2.0.0"
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_AUTH, EXIT_UNDELIVERED = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
-CONNECT_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = LIMITS.connect_timeout
+HANDSHAKE_TIMEOUT = LIMITS.handshake_timeout
 ALERT_EXIT = {AlertCode.BUSY: EXIT_CONNECT, AlertCode.TIMEOUT: EXIT_CONNECT,
               AlertCode.AUTH_FAILED: EXIT_AUTH, AlertCode.BAD_VERSION: EXIT_CONNECT}
 # one exit code and one message for a version mismatch, whichever side notices it
@@ -106,7 +106,8 @@ class ClientEvents(session.Events):
         self.out(f"[server] {neutralise(text)}")
 
     def closed(self, conn, why):
-        self.out(f"server: {why}" if why != "peer disconnected" else "server disconnected")
+        vanished = conn.close_info is not None and conn.close_info.kind is CloseKind.PEER_VANISHED
+        self.out("server disconnected" if vanished else f"server: {why}")
 
 
 # --- connecting and the handshake ---------------------------------------------------------
@@ -121,7 +122,8 @@ def connect(args) -> socket.socket:
 
 
 def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
-    """Run the handshake; returns (ClientHandshake, records).  Fatal on any failure."""
+    """Run the handshake; returns (ClientHandshake, the session's SessionCore, welcomed).
+    Fatal on any failure."""
     hs = ClientHandshake(identity, kem)
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
@@ -134,8 +136,8 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
             raise
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT  # a person may have been asked
         session.send_frame(sock, hs.create_client_auth())
-        records = hs.records()
-        welcome = first_record(records[1], session.read_frame(sock, deadline))
+        core = SessionCore(hs.records(), client=True)
+        welcome = first_record(core, session.read_frame(sock, deadline))
         sock.settimeout(None)
     except PeerAlert as e:
         code = ALERT_EXIT.get(e.alert.code, EXIT_ERROR)
@@ -155,11 +157,11 @@ def handshake(args, sock, identity, kem, home: Path, ask) -> tuple:
         raise Fatal(EXIT_AUTH, f"handshake failed: {e}") from e
     except session.ConnectionLost as e:
         raise Fatal(EXIT_CONNECT, f"handshake with {args.host}:{args.port} failed: {e}") from e
-    if isinstance(welcome, Refused):
+    if isinstance(welcome, WasRefused):
         code = EXIT_CONNECT if welcome.reason == Reason.BUSY else EXIT_AUTH
         raise Fatal(code, f"server refused this client: {neutralise(welcome.detail)}")
     session.write_keylog(hs.random, hs.keys)
-    return hs, records
+    return hs, core
 
 
 CHANGED_WARNING = """\
@@ -177,14 +179,15 @@ If you are sure the change is legitimate, remove line {line} of {path}
 and connect again to pin the new identity."""
 
 
-def first_record(receiver, body: bytes):
-    """Welcome or Refused, sealed; or the server's plaintext Alert when it rejected
-    our ClientAuth.  A genuine record always verifies, so trying the record first
-    and the alert second is unambiguous.  Anything else (a record that does not open
-    and is no Alert, another message type, a malformed Welcome or Refused) is one
+def first_record(core: SessionCore, body: bytes):
+    """The core's Welcomed or WasRefused for the sealed first record (Welcome or
+    Refused); or the server's plaintext Alert when it rejected our ClientAuth.  A
+    genuine record always verifies, so trying the record first and the alert second
+    is unambiguous.  Anything else (a record that does not open and is no Alert,
+    another message type, a malformed Welcome or Refused) is one
     case: the client closes without sending anything and exits 4."""
     try:
-        msg = decode_message(*receiver.open(body))
+        msg = core.open_record(body)
     except AuthError:
         try:
             alert = Alert.decode(bytes(body))
@@ -193,9 +196,11 @@ def first_record(receiver, body: bytes):
         raise PeerAlert(alert) from None
     except RemoteProtocolError as e:
         raise bad_first_record(str(e)) from None
-    if not isinstance(msg, Welcome | Refused):
-        raise bad_first_record(f"{type(msg).__name__} instead of Welcome or Refused")
-    return msg
+    try:
+        [event] = core.receive(msg)  # the core: Welcome or Refused, nothing else
+    except RemoteProtocolError as e:
+        raise bad_first_record(str(e)) from None
+    return event
 
 
 def bad_first_record(why: str) -> Fatal:
@@ -273,9 +278,9 @@ def connect_and_handshake(args, identity, kem, home: Path, ask):
     for attempt in (1, 2):
         sock = connect(args)
         try:
-            hs, records = handshake(args, sock, identity, kem, home,
-                                    ask_once if ask else None)
-            return hs, sock, records
+            hs, core = handshake(args, sock, identity, kem, home,
+                                 ask_once if ask else None)
+            return hs, sock, core
         except Fatal as e:
             sock.close()
             if not (attempt == 1 and asked and e.code == EXIT_CONNECT):
@@ -337,7 +342,7 @@ def menu_loop(conn: session.Connection, args, prompt) -> int:
             return EXIT_OK
         elif choice:
             print(MENU)
-    return EXIT_OK if conn.close_reason.startswith("peer said goodbye") else EXIT_ERROR
+    return EXIT_OK if conn.close_info is not None and conn.close_info.clean else EXIT_ERROR
 
 
 def make_prompt(conn: session.Connection, interrupt: session.Interrupt):
@@ -395,13 +400,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    home = keystore.open_home(args.home or keystore.default_home())
-    identity, created = keystore.load_identity(home)
+    """The client from start to end, one named step after the other."""
+    home, identity = open_identity(args)
     if args.show_identity:
         print(identity.fingerprint())
         return EXIT_OK
-    if created:
-        print(f"created identity {identity.fingerprint()} in {home}", file=sys.stderr)
     try:
         kem = session.kem_provider(args.kem_provider)
     except ProtocolError as e:
@@ -409,7 +412,34 @@ def run(args) -> int:
     batch = getattr(args, "batch", None) or []
     interactive = not batch
     ask = ask_user if interactive and sys.stdin.isatty() else None
-    for kind, value in batch:  # refuse locally before connecting
+    refuse_batch_locally(batch, args)
+    prepare_received_dir(args.received_dir)
+    hs, sock, core = connect_and_handshake(args, identity, kem, home, ask)
+    if args.verbose or interactive:
+        announce(args, hs)
+    # from here on SIGINT and SIGTERM only set a flag that the session acts on
+    # between records (see session.Interrupt): goodbye to the server, exit 130
+    interrupt = session.Interrupt()
+    conn = session.Connection(sock, core, label="server", events=ClientEvents(),
+                              received_dir=str(args.received_dir),
+                              max_file_size=args.max_file_size,
+                              interrupted=interrupt.event)
+    interrupt.install()
+    conn.start()
+    return run_session(conn, args, batch, interrupt)
+
+
+def open_identity(args) -> tuple[Path, crypt.Identity]:
+    home = keystore.open_home(args.home or keystore.default_home())
+    identity, created = keystore.load_identity(home)
+    if created and not args.show_identity:
+        print(f"created identity {identity.fingerprint()} in {home}", file=sys.stderr)
+    return home, identity
+
+
+def refuse_batch_locally(batch: list, args) -> None:
+    """What --send-text/--send-file could never deliver fails before connecting."""
+    for kind, value in batch:
         if kind == "text" and len(value.encode("utf-8")) > MAX_TEXT:
             raise Fatal(EXIT_UNDELIVERED, f"text not sent: longer than {MAX_TEXT} bytes")
         if kind == "file":
@@ -419,29 +449,27 @@ def run(args) -> int:
                     session.stripped_outgoing(out)
             except transfer.Rejected as e:
                 raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
+
+
+def prepare_received_dir(received_dir) -> None:
     try:
-        Path(args.received_dir).mkdir(parents=True, exist_ok=True)
+        Path(received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise Fatal(EXIT_ERROR, f"cannot create {args.received_dir}: {e.strerror}") from e
-    for name in transfer.remove_stale_temps(args.received_dir):
-        print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
+        raise Fatal(EXIT_ERROR, f"cannot create {received_dir}: {e.strerror}") from e
+    for name in transfer.remove_stale_temps(received_dir):
+        print(f"removed a partial file left by a crash: {Path(received_dir) / name}",
               file=sys.stderr)
 
-    hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
-    if args.verbose or interactive:
-        print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
-        print(f"verification code: {hs.code}  (compare with the "
-              f"server's to rule out a man in the middle)")
-    events = ClientEvents()
-    # from here on SIGINT and SIGTERM only set a flag that the session acts on
-    # between records (see session.Interrupt): goodbye to the server, exit 130
-    interrupt = session.Interrupt()
-    conn = session.Connection(sock, records, label="server", events=events,
-                              received_dir=str(args.received_dir),
-                              max_file_size=args.max_file_size,
-                              interrupted=interrupt.event)
-    interrupt.install()
-    conn.start()
+
+def announce(args, hs) -> None:
+    print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
+    print(f"verification code: {hs.code}  (compare with the "
+          f"server's to rule out a man in the middle)")
+
+
+def run_session(conn: session.Connection, args, batch: list, interrupt: session.Interrupt
+                ) -> int:
+    """The batch or the menu; then goodbye in every case.  The exit code."""
     code = EXIT_INTERRUPTED
     try:
         if batch:
@@ -455,9 +483,13 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_ERROR
     finally:
-        conn.close({EXIT_OK: "client done", EXIT_INTERRUPTED: "client interrupted"}
-                   .get(code, "client gave up"))
+        reason, kind = GOODBYE.get(code, ("client gave up", CloseKind.LOCAL_SHUTDOWN))
+        conn.close(reason, kind=kind)
     return code
+
+
+GOODBYE = {EXIT_OK: ("client done", CloseKind.LOCAL_SHUTDOWN),
+           EXIT_INTERRUPTED: ("client interrupted", CloseKind.INTERRUPTED)}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import crypt
+from server_data import known_clients_line, parse_known_clients
 
 ECDSA_FILE = "identity_ecdsa_p256.pem"
 MLDSA_FILE = "identity_mldsa65.pem"
@@ -160,3 +161,37 @@ def append_line(path: Path, line: str) -> None:
             f.write(line)
     except OSError as e:
         raise HomeError(f"cannot write {path}: {e.strerror}") from e
+
+
+class KnownClients:
+    """The server's known_clients record under --home: the fingerprints of every
+    client seen, read once (re-reading a growing file would cost each handshake) and
+    bounded (strangers must not grow it without end).  Not thread-safe: the server
+    calls it under its own lock."""
+
+    def __init__(self, home: Path, limit: int) -> None:
+        self.path = home / KNOWN_CLIENTS
+        self.limit = limit
+        self.seen = parse_known_clients(read_text(self.path))
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def record(self, fp: str, peer: str, when: str) -> str:
+        """Note a client; returns the line to log ("" when there is nothing to say).
+        A failed write is a warning only: it is a record, not an access list, so a
+        full disk or no free fd must not turn clients away (the next session retries)."""
+        if fp in self.seen or self.full:
+            return ""
+        if len(self.seen) >= self.limit:
+            self.full = True
+            return (f"warning: {self.path} holds {self.limit} clients; new clients are "
+                    f"admitted but no longer recorded (use --authorized-clients to "
+                    f"admit only known ones)")
+        try:
+            append_line(self.path, known_clients_line(fp, peer, when))
+        except HomeError as e:
+            return f"warning: client {fp} not recorded: {e}"
+        self.seen.add(fp)
+        return f"new client {fp} recorded in {self.path}"

@@ -17,6 +17,7 @@ import crypt
 import keystore
 import session
 import transfer
+from limits import LIMITS
 from protocol import (
     MAX_HANDSHAKE,
     Alert,
@@ -33,19 +34,23 @@ from protocol import (
 )
 from server_data import (
     ServerHandshake,
-    known_clients_line,
     parse_authorized_clients,
-    parse_known_clients,
 )
+from session_core import CloseKind, SessionCore
 
 __version__ = "2.0.0"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-SHUTDOWN_GRACE = 4.0
+SHUTDOWN_GRACE = LIMITS.shutdown_grace
 # accept() failing (EMFILE, ENFILE, ENOBUFS, ENOMEM...): wait, doubling from the first
 # delay up to the cap, as Go's net/http does, rather than spin on a listener that stays
 # readable while the error lasts
-ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP = 0.005, 1.0
-MAX_KNOWN_CLIENTS = 10_000  # lines in known_clients: strangers cannot grow it without bound
+ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_CAP = LIMITS.accept_backoff_first, LIMITS.accept_backoff_cap
+MAX_KNOWN_CLIENTS = LIMITS.max_known_clients  # strangers cannot grow known_clients unbounded
+
+
+class StartupError(Exception):
+    """The server cannot start: it cannot listen, or cannot use its received dir or
+    its --authorized-clients file (exit 1, like a bad home)."""
 
 
 def build_parser() -> session.Parser:
@@ -86,7 +91,8 @@ class ServerEvents(session.Events):
                  f"saved at {neutralise(path)}")
 
     def closed(self, conn, why):
-        self.out(f"[{conn.label}] {'disconnected' if why == 'peer disconnected' else why}")
+        vanished = conn.close_info is not None and conn.close_info.kind is CloseKind.PEER_VANISHED
+        self.out(f"[{conn.label}] {'disconnected' if vanished else why}")
 
 
 class Client:
@@ -99,6 +105,93 @@ class Client:
         return f"{self.name + ' ' if self.name else ''}{self.fingerprint} ({self.addr})"
 
 
+class Admission:
+    """The admission rule for accepted connections: at most --max-clients at once
+    (a slot per connection, released only once its threads ended), and at most
+    --max-startups-per-source of them in the handshake from one address (OpenSSH's
+    PerSourceMaxStartups).  Thread-safe."""
+
+    def __init__(self, max_clients: int, max_startups_per_source: int) -> None:
+        self.max_clients = max_clients
+        self.max_startups_per_source = max_startups_per_source
+        self.slots = threading.BoundedSemaphore(max_clients)
+        self.startups: dict[str, int] = {}  # source address: connections in the handshake
+        self._lock = threading.Lock()
+
+    def take_slot(self) -> bool:
+        return self.slots.acquire(blocking=False)
+
+    def release_slot(self) -> None:
+        self.slots.release()
+
+    def start_handshake(self, source: str) -> bool:
+        """Count one more connection from `source` in the handshake, unless it already
+        has as many as allowed."""
+        with self._lock:
+            n = self.startups.get(source, 0)
+            if n >= self.max_startups_per_source:
+                return False
+            self.startups[source] = n + 1
+            return True
+
+    def end_handshake(self, source: str) -> None:
+        with self._lock:
+            n = self.startups.pop(source) - 1
+            if n:
+                self.startups[source] = n
+
+
+class Registry:
+    """The connected clients (what the console picks from and shutdown says goodbye
+    to) and the threads serving connections.  Thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.clients: dict[int, Client] = {}
+        self.threads: set[threading.Thread] = set()
+        self.stopping = threading.Event()
+        self._next = 0
+
+    def add(self, client: Client) -> int | None:
+        """The client's key; None once shutdown began (the caller says goodbye)."""
+        with self.lock:
+            # shutdown sets `stopping` before it takes its list of clients under this
+            # lock, so a client is either in that list or sees `stopping` here
+            if self.stopping.is_set():
+                return None
+            self._next += 1
+            self.clients[self._next] = client
+            return self._next
+
+    def remove(self, key: int) -> None:
+        with self.lock:
+            self.clients.pop(key, None)
+
+    def snapshot(self) -> list[Client]:
+        with self.lock:
+            return list(self.clients.values())
+
+    def stop(self) -> tuple[list[Client], list[threading.Thread]]:
+        """No more clients from here on; those connected and the serving threads."""
+        self.stopping.set()
+        with self.lock:
+            return list(self.clients.values()), list(self.threads)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket; StartupError when the address cannot be had."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LIMITS.listen_backlog)
+    except (OSError, OverflowError) as e:
+        raise StartupError(f"cannot listen on {host}:{port}: "
+                           f"{getattr(e, 'strerror', None) or e}") from e
+    return sock
+
+
 class Server:
     def __init__(self, args, identity: crypt.Identity, home: Path, kem,
                  authorized: dict[str, str] | None) -> None:
@@ -108,35 +201,23 @@ class Server:
         self.kem = kem
         self.authorized = authorized
         self.events = ServerEvents()
-        self.stopping = threading.Event()
         self.interrupt = session.Interrupt()  # Ctrl-C/SIGTERM: see session.Interrupt
-        self.lock = threading.Lock()
-        self.clients: dict[int, Client] = {}
-        self.threads: set[threading.Thread] = set()
-        self.slots = threading.BoundedSemaphore(args.max_clients)
-        self.startups: dict[str, int] = {}  # source address: connections in the handshake
+        self.registry = Registry()
+        self.stopping = self.registry.stopping
+        self.lock = self.registry.lock  # also guards known_clients
+        self.admission = Admission(args.max_clients, args.max_startups_per_source)
+        self.startups = self.admission.startups
         self.listener: socket.socket | None = None
-        # read once: re-reading a growing file on every connection costs each handshake
-        self.known_clients = parse_known_clients(keystore.read_text(home / keystore.KNOWN_CLIENTS))
-        self.known_clients_full = False
-        self._next = 0
+        self.known = keystore.KnownClients(home, MAX_KNOWN_CLIENTS)
+        self.known_clients = self.known.seen  # the fingerprints recorded (the same set)
 
     def log(self, line: str) -> None:
         self.events.out(line)
 
     # listening -------------------------------------------------------------------------
     def listen(self) -> tuple[str, int]:
-        try:
-            family = socket.AF_INET6 if ":" in self.args.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.args.host, self.args.port))
-            sock.listen(128)
-        except (OSError, OverflowError) as e:
-            raise keystore.HomeError(f"cannot listen on {self.args.host}:{self.args.port}: "
-                                     f"{getattr(e, 'strerror', None) or e}") from e
-        self.listener = sock
-        return sock.getsockname()[:2]
+        self.listener = listen(self.args.host, self.args.port)
+        return self.listener.getsockname()[:2]
 
     def accept_loop(self) -> None:
         """Accept until shutdown.  Nothing one connection does, and no lack of
@@ -170,13 +251,13 @@ class Server:
     def admit(self, sock: socket.socket, peer: str, source: str) -> None:
         """Give one accepted connection a slot and a thread, or refuse it cheaply:
         a plaintext alert, never a thread."""
-        if not self.slots.acquire(blocking=False):
+        if not self.admission.take_slot():
             self.log(f"connection from {peer} refused: server busy "
                      f"({self.args.max_clients} connections)")
             refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
             return
-        if not self.start_handshake(source):
-            self.slots.release()
+        if not self.admission.start_handshake(source):
+            self.admission.release_slot()
             self.log(f"connection from {peer} refused: {self.args.max_startups_per_source} "
                      f"handshakes from {source} already in progress")
             refuse(sock, Alert(AlertCode.BUSY, "too many handshakes from your address, "
@@ -186,31 +267,15 @@ class Server:
                              name=f"client {peer}")
         try:
             with self.lock:
-                self.threads.add(t)
+                self.registry.threads.add(t)
             t.start()
         except Exception as e:  # e.g. RuntimeError: can't start new thread
             with self.lock:
-                self.threads.discard(t)
-            self.end_handshake(source)
-            self.slots.release()
+                self.registry.threads.discard(t)
+            self.admission.end_handshake(source)
+            self.admission.release_slot()
             self.log(f"connection from {peer} refused: cannot serve it: {e}")
             refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
-
-    def start_handshake(self, source: str) -> bool:
-        """Count one more connection from `source` in the handshake, unless it already
-        has as many as allowed (OpenSSH's PerSourceMaxStartups)."""
-        with self.lock:
-            n = self.startups.get(source, 0)
-            if n >= self.args.max_startups_per_source:
-                return False
-            self.startups[source] = n + 1
-            return True
-
-    def end_handshake(self, source: str) -> None:
-        with self.lock:
-            n = self.startups.pop(source) - 1
-            if n:
-                self.startups[source] = n
 
     # one connection ------------------------------------------------------------------------
     def serve(self, sock: socket.socket, peer: str, source: str) -> None:
@@ -219,7 +284,7 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 result = self.handshake(sock, peer)
             finally:
-                self.end_handshake(source)  # a session no longer counts as a startup
+                self.admission.end_handshake(source)  # a session is no startup any more
             if result is not None:
                 self._serve(sock, peer, *result)
         except Exception as e:  # a bad peer must never take the server down
@@ -228,53 +293,49 @@ class Server:
             session.shut_down(sock)
             sock.close()
             # the slot is free only now: _serve returned once the session's threads ended
-            self.slots.release()
+            self.admission.release_slot()
             with self.lock:
-                self.threads.discard(threading.current_thread())
+                self.registry.threads.discard(threading.current_thread())
 
     def _serve(self, sock: socket.socket, peer: str, hs: ServerHandshake, fp: str) -> None:
+        """After the handshake: admit or refuse, then the session until it ends."""
+        core = SessionCore(hs.records(), client=False)  # its first record: Welcome or Refused
+        if not self._welcome(sock, core, peer, fp):
+            return
+        session.write_keylog(hs.client_random, hs.keys)
         name = (self.authorized or {}).get(fp, "")
         label = f"{name} {fp}" if name else fp
-        records = hs.records()
-        sender = records[0]
-
-        # admission: authorised list, then welcome
-        if self.authorized is not None and fp not in self.authorized:
-            # logged, not recorded: strangers must not grow a file on our disk
-            self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
-            session.send_pieces(sock, sender.seal(Refused.TYPE, Refused(
-                Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
-            ).encode()))
-            sock.shutdown(socket.SHUT_WR)
-            return
-        self.record_client(fp, peer)
-        session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
-        sock.settimeout(None)
-        session.write_keylog(hs.client_random, hs.keys)
-        conn = session.Connection(sock, records, label=label, events=self.events,
+        conn = session.Connection(sock, core, label=label, events=self.events,
                                   received_dir=str(self.args.received_dir),
                                   max_file_size=self.args.max_file_size,
                                   interrupted=self.interrupt.event)
-        with self.lock:
-            # shutdown() sets `stopping` before it takes its list of clients under this
-            # lock, so a client is either in that list or sees `stopping` here
-            late = self.stopping.is_set()
-            self._next += 1
-            key = self._next
-            if not late:
-                self.clients[key] = Client(conn, fp, name, peer)
+        key = self.registry.add(Client(conn, fp, name, peer))
         # announced only once the console can pick it (and shutdown can say goodbye to it)
         self.log(f"client {label} connected from {peer}")
         if self.args.verbose or not self.args.headless:
             self.log(f"[{label}] verification code: {hs.code}")
         conn.start()
-        if late:
+        if key is None:  # shutdown began meanwhile
             conn.close("server shutting down")
             return
         conn.closed.wait()
-        with self.lock:
-            self.clients.pop(key, None)
+        self.registry.remove(key)
         conn.close()
+
+    def _welcome(self, sock: socket.socket, core: SessionCore, peer: str, fp: str) -> bool:
+        """The first record: Refused (not in --authorized-clients) or Welcome."""
+        if self.authorized is not None and fp not in self.authorized:
+            # logged, not recorded: strangers must not grow a file on our disk
+            self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
+            session.send_records(sock, core.seal(Refused(
+                Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
+            ), time.monotonic()))
+            sock.shutdown(socket.SHUT_WR)
+            return False
+        self.record_client(fp, peer)
+        session.send_records(sock, core.seal(Welcome(), time.monotonic()))
+        sock.settimeout(None)
+        return True
 
     def handshake(self, sock: socket.socket, peer: str):
         """Returns (ServerHandshake, client fingerprint), or None after logging why."""
@@ -304,39 +365,21 @@ class Server:
         return None
 
     def record_client(self, fp: str, peer: str) -> None:
-        path = self.home / keystore.KNOWN_CLIENTS
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         with self.lock:
-            if fp in self.known_clients or self.known_clients_full:
-                return
-            if len(self.known_clients) >= MAX_KNOWN_CLIENTS:
-                self.known_clients_full = True
-                self.log(f"warning: {path} holds {MAX_KNOWN_CLIENTS} clients; new clients are "
-                         f"admitted but no longer recorded (use --authorized-clients to "
-                         f"admit only known ones)")
-                return
-            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            try:
-                keystore.append_line(path, known_clients_line(fp, peer, when))
-            except keystore.HomeError as e:
-                # a record, not an access list: a full disk or no free fd must not
-                # turn clients away; the next session of this client tries again
-                self.log(f"warning: client {fp} not recorded: {e}")
-                return
-            self.known_clients.add(fp)
-        self.log(f"new client {fp} recorded in {path}")
+            line = self.known.record(fp, peer, when)
+        if line:
+            self.log(line)
 
     # shutting down ---------------------------------------------------------------------------
     def shutdown(self) -> None:
-        self.stopping.set()
+        clients, threads = self.registry.stop()
         if self.listener is not None:
             try:
                 self.listener.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             self.listener.close()
-        with self.lock:
-            clients = list(self.clients.values())
-            threads = list(self.threads)
         # goodbye to everyone first, then wait for all of them within one deadline
         for client in clients:
             client.conn.begin_close("server shutting down")
@@ -347,14 +390,13 @@ class Server:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def snapshot(self) -> list[Client]:
-        with self.lock:
-            return list(self.clients.values())
+        return self.registry.snapshot()
 
 
 def refuse(sock: socket.socket, alert: Alert) -> None:
     """Best-effort plaintext alert, then close; never blocks the caller for long."""
     try:
-        sock.settimeout(1.0)
+        sock.settimeout(LIMITS.refuse_timeout)
         session.send_frame(sock, alert.encode())
         sock.shutdown(socket.SHUT_WR)
     except (OSError, session.ConnectionLost):
@@ -447,7 +489,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except keystore.HomeError as e:
+    except (keystore.HomeError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except ProtocolError as e:
@@ -464,12 +506,12 @@ def load_authorized(path: Path | None) -> dict[str, str] | None:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise keystore.HomeError(f"cannot read authorized clients file {path}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from e
+        raise StartupError(f"cannot read authorized clients file {path}: "
+                           f"{getattr(e, 'strerror', None) or e}") from e
     try:
         return parse_authorized_clients(text)
     except ValueError as e:
-        raise keystore.HomeError(f"{path}: {e}") from e
+        raise StartupError(f"{path}: {e}") from e
 
 
 def run(args) -> int:
@@ -483,7 +525,7 @@ def run(args) -> int:
     try:
         Path(args.received_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise keystore.HomeError(f"cannot create {args.received_dir}: {e.strerror}") from e
+        raise StartupError(f"cannot create {args.received_dir}: {e.strerror}") from e
     for name in transfer.remove_stale_temps(args.received_dir):
         print(f"removed a partial file left by a crash: {Path(args.received_dir) / name}",
               flush=True)

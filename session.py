@@ -28,6 +28,7 @@ from pathlib import Path
 
 import crypt
 import transfer
+from limits import LIMITS
 from protocol import (
     CHUNK_SIZE,
     FRAME_HEADER,
@@ -44,30 +45,48 @@ from protocol import (
     FileOffer,
     FileReject,
     FileSaved,
-    KeyUpdate,
     LocalProtocolError,
     ProtocolError,
     Reason,
     RemoteProtocolError,
     Text,
-    decode_message,
     encode_frame,
     frame_length,
     neutralise,
 )
+from session_core import (
+    Close,
+    CloseKind,
+    FileCancelled,
+    FileChunk,
+    FileDiscarded,
+    FileEnded,
+    FileOffered,
+    ReplyReceived,
+    SessionCore,
+    SessionEnded,
+    Side,
+    State,
+    TextReceived,
+)
 
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
-DATA_IN_FLIGHT = 4  # file records queued for the writer at most
-MAX_BACKLOG = 64  # records waiting for the writer before the peer counts as not reading
-REPLY_TIMEOUT = 30.0  # seconds for Delivered and FileAccept, answered at once by the peer
-SAVED_TIMEOUT = 600.0  # seconds for FileSaved: the receiver flushes the whole file first
-STALL_TIMEOUT = 120.0  # seconds a file stream may make no progress before we give up
-SEND_TIMEOUT = 60.0  # seconds the writer may make no progress before the session ends
-EXIT_TIMEOUT = 5.0  # seconds a connection's threads get to exit once its socket is shut down
+# the session's limits, named here for the code below (all of them are in limits.py)
+DATA_IN_FLIGHT = LIMITS.data_in_flight
+MAX_BACKLOG = LIMITS.max_backlog
+REPLY_TIMEOUT = LIMITS.reply_timeout
+SAVED_TIMEOUT = LIMITS.saved_timeout
+STALL_TIMEOUT = LIMITS.stall_timeout
+SEND_TIMEOUT = LIMITS.send_timeout
+EXIT_TIMEOUT = LIMITS.exit_timeout
 
 
 class ConnectionLost(Exception):
     """the connection was lost"""
+
+
+class PeerClosed(ConnectionLost):
+    """the peer closed the connection between two frames (no goodbye)"""
 
 
 class NoAnswer(ConnectionLost):
@@ -223,8 +242,9 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = N
         except OSError as e:
             raise ConnectionLost(f"connection lost: {e.strerror or e}") from e
         if k == 0:
-            raise ConnectionLost("connection closed by peer" if got == 0 and n == FRAME_HEADER.size
-                                 else "connection closed in the middle of a frame")
+            if got == 0 and n == FRAME_HEADER.size:
+                raise PeerClosed("connection closed by peer")
+            raise ConnectionLost("connection closed in the middle of a frame")
         got += k
 
 
@@ -259,6 +279,12 @@ def send_pieces(sock: socket.socket, pieces: list) -> None:
             views.pop(0)
         if sent:
             views[0] = views[0][sent:]
+
+
+def send_records(sock: socket.socket, records: list) -> None:
+    """Send each sealed record of a list (as SessionCore.seal returns them)."""
+    for pieces in records:
+        send_pieces(sock, pieces)
 
 
 def set_send_deadline(sock: socket.socket, seconds: float) -> None:
@@ -393,6 +419,12 @@ class Events:
 
     def closed(self, conn: Connection, why: str) -> None:
         self.out(f"[{conn.label}] {why}")
+
+    def file_aborted(self, conn: Connection, name: str, received: int, why: str) -> None:
+        """The session ended while a file was coming in: nothing of it was kept.
+        Reported just before closed() (which the consoles render as they like)."""
+        self.out(f"receiving '{neutralise(name)}' aborted after "
+                 f"{human_size(received)}: {neutralise(why)}; nothing saved")
 
     def progress(self, total: int, desc: str):
         if not sys.stdout.isatty():
@@ -569,7 +601,7 @@ def stripped_outgoing(out: transfer.Outgoing) -> transfer.Outgoing:
 
 
 # --- Ctrl-C and SIGTERM ------------------------------------------------------------------
-POLL = 0.1  # seconds between checks for an interrupt while an operation waits
+POLL = LIMITS.poll  # seconds between checks for an interrupt while an operation waits
 
 
 class Interrupt:
@@ -609,6 +641,226 @@ class Interrupt:
             self._at_prompt = False
 
 
+# --- the file coming in, the file going out -------------------------------------------------
+class IncomingFile:
+    """The file coming in, as one piece on the reader thread: the answer to the offer,
+    each verified chunk to the disk thread, the answer to the end, a cancel, and the
+    abort when the session ends.  The ordering rules were checked by the core."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        # plaintext buffers for received records: one being filled by the reader,
+        # the others queued for the disk thread (page-aligned payloads)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(DATA_IN_FLIGHT + 1):
+            self.free.put(PlainBuffer())
+        self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
+        self._file: transfer.IncomingFile | None = None
+        self._started = 0.0
+        self._bar = None
+
+    def offered(self, offer: FileOffered) -> None:
+        conn = self._conn
+        try:
+            self._file = transfer.IncomingFile(conn.received_dir, offer.name, offer.size,
+                                               conn.max_file_size)
+        except transfer.Rejected as r:
+            conn.events.file_failed(conn, offer.name, f"rejected: {r.detail}")
+            conn.send(FileReject(r.reason, r.detail))
+            return
+        self._started = time.monotonic()
+        # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
+        # to the front of the announcement line on a terminal
+        conn.events.file_offered(conn, offer.name, offer.size)
+        self._bar = conn.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
+        conn.send(FileAccept())
+
+    def chunk(self, data: memoryview, buf: PlainBuffer) -> None:
+        """Hand a verified chunk to the disk thread, which hashes and writes it while
+        the reader verifies and decrypts the next record."""
+        if self._disk.failure is not None:
+            data.release()
+            self.free.put(buf)
+            failure = self._disk.settle()
+            if not isinstance(failure, transfer.Rejected):
+                raise failure
+            self._fail(failure)
+            return
+        n = len(data)  # the disk thread releases `data` once written
+        self._disk.write(self._file, data, buf)
+        self._bar.update(n)
+
+    def ended(self, sha256: bytes) -> None:
+        incoming, conn = self._file, self._conn
+        try:
+            failure = self._disk.settle()
+            if failure is not None:
+                raise failure
+            saved, digest = incoming.finish(sha256)
+        except transfer.Rejected as r:
+            self._fail(r)
+            return
+        self._close_bar()
+        self._file = None
+        result = FileResult(saved, incoming.size, digest, time.monotonic() - self._started)
+        conn.send(FileSaved(digest, saved))
+        conn.events.file_saved(conn, str(incoming.directory / saved), result)
+
+    def cancelled(self, event: FileCancelled) -> None:
+        self._abort()
+        if event.name:
+            self._conn.events.file_failed(self._conn, event.name,
+                                          f"sender cancelled: {event.detail}")
+
+    def _fail(self, r: transfer.Rejected) -> None:
+        """FileFailed: during the data the core then drains the rest of the stream."""
+        name = self._file.name
+        self._abort()
+        self._conn.send(FileFailed(r.reason, r.detail))
+        self._conn.events.file_failed(self._conn, name, r.detail)
+
+    def _abort(self) -> None:
+        if self._file is not None:
+            self._disk.settle()  # no write may race the temp file's removal
+            self._file.abort()
+            self._file = None
+            self._close_bar()
+
+    def aborted(self, close: Close) -> None:
+        """The session ended: delete a file still coming in, say so, stop the disk thread."""
+        running = self._conn._core.receiving() if self._file is not None else None
+        self._abort()
+        self._disk.stop()
+        if running is not None:
+            self._conn.events.file_aborted(self._conn, running[0], running[1], close.detail)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class OutgoingFile:
+    """The file going out, as one piece on the caller's thread: read, hash and seal
+    chunk after chunk into a small pool of reused cipher buffers, which the writer
+    thread sends while the next chunk is prepared (memory stays flat)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._plain = memoryview(bytearray(CHUNK_SIZE))
+        self._pool: queue.Queue = queue.Queue()
+        for _ in range(DATA_IN_FLIGHT):
+            self._pool.put(memoryview(bytearray(CHUNK_SIZE + 16)))
+
+    def stream(self, out: transfer.Outgoing) -> bytes:
+        """Every FileData and the FileEnd; the file's SHA-256."""
+        conn, plain, pool = self._conn, self._plain, self._pool
+        h = hashlib.sha256()
+        sent = 0
+        with transfer.open_outgoing(out) as f, \
+                conn.events.progress(out.size, f"sending {out.name[:30]}") as bar:
+            while sent < out.size:
+                conn._check_interrupted()
+                failure = self._early_failure()
+                if failure is not None:
+                    conn.send(FileCancel(Reason.CANCELLED, "receiver failed"))
+                    raise transfer.Rejected(failure.reason,
+                                            f"peer could not save it: {failure.detail}")
+                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                if not n:
+                    conn.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
+                    raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
+                h.update(plain[:n])
+                buf = self._free_cipher_buffer()
+                conn.send(FileData(plain[:n]), out=buf, on_sent=lambda b=buf: pool.put(b))
+                sent += n
+                bar.update(n)
+        conn.send(FileEnd(h.digest()))
+        return h.digest()
+
+    def _free_cipher_buffer(self) -> memoryview:
+        # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
+        conn = self._conn
+        stalled_since = time.monotonic()
+        while True:
+            conn._check_interrupted()
+            try:
+                return self._pool.get(timeout=POLL)
+            except queue.Empty:
+                if conn.closed.is_set() or conn._closing:
+                    raise ConnectionLost(conn.close_reason or "connection closed") from None
+                if time.monotonic() - stalled_since > STALL_TIMEOUT:
+                    raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
+
+    def _early_failure(self) -> FileFailed | None:
+        conn = self._conn
+        try:
+            msg = conn._replies.get_nowait()
+        except queue.Empty:
+            return None
+        if msg is None:
+            conn._replies.put(None)
+            raise ConnectionLost(conn.close_reason or "connection closed")
+        return conn._check_reply(msg)  # only a FileFailed fits here
+
+
+# --- the socket's two directions --------------------------------------------------------------
+class SocketWriter:
+    """The writer thread: it owns the socket's send side and sends each queued record
+    whole (gathered, never joined).  After a failure the rest is dropped, never
+    retried, and `on_failure` gets the Close; at the end the send side is shut down."""
+
+    def __init__(self, sock: socket.socket, name: str, send_timeout: float, on_failure) -> None:
+        self.sock = sock
+        self.send_timeout = send_timeout
+        self.queue: queue.Queue = queue.Queue()
+        self._on_failure = on_failure
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def _run(self) -> None:
+        failed = False
+        while (item := self.queue.get()) is not None:
+            pieces, on_sent = item
+            try:
+                if not failed:
+                    send_pieces(self.sock, pieces)
+            except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
+                failed = True
+                self._on_failure(Close(CloseKind.TIMEOUT, Side.PEER,
+                                       f"connection closed: the peer stopped reading for "
+                                       f"{self.send_timeout:g} s"))
+                shut_down(self.sock)  # wakes the reader: the session is over
+            except OSError as e:
+                failed = True
+                self._on_failure(Close(CloseKind.CONNECTION_LOST, Side.PEER,
+                                       f"connection lost: {e.strerror or e}"))
+                shut_down(self.sock)
+            finally:
+                if on_sent is not None:
+                    on_sent()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def reader_close(e: Exception) -> tuple[Close, Error | None]:
+    """How the reader's exception ends the session, and the Error that tells the peer
+    (None when it is gone anyway)."""
+    if isinstance(e, AuthError):
+        return Close(CloseKind.AUTH_FAILED, Side.PEER, f"connection closed: {e}"), Error(str(e))
+    if isinstance(e, ProtocolError):
+        by = Side.PEER if isinstance(e, RemoteProtocolError) else Side.LOCAL
+        return (Close(CloseKind.PROTOCOL_ERROR, by, f"connection closed: protocol error: {e}"),
+                Error(f"protocol error: {e}"))
+    if isinstance(e, PeerClosed):
+        return Close(CloseKind.PEER_VANISHED, Side.PEER, "peer disconnected"), None
+    if isinstance(e, ConnectionLost):
+        return Close(CloseKind.CONNECTION_LOST, Side.PEER, str(e)), None
+    return (Close(CloseKind.INTERNAL_ERROR, Side.LOCAL,
+                  f"connection closed: internal error: {e!r}"), Error("internal error"))
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
     """One authenticated session: a reader thread that handles what the peer sends,
@@ -626,34 +878,26 @@ class Connection:
         self.events = events
         self.received_dir = received_dir
         self.max_file_size = max_file_size
-        self._sender, self._receiver = records
-        self._seal_lock = threading.Lock()
-        self._out: queue.Queue = queue.Queue()
-        # plaintext buffers for received records: one being filled by the reader,
-        # the others queued for the disk thread (page-aligned payloads)
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(DATA_IN_FLIGHT + 1):
-            self._free.put(PlainBuffer())
-        self._disk = DiskWriter(self._free, name=f"disk {label}")
-        self._incoming_bytes = 0
+        # the protocol's state lives in the sans-I/O core; this class is its plumbing
+        self._core = records if isinstance(records, SessionCore) else \
+            SessionCore(records, client=False, opened=True)
+        self._seal_lock = threading.Lock()  # around every step of the core
+        self._sending = SocketWriter(sock, f"writer {label}", send_timeout, self._end)
+        self._out = self._sending.queue  # (pieces, on_sent) of each sealed record; None ends
+        self._in = IncomingFile(self)
         self._replies: queue.Queue = queue.Queue()
         self._op_lock = threading.Lock()
-        self._op_active = False
-        self._next_id = 0
-        self._incoming: transfer.IncomingFile | None = None
-        self._incoming_started = 0.0
-        self._bar = None
-        self._discarding = False
         self.closed = threading.Event()
-        self.close_reason = ""
+        self.close_reason = ""  # for people; logic looks at close_info
+        self._seen_close: Close | None = None  # what ended the reader or the writer
+        self._local_close: Close | None = None  # begin_close, when we ended it first
         self._closing = False  # we ended it: no "peer disconnected" report
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"reader {label}")
-        self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                        name=f"writer {label}")
+        self._writer = self._sending.thread
 
     def start(self) -> Connection:
-        self._sender.start_clock(time.monotonic())  # the hour of a key epoch counts from here
+        self._core.start_clock(time.monotonic())  # the hour of a key epoch counts from here
         set_send_deadline(self.sock, self.send_timeout)
         self._writer.start()
         self._reader.start()
@@ -670,9 +914,15 @@ class Connection:
             # up unless it stopped reading: it may not make us buffer without bound
             raise RemoteProtocolError("peer is not reading what we send")
         with self._seal_lock:
-            if self._sender.update_due(time.monotonic()):
-                self._out.put((self._sender.seal_key_update(time.monotonic()), None))
-            pieces = self._sender.seal(msg.TYPE, msg.encode(), out)
+            if self._core.state is State.CLOSED:  # the peer's Bye came; closed is set next
+                raise ConnectionLost(self.close_reason or "connection closed")
+            if self._core.state is State.CLOSING and not isinstance(msg, Error | Bye):
+                if on_sent is not None:  # we said goodbye: the writer sends nothing more
+                    on_sent()
+                return
+            *key_update, pieces = self._core.seal(msg, time.monotonic(), out)
+            for record in key_update:  # a KeyUpdate when one is due
+                self._out.put((record, None))
             self._out.put((pieces, on_sent))
 
     def update_keys(self) -> None:
@@ -680,70 +930,45 @@ class Connection:
         if self.closed.is_set():
             raise ConnectionLost(self.close_reason or "connection closed")
         with self._seal_lock:
-            self._out.put((self._sender.seal_key_update(time.monotonic()), None))
-
-    def _write_loop(self) -> None:
-        failed = False
-        while True:
-            item = self._out.get()
-            if item is None:
-                break
-            pieces, on_sent = item
-            try:
-                if not failed:  # after a failure the rest is dropped, never retried
-                    send_pieces(self.sock, pieces)
-            except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
-                failed = True
-                self._end(f"connection closed: the peer stopped reading for "
-                          f"{self.send_timeout:g} s")
-                shut_down(self.sock)  # wakes the reader: the session is over
-            except OSError as e:
-                failed = True
-                self._end(f"connection lost: {e.strerror or e}")
-                shut_down(self.sock)
-            finally:
-                if on_sent is not None:
-                    on_sent()
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+            self._out.put((self._core.seal_key_update(time.monotonic()), None))
 
     # receiving side ----------------------------------------------------------------
     def _read_loop(self) -> None:
-        why = "connection closed"
+        close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
         frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
         try:
-            while True:
-                body = read_frame_into(self.sock, frame)
-                buf = self._free.get()
-                try:
-                    msg = decode_message(*self._receiver.open(body, buf.plain))
-                except BaseException:
-                    self._free.put(buf)
-                    raise
-                if isinstance(msg, FileData):
-                    self._on_data(msg.data, buf)  # the disk thread gives buf back
-                    continue
-                self._free.put(buf)  # decode_message copied everything else
-                if self._dispatch(msg):
-                    why = self.close_reason or why
-                    break
-        except AuthError as e:
-            why = f"connection closed: {e}"
-            self._send_quietly(Error(str(e)))
-        except ProtocolError as e:
-            why = f"connection closed: protocol error: {e}"
-            self._send_quietly(Error(f"protocol error: {e}"))
-        except ConnectionLost as e:
-            why = "peer disconnected" if "closed by peer" in str(e) else str(e)
-        except Exception as e:  # a bug must end this session only, with one line
-            why = f"connection closed: internal error: {e!r}"
-            self._send_quietly(Error("internal error"))
+            while (ended := self._read_one(frame)) is None:
+                pass
+            close = ended
+        except Exception as e:  # also a bug: it must end this session only, with one line
+            close, last_word = reader_close(e)
+            if last_word is not None:
+                self._send_quietly(last_word)
         finally:
-            self._abort_incoming()
-            self._disk.stop()
-            self._end(why)
+            self._in.aborted(self.close_info or close)
+            self._end(close)
+
+    def _read_one(self, frame: memoryview) -> Close | None:
+        """Receive one record and act on it; the Close when the peer ended the session."""
+        body = read_frame_into(self.sock, frame)
+        buf = self._in.free.get()
+        msg = None
+        try:
+            msg = self._core.open_record(body, buf.plain)
+            with self._seal_lock:
+                events = self._core.receive(msg)
+        except BaseException:
+            if isinstance(msg, FileData):
+                msg.data.release()
+            self._in.free.put(buf)
+            raise
+        if not isinstance(msg, FileData):
+            self._in.free.put(buf)  # decode_message copied everything else
+        for event in events:
+            if isinstance(event, SessionEnded):
+                return event.close
+            self._handle(event, buf)
+        return None
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -751,126 +976,23 @@ class Connection:
         except (ConnectionLost, ProtocolError):
             pass
 
-    def _dispatch(self, msg) -> bool:
-        """Handle one message from the peer; True when the session is over."""
-        if isinstance(msg, Text):
-            self.events.text(self, msg.text)
-            self.send(Delivered(msg.msg_id))
-        elif isinstance(msg, FileOffer):
-            self._on_offer(msg)
-        elif isinstance(msg, FileEnd):
-            self._on_end(msg.sha256)
-        elif isinstance(msg, FileCancel):
-            if self._incoming is None and not self._discarding:
-                raise RemoteProtocolError("FileCancel without a transfer")
-            name = self._incoming.name if self._incoming else ""
-            self._abort_incoming()
-            self._discarding = False
-            if name:
-                self.events.file_failed(self, name, f"sender cancelled: {msg.detail}")
-        elif isinstance(msg, (Delivered, FileAccept, FileReject, FileSaved, FileFailed)):
-            if not self._op_active:
-                raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
-                                          f"for a reply")
-            self._replies.put(msg)
-        elif isinstance(msg, Bye):
-            self.close_reason = "peer said goodbye" + (f" ({neutralise(msg.reason)})"
-                                                       if msg.reason else "")
-            return True
-        elif isinstance(msg, Error):
-            self.close_reason = f"peer reported an error: {neutralise(msg.reason)}"
-            return True
-        elif isinstance(msg, KeyUpdate):
-            pass  # the record layer has already moved to the peer's next key epoch
-        else:
-            raise RemoteProtocolError(f"unexpected {type(msg).__name__} in a session")
-        return False
-
-    # receiving a file: offer -> data... -> end -------------------------------------
-    def _on_offer(self, offer: FileOffer) -> None:
-        if self._incoming is not None or self._discarding:
-            raise RemoteProtocolError("a second file offer while a transfer is running")
-        try:
-            self._incoming = transfer.IncomingFile(self.received_dir, offer.name, offer.size,
-                                                   self.max_file_size)
-        except transfer.Rejected as r:
-            self.events.file_failed(self, offer.name, f"rejected: {r.detail}")
-            self.send(FileReject(r.reason, r.detail))
-            return
-        self._incoming_started = time.monotonic()
-        self._incoming_bytes = 0
-        # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
-        # to the front of the announcement line on a terminal
-        self.events.file_offered(self, offer.name, offer.size)
-        self._bar = self.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
-        self.send(FileAccept())
-
-    def _on_data(self, data: memoryview, buf: PlainBuffer) -> None:
-        """Hand a verified chunk to the disk thread, which hashes and writes it while
-        this thread verifies and decrypts the next record."""
-        if self._discarding or self._incoming is None:
-            data.release()
-            self._free.put(buf)
-            if self._discarding:
-                return  # the receiver already failed; the sender will end the stream
-            raise RemoteProtocolError("file data without an accepted offer")
-        self._incoming_bytes += len(data)
-        if self._incoming_bytes > self._incoming.size:
-            data.release()
-            self._free.put(buf)
-            raise RemoteProtocolError("file data beyond the announced size")
-        if self._disk.failure is not None:
-            data.release()
-            self._free.put(buf)
-            failure = self._disk.settle()
-            if not isinstance(failure, transfer.Rejected):
-                raise failure
-            self._fail_incoming(failure)
-            return
-        n = len(data)  # the disk thread releases `data` once written
-        self._disk.write(self._incoming, data, buf)
-        self._bar.update(n)
-
-    def _on_end(self, sha256: bytes) -> None:
-        if self._discarding:
-            self._discarding = False
-            return
-        if self._incoming is None:
-            raise RemoteProtocolError("file end without an accepted offer")
-        incoming = self._incoming
-        try:
-            failure = self._disk.settle()
-            if failure is not None:
-                raise failure
-            saved, digest = incoming.finish(sha256)
-        except transfer.Rejected as r:
-            self._fail_incoming(r, discard=False)
-            return
-        self._close_bar()
-        self._incoming = None
-        result = FileResult(saved, incoming.size, digest,
-                            time.monotonic() - self._incoming_started)
-        self.send(FileSaved(digest, saved))
-        self.events.file_saved(self, str(incoming.directory / saved), result)
-
-    def _fail_incoming(self, r: transfer.Rejected, *, discard: bool = True) -> None:
-        name = self._incoming.name
-        self._abort_incoming()
-        self._discarding = discard
-        self.send(FileFailed(r.reason, r.detail))
-        self.events.file_failed(self, name, r.detail)
-
-    def _abort_incoming(self) -> None:
-        if self._incoming is not None:
-            self._disk.settle()  # no write may race the temp file's removal
-            self._incoming.abort()
-            self._incoming = None
-            self._close_bar()
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def _handle(self, event, buf: PlainBuffer) -> None:
+        """Act on one event of the core (the ordering rules were checked there)."""
+        if isinstance(event, TextReceived):
+            self.events.text(self, event.text)
+            self.send(Delivered(event.msg_id))
+        elif isinstance(event, FileChunk):
+            self._in.chunk(event.data, buf)  # the disk thread gives buf back
+        elif isinstance(event, FileDiscarded):
+            self._in.free.put(buf)  # the receiver already failed; the sender ends the stream
+        elif isinstance(event, FileOffered):
+            self._in.offered(event)
+        elif isinstance(event, FileEnded):
+            self._in.ended(event.sha256)
+        elif isinstance(event, FileCancelled):
+            self._in.cancelled(event)
+        elif isinstance(event, ReplyReceived):
+            self._replies.put(event.msg)
 
     # operations for the caller -------------------------------------------------------
     @contextlib.contextmanager
@@ -878,18 +1000,22 @@ class Connection:
         """One caller operation at a time.  A peer that breaks the exchange or never
         answers loses the session: any violation closes, as in the reader."""
         with self._op_lock:
-            self._op_active = True
             try:
                 yield
             except RemoteProtocolError as e:
                 self._send_quietly(Error(f"protocol error: {e}"))
-                self.begin_close()
+                self.begin_close(kind=CloseKind.PROTOCOL_ERROR)
                 raise
             except NoAnswer:
-                self.begin_close("no answer")
+                self.begin_close("no answer", kind=CloseKind.TIMEOUT)
                 raise
             finally:
-                self._op_active = False
+                with self._seal_lock:
+                    self._core.operation_over()  # a late reply is the peer's error
+
+    def _check_reply(self, reply, *, msg_id: int | None = None):
+        with self._seal_lock:
+            return self._core.check_reply(reply, msg_id=msg_id)
 
     def _check_interrupted(self) -> None:
         """Act on Ctrl-C/SIGTERM here, between records, never inside one."""
@@ -915,12 +1041,9 @@ class Connection:
     def send_text(self, text: str, timeout: float | None = REPLY_TIMEOUT) -> None:
         """Send one text and wait until the peer acknowledges it."""
         with self._operation():
-            self._next_id += 1
-            msg_id = self._next_id
+            msg_id = self._core.text_id()
             self.send(Text(msg_id, text))
-            reply = self._reply(timeout)
-            if not isinstance(reply, Delivered) or reply.msg_id != msg_id:
-                raise RemoteProtocolError(f"expected Delivered({msg_id}), got {reply}")
+            self._check_reply(self._reply(timeout), msg_id=msg_id)
 
     def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
                   strip: bool = False) -> FileResult:
@@ -933,90 +1056,40 @@ class Connection:
         with self._operation():
             started = time.monotonic()
             self.send(FileOffer(out.size, out.name))
-            reply = self._reply(REPLY_TIMEOUT)
+            reply = self._check_reply(self._reply(REPLY_TIMEOUT))  # FileAccept or FileReject
             if isinstance(reply, FileReject):
                 raise transfer.Rejected(reply.reason, f"rejected by peer: {reply.detail}")
-            if not isinstance(reply, FileAccept):
-                raise RemoteProtocolError(f"expected FileAccept, got {type(reply).__name__}")
-            digest = self._stream(out)
-            reply = self._reply(SAVED_TIMEOUT)
+            digest = OutgoingFile(self).stream(out)
+            reply = self._check_reply(self._reply(SAVED_TIMEOUT))  # FileSaved or FileFailed
             if isinstance(reply, FileFailed):
                 raise transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
-            if not isinstance(reply, FileSaved):
-                raise RemoteProtocolError(f"expected FileSaved, got {type(reply).__name__}")
             if reply.sha256 != digest:
                 raise transfer.Rejected(Reason.HASH_MISMATCH, "peer's SHA-256 differs from ours")
             return FileResult(reply.name, out.size, digest, time.monotonic() - started,
                               "without metadata" if strip else "")
 
-    def _stream(self, out: transfer.Outgoing) -> bytes:
-        """Read, hash and seal chunk after chunk into reused buffers; the writer
-        thread sends each while the next is prepared."""
-        h = hashlib.sha256()
-        sent = 0
-        plain = memoryview(bytearray(CHUNK_SIZE))
-        cipher: queue.Queue = queue.Queue()
-        for _ in range(DATA_IN_FLIGHT):
-            cipher.put(memoryview(bytearray(CHUNK_SIZE + 16)))
-        with transfer.open_outgoing(out) as f, \
-                self.events.progress(out.size, f"sending {out.name[:30]}") as bar:
-            while sent < out.size:
-                self._check_interrupted()
-                failure = self._early_failure()
-                if failure is not None:
-                    self.send(FileCancel(Reason.CANCELLED, "receiver failed"))
-                    raise transfer.Rejected(failure.reason,
-                                            f"peer could not save it: {failure.detail}")
-                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
-                if not n:
-                    self.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
-                    raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
-                h.update(plain[:n])
-                buf = self._free_cipher_buffer(cipher)
-                self.send(FileData(plain[:n]), out=buf, on_sent=lambda b=buf: cipher.put(b))
-                sent += n
-                bar.update(n)
-        self.send(FileEnd(h.digest()))
-        return h.digest()
-
-    def _free_cipher_buffer(self, pool: queue.Queue) -> memoryview:
-        # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat
-        stalled_since = time.monotonic()
-        while True:
-            self._check_interrupted()
-            try:
-                return pool.get(timeout=POLL)
-            except queue.Empty:
-                if self.closed.is_set() or self._closing:
-                    raise ConnectionLost(self.close_reason or "connection closed") from None
-                if time.monotonic() - stalled_since > STALL_TIMEOUT:
-                    raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
-
-    def _early_failure(self) -> FileFailed | None:
-        try:
-            msg = self._replies.get_nowait()
-        except queue.Empty:
-            return None
-        if isinstance(msg, FileFailed):
-            return msg
-        if msg is None:
-            self._replies.put(None)
-            raise ConnectionLost(self.close_reason or "connection closed")
-        raise RemoteProtocolError(f"unexpected {type(msg).__name__} during a transfer")
-
     # closing ---------------------------------------------------------------------------
-    def _end(self, why: str) -> None:
+    def _end(self, close: Close) -> None:
         if self.closed.is_set():
             return
-        self.close_reason = self.close_reason or why
+        self._seen_close = self._seen_close or close
+        self.close_reason = self.close_reason or close.detail
         self.closed.set()
         self._replies.put(None)
         self._out.put(None)
         if not self._closing:
             self.events.closed(self, self.close_reason)
 
-    def begin_close(self, reason: str = "") -> None:
+    @property
+    def close_info(self) -> Close | None:
+        """How the session ended: our own close when we ended it first, else what
+        the reader or writer saw (None while it is open)."""
+        return self._local_close or self._seen_close
+
+    def begin_close(self, reason: str = "", kind: CloseKind = CloseKind.LOCAL_SHUTDOWN) -> None:
         """Say goodbye (if still connected) and stop sending; returns at once."""
+        if self._local_close is None and self._seen_close is None:
+            self._local_close = Close(kind, Side.LOCAL, reason or kind.value)
         self._closing = True
         if not self.closed.is_set():
             self._send_quietly(Bye(reason))
@@ -1027,23 +1100,30 @@ class Connection:
 
         Waiting for the peer's EOF (rather than closing at once) keeps the kernel
         from answering late data with a reset that could destroy our goodbye."""
-        for thread in (self._writer, self._reader):
-            _join(thread, deadline)
-        if self._writer.is_alive():
-            # what it still holds will never be read: reset rather than leave the
-            # kernel to keep it (and the socket) for a peer that does not read
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                     struct.pack("@ii", 1, 0))
-        shut_down(self.sock)  # wakes a writer blocked in sendmsg, a reader in recv
-        exit_by = time.monotonic() + EXIT_TIMEOUT
-        for thread in (self._writer, self._reader):
-            _join(thread, exit_by)
-        self.sock.close()
+        hang_up(self.sock, self._writer, self._reader, deadline)
 
-    def close(self, reason: str = "", timeout: float = 3.0) -> None:
-        self.begin_close(reason)
+    def close(self, reason: str = "", timeout: float = LIMITS.close_timeout, *,
+              kind: CloseKind = CloseKind.LOCAL_SHUTDOWN) -> None:
+        self.begin_close(reason, kind)
         self.finish_close(time.monotonic() + timeout)
+
+
+def hang_up(sock: socket.socket, writer: threading.Thread, reader: threading.Thread,
+            deadline: float) -> None:
+    """Wait until `deadline` for both threads, then shut the socket down (which wakes
+    a writer blocked in sendmsg, a reader in recv), let them exit and close it."""
+    for thread in (writer, reader):
+        _join(thread, deadline)
+    if writer.is_alive():
+        # what it still holds will never be read: reset rather than leave the
+        # kernel to keep it (and the socket) for a peer that does not read
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("@ii", 1, 0))
+    shut_down(sock)
+    exit_by = time.monotonic() + EXIT_TIMEOUT
+    for thread in (writer, reader):
+        _join(thread, exit_by)
+    sock.close()
 
 
 def _join(thread: threading.Thread, deadline: float) -> None:

@@ -79,8 +79,8 @@ def test_key_updates_at_the_limit_and_on_demand_in_both_directions_during_transf
         # end, and the replies to the download (accept, saved, delivered) = 12 messages:
         # epochs 1, 2 full, 4 messages in epoch 3.  s2c: offer, 3 chunks, end, a text and
         # the replies to the upload (2 delivered, accept, saved) = 10: 2 in epoch 3.
-        c_send, c_recv = client._sender, client._receiver
-        s_send, s_recv = server._sender, server._receiver
+        c_send, c_recv = client._core._sender, client._core._receiver
+        s_send, s_recv = server._core._sender, server._core._receiver
         assert (c_send.epoch, c_send.seq) == (s_recv.epoch, s_recv.seq) == (3, 4)
         assert (s_send.epoch, s_send.seq) == (c_recv.epoch, c_recv.seq) == (3, 2)
         assert not client.closed.is_set() and not server.closed.is_set()

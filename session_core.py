@@ -1,0 +1,411 @@
+"""The session after the handshake as a sans-I/O state machine (like h11's Connection).
+
+Sans-I/O: this module does no I/O and keeps no clock.  It imports no socket, thread,
+queue, time or file module.  Sealed records come out of `seal`, received record
+bodies go into `open_record`, decoded messages go into `receive`, which returns
+what happened as events; the caller passes `now` (its monotonic clock) where the
+key-update rule needs the time.  The ordering rules of PROTOCOL.md section 11
+(first record, one file per direction, data only after an accepted offer and within
+its size, replies only when someone waits, nothing after Bye) are checked here and
+only here.  Any exception in a step moves the core to FAILED for good (one guard,
+as h11's _process_error): a session that broke once is never used again.
+
+File operations are kept per operation id in a dict, with id 0 for the one
+transfer per direction that protocol version 2 allows; a later version that
+numbers its operations adds ids, not a new machine.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+
+from protocol import (
+    Bye,
+    Delivered,
+    Error,
+    FileAccept,
+    FileCancel,
+    FileData,
+    FileEnd,
+    FileFailed,
+    FileOffer,
+    FileReject,
+    FileSaved,
+    KeyUpdate,
+    LocalProtocolError,
+    Refused,
+    RemoteProtocolError,
+    Text,
+    Welcome,
+    decode_message,
+    neutralise,
+)
+
+
+# --- how a session ended ---------------------------------------------------------------
+class CloseKind(enum.Enum):
+    PEER_BYE = "peer said bye"
+    PEER_ERROR = "peer reported an error"
+    PEER_VANISHED = "peer vanished"  # EOF or reset without a goodbye
+    CONNECTION_LOST = "connection lost"  # an OS error on the socket
+    PROTOCOL_ERROR = "protocol error"
+    AUTH_FAILED = "authentication failure"  # a record that does not verify
+    LOCAL_SHUTDOWN = "local shutdown"  # we said goodbye
+    TIMEOUT = "timeout"  # the peer stopped reading or answering
+    INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
+    INTERNAL_ERROR = "internal error"
+
+
+class Side(enum.Enum):
+    LOCAL = "local"
+    PEER = "peer"
+
+
+@dataclass(frozen=True)
+class Close:
+    """Why a session ended: the kind (what logic looks at), who caused it, and the
+    one line for humans (what the logs show, never parsed)."""
+
+    kind: CloseKind
+    by: Side
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+    @property
+    def clean(self) -> bool:
+        """The peer ended it with a goodbye."""
+        return self.kind is CloseKind.PEER_BYE
+
+
+# --- events returned by receive -----------------------------------------------------------
+@dataclass(frozen=True)
+class Welcomed:
+    pass
+
+
+@dataclass(frozen=True)
+class WasRefused:
+    reason: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class TextReceived:
+    msg_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class FileOffered:
+    op: int
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    op: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class FileDiscarded:
+    """Data of a transfer this side already failed: drop it (the buffer goes back)."""
+
+    op: int
+
+
+@dataclass(frozen=True)
+class FileEnded:
+    op: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class FileCancelled:
+    op: int
+    name: str  # "" when the transfer was being discarded
+    detail: str
+
+
+@dataclass(frozen=True)
+class ReplyReceived:
+    """A reply to our operation; the waiting operation checks it with check_reply."""
+
+    msg: object
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    close: Close
+
+
+class State(enum.Enum):
+    AWAIT_FIRST = "waiting for Welcome or Refused"  # client, after its ClientAuth
+    OPEN = "open"
+    CLOSING = "closing"  # we sent Bye or Error: nothing more goes out, the peer may finish
+    CLOSED = "closed"  # the peer sent Bye or Error, or refused us: nothing more comes in
+    FAILED = "failed"
+
+
+class Inbound(enum.Enum):
+    """A file coming to us; the replies we send move it on."""
+
+    OFFERED = "offered"  # FileAccept or FileReject is ours to send
+    RECEIVING = "receiving"  # accepted: data until the announced size, then FileEnd
+    DRAINING = "draining"  # we sent FileFailed: data ignored until FileEnd or FileCancel
+    ENDED = "ended"  # FileEnd came: FileSaved or FileFailed is ours to send
+
+
+class Outbound(enum.Enum):
+    """What our own operation waits for."""
+
+    DELIVERED = "Delivered"
+    ACCEPT = "FileAccept or FileReject"
+    STREAMING = "nothing (FileFailed may come early)"
+    SAVED = "FileSaved or FileFailed"
+
+
+@dataclass
+class _InFile:
+    name: str
+    size: int
+    state: Inbound = Inbound.OFFERED
+    received: int = 0
+
+
+V2_OP = 0  # protocol v2 has one file operation per direction: its id is always 0
+_REPLIES = (Delivered, FileAccept, FileReject, FileSaved, FileFailed)
+
+
+def _step(method):
+    """The one guard: any exception in a step leaves the core FAILED for good."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        # a failed session may still seal its last word, the Error that says why
+        last_word = method.__name__ == "seal" and args and isinstance(args[0], Error)
+        if self.state is State.FAILED and not last_word:
+            raise LocalProtocolError("the session already failed")
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.state = State.FAILED
+            raise
+
+    return guarded
+
+
+class SessionCore:
+    """One side of a session after the handshake.  `records` is the (sender,
+    receiver) pair of crypt's record layer; `client` says which side speaks first
+    (the server sends Welcome or Refused, the client waits for it); `opened` makes
+    a core whose first record has already been exchanged."""
+
+    def __init__(self, records, *, client: bool, opened: bool = False) -> None:
+        self._sender, self._receiver = records
+        self.client = client
+        self.state = State.AWAIT_FIRST if client and not opened else State.OPEN
+        self._first_sent = client or opened  # the server's first record: Welcome or Refused
+        self.inbound: dict[int, _InFile] = {}  # files coming in, by operation id
+        self.outbound: dict[int, Outbound] = {}  # our file operations, by operation id
+        self.texts: set[int] = set()  # msg_ids of our texts waiting for Delivered
+        self.next_msg_id = 0
+
+    # records in and out ---------------------------------------------------------------
+    def start_clock(self, now: float) -> None:
+        self._sender.start_clock(now)  # the hour of a key epoch counts from here
+
+    @_step
+    def seal(self, msg, now: float, out: memoryview | None = None) -> list:
+        """The records (lists of pieces, in order) that carry msg: a KeyUpdate first
+        when one is due at `now`.  `out` receives msg's ciphertext (zero copy)."""
+        self._check_sendable(msg)
+        records = []
+        if self._sender.update_due(now):
+            records.append(self._sender.seal_key_update(now))
+        records.append(self._sender.seal(msg.TYPE, msg.encode(), out))
+        self._sent(msg)
+        return records
+
+    @_step
+    def seal_key_update(self, now: float) -> list:
+        self._check_sendable(KeyUpdate())
+        return self._sender.seal_key_update(now)
+
+    @_step
+    def open_record(self, body, into: memoryview | None = None):
+        """Verify, decrypt and decode one record body (into `into` when given)."""
+        if into is None:
+            return decode_message(*self._receiver.open(body))
+        return decode_message(*self._receiver.open(body, into))
+
+    # what we send -------------------------------------------------------------------------
+    def _check_sendable(self, msg) -> None:
+        name = type(msg).__name__
+        if self.state is State.AWAIT_FIRST:
+            raise LocalProtocolError(f"{name} before the server's Welcome")
+        if not self._first_sent and not isinstance(msg, Welcome | Refused):
+            raise LocalProtocolError(f"{name} before Welcome or Refused")
+        if self.state in (State.CLOSING, State.CLOSED) and not isinstance(msg, Error | Bye):
+            raise LocalProtocolError(f"{name} after the session closed")
+        if isinstance(msg, FileOffer) and V2_OP in self.outbound:
+            raise LocalProtocolError("a second file offer while ours is running")
+        if isinstance(msg, FileData | FileEnd | FileCancel) and \
+                self.outbound.get(V2_OP) is not Outbound.STREAMING:
+            raise LocalProtocolError(f"{name} without an accepted offer")
+        current = self.inbound.get(V2_OP)
+        if isinstance(msg, FileAccept | FileReject) and \
+                (current is None or current.state is not Inbound.OFFERED):
+            raise LocalProtocolError(f"{name} without an offer to answer")
+        if isinstance(msg, FileSaved) and (current is None or current.state is not Inbound.ENDED):
+            raise LocalProtocolError("FileSaved before the file ended")
+        if isinstance(msg, FileFailed) and (current is None or current.state not in (
+                Inbound.RECEIVING, Inbound.ENDED)):
+            raise LocalProtocolError("FileFailed without a file being received")
+
+    def _sent(self, msg) -> None:
+        current = self.inbound.get(V2_OP)
+        if isinstance(msg, Welcome | Refused):
+            self._first_sent = True
+            if isinstance(msg, Refused):
+                self.state = State.CLOSING
+        elif isinstance(msg, Text):
+            self.texts.add(msg.msg_id)
+        elif isinstance(msg, FileOffer):
+            self.outbound[V2_OP] = Outbound.ACCEPT
+        elif isinstance(msg, FileEnd):
+            self.outbound[V2_OP] = Outbound.SAVED
+        elif isinstance(msg, FileCancel):
+            del self.outbound[V2_OP]
+        elif isinstance(msg, FileAccept):
+            current.state = Inbound.RECEIVING
+        elif isinstance(msg, FileReject | FileSaved) or \
+                (isinstance(msg, FileFailed) and current.state is Inbound.ENDED):
+            del self.inbound[V2_OP]
+        elif isinstance(msg, FileFailed):
+            current.state = Inbound.DRAINING
+        elif isinstance(msg, Bye | Error) and self.state is State.OPEN:
+            self.state = State.CLOSING
+
+    def text_id(self) -> int:
+        """The msg_id of our next text: 1, 2, 3, ... per session."""
+        self.next_msg_id += 1
+        return self.next_msg_id
+
+    # what the peer sends ------------------------------------------------------------------
+    @_step
+    def receive(self, msg) -> list:
+        """Check one message from the peer against the session's state; the events."""
+        if self.state is State.AWAIT_FIRST:
+            return self._first(msg)
+        if self.state is State.CLOSED:  # after Bye or Error (or Refused) comes nothing
+            raise RemoteProtocolError(f"{type(msg).__name__} after the session ended")
+        if isinstance(msg, Text):
+            return [TextReceived(msg.msg_id, msg.text)]
+        if isinstance(msg, FileOffer | FileData | FileEnd | FileCancel):
+            return self._inbound_file(msg)
+        if isinstance(msg, _REPLIES):
+            if not self.texts and not self.outbound:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
+                                          f"for a reply")
+            return [ReplyReceived(msg)]
+        if isinstance(msg, Bye):
+            self.state = State.CLOSED
+            return [SessionEnded(Close(CloseKind.PEER_BYE, Side.PEER, "peer said goodbye" + (
+                f" ({neutralise(msg.reason)})" if msg.reason else "")))]
+        if isinstance(msg, Error):
+            self.state = State.CLOSED
+            return [SessionEnded(Close(CloseKind.PEER_ERROR, Side.PEER,
+                                       f"peer reported an error: {neutralise(msg.reason)}"))]
+        if isinstance(msg, KeyUpdate):
+            return []  # the record layer has already moved to the peer's next key epoch
+        raise RemoteProtocolError(f"unexpected {type(msg).__name__} in a session")
+
+    def _first(self, msg) -> list:
+        if isinstance(msg, Welcome):
+            self.state = State.OPEN
+            return [Welcomed()]
+        if isinstance(msg, Refused):
+            self.state = State.CLOSED
+            return [WasRefused(msg.reason, msg.detail)]
+        raise RemoteProtocolError(f"{type(msg).__name__} instead of Welcome or Refused")
+
+    def _inbound_file(self, msg) -> list:
+        current = self.inbound.get(V2_OP)
+        if isinstance(msg, FileOffer):
+            if current is not None:
+                raise RemoteProtocolError("a second file offer while a transfer is running")
+            self.inbound[V2_OP] = _InFile(msg.name, msg.size)
+            return [FileOffered(V2_OP, msg.name, msg.size)]
+        if isinstance(msg, FileCancel):
+            if current is None:
+                raise RemoteProtocolError("FileCancel without a transfer")
+            if current.state not in (Inbound.RECEIVING, Inbound.DRAINING):
+                raise RemoteProtocolError("FileCancel without a transfer")
+            del self.inbound[V2_OP]
+            name = current.name if current.state is Inbound.RECEIVING else ""
+            return [FileCancelled(V2_OP, name, msg.detail)]
+        if current is None or current.state in (Inbound.OFFERED, Inbound.ENDED):
+            # also data after our FileReject, or before our FileAccept went out
+            what = "file data" if isinstance(msg, FileData) else "file end"
+            raise RemoteProtocolError(f"{what} without an accepted offer")
+        if current.state is Inbound.DRAINING:
+            if isinstance(msg, FileEnd):
+                del self.inbound[V2_OP]
+                return []
+            return [FileDiscarded(V2_OP)]
+        if isinstance(msg, FileEnd):
+            current.state = Inbound.ENDED
+            return [FileEnded(V2_OP, msg.sha256)]
+        current.received += len(msg.data)
+        if current.received > current.size:
+            raise RemoteProtocolError("file data beyond the announced size")
+        return [FileChunk(V2_OP, msg.data)]
+
+    # what the plumbing asks ----------------------------------------------------------------
+    def receiving(self, op: int = V2_OP) -> tuple[str, int] | None:
+        """(name, bytes received) of a file coming in and not failed, else None."""
+        current = self.inbound.get(op)
+        if current is None or current.state is not Inbound.RECEIVING:
+            return None
+        return current.name, current.received
+
+    # replies to our operations, checked by the operation that waits for them ----------------
+    @_step
+    def check_reply(self, msg, *, msg_id: int | None = None):
+        """The reply our waiting operation reads; a reply that does not fit it is
+        the peer's protocol error (PROTOCOL.md 11.2).  Returns msg."""
+        if msg_id is not None:
+            self.texts.discard(msg_id)
+            if not isinstance(msg, Delivered) or msg.msg_id != msg_id:
+                raise RemoteProtocolError(f"expected Delivered({msg_id}), got {msg}")
+            return msg
+        expected = self.outbound.get(V2_OP)
+        if expected is Outbound.ACCEPT:
+            if isinstance(msg, FileReject):
+                del self.outbound[V2_OP]
+            elif isinstance(msg, FileAccept):
+                self.outbound[V2_OP] = Outbound.STREAMING
+            else:
+                raise RemoteProtocolError(f"expected FileAccept, got {type(msg).__name__}")
+        elif expected is Outbound.STREAMING:
+            if not isinstance(msg, FileFailed):
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} during a transfer")
+        elif expected is Outbound.SAVED:
+            del self.outbound[V2_OP]
+            if not isinstance(msg, FileSaved | FileFailed):
+                raise RemoteProtocolError(f"expected FileSaved, got {type(msg).__name__}")
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
+                                      f"for a reply")
+        return msg
+
+    def operation_over(self) -> None:
+        """Our operation ended (answered, failed or given up): it waits for nothing."""
+        self.outbound.clear()
+        self.texts.clear()

@@ -1,0 +1,373 @@
+"""The session core in memory: two sans-I/O cores wired together, every ordering rule
+of PROTOCOL.md section 11 and each close kind, no socket and no thread."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import handshake_pair
+
+import crypt
+import session_core
+from protocol import (
+    FRAME_HEADER,
+    AuthError,
+    Bye,
+    Delivered,
+    Error,
+    FileAccept,
+    FileCancel,
+    FileData,
+    FileEnd,
+    FileFailed,
+    FileOffer,
+    FileReject,
+    FileSaved,
+    LocalProtocolError,
+    Reason,
+    Refused,
+    RemoteProtocolError,
+    Text,
+    Welcome,
+)
+from session_core import (
+    CloseKind,
+    FileCancelled,
+    FileChunk,
+    FileDiscarded,
+    FileEnded,
+    FileOffered,
+    ReplyReceived,
+    SessionCore,
+    SessionEnded,
+    Side,
+    State,
+    TextReceived,
+    WasRefused,
+    Welcomed,
+)
+
+NOW = 1000.0
+LIMIT = 8  # records per key epoch, small enough to see KeyUpdates
+
+
+class Wire:
+    """Two cores, each record sealed by one and opened by the other in memory."""
+
+    def __init__(self, *, opened: bool = True, limit: int = crypt.KEY_UPDATE_RECORDS) -> None:
+        pair = handshake_pair()
+        self.client = SessionCore(crypt.record_pair(pair.client.keys, crypt.Role.CLIENT, limit),
+                                  client=True, opened=opened)
+        self.server = SessionCore(crypt.record_pair(pair.server.keys, crypt.Role.SERVER, limit),
+                                  client=False, opened=opened)
+        self.client.start_clock(NOW)
+        self.server.start_clock(NOW)
+        self.records = 0
+
+    def send(self, sender: SessionCore, msg, now: float = NOW) -> list:
+        """sender seals msg, the other core opens and receives it: the events."""
+        receiver = self.server if sender is self.client else self.client
+        events = []
+        for pieces in sender.seal(msg, now):
+            self.records += 1
+            events += receiver.receive(receiver.open_record(body(pieces)))
+        return events
+
+    def forge(self, sender: SessionCore, msg) -> list:
+        """A peer that breaks the rules: msg sealed by the bare record layer, past
+        the sending core's own checks, and received by the other core."""
+        receiver = self.server if sender is self.client else self.client
+        record = sender._sender.seal(msg.TYPE, msg.encode())
+        return receiver.receive(receiver.open_record(body(record)))
+
+
+def body(pieces: list) -> bytes:
+    """A sealed record's frame body (what follows its length header)."""
+    frame = b"".join(bytes(memoryview(p).cast("B")) for p in pieces)
+    assert len(frame) == FRAME_HEADER.size + FRAME_HEADER.unpack_from(frame)[0]
+    return frame[FRAME_HEADER.size:]
+
+
+@pytest.fixture
+def wire() -> Wire:
+    return Wire()
+
+
+def offer_accepted(wire: Wire, size: int = 10) -> None:
+    assert wire.send(wire.client, FileOffer(size, "a.jpg")) == [FileOffered(0, "a.jpg", size)]
+    reply = wire.send(wire.server, FileAccept())
+    assert reply == [ReplyReceived(FileAccept())]
+    wire.client.check_reply(reply[0].msg)
+
+
+# --- the first record -------------------------------------------------------------------
+def test_welcome_opens_the_session_on_both_sides():
+    wire = Wire(opened=False)
+    with pytest.raises(LocalProtocolError, match="before Welcome or Refused"):
+        wire.server.seal(Text(1, "hi"), NOW)
+    assert wire.server.state is State.FAILED  # a misuse of our own fails the core too
+    wire2 = Wire(opened=False)
+    with pytest.raises(LocalProtocolError, match="before the server's Welcome"):
+        wire2.client.seal(Text(1, "hi"), NOW)
+    wire2.client.state = State.AWAIT_FIRST
+    assert wire2.send(wire2.server, Welcome()) == [Welcomed()]
+    assert wire2.client.state is State.OPEN
+    assert wire2.send(wire2.client, Text(1, "hi")) == [TextReceived(1, "hi")]
+
+
+def test_refused_closes_the_session_and_nothing_may_follow():
+    wire = Wire(opened=False)
+    refused = Refused(Reason.BUSY, "full")
+    assert wire.send(wire.server, refused) == [WasRefused(Reason.BUSY, "full")]
+    assert wire.client.state is State.CLOSED
+    with pytest.raises(LocalProtocolError, match="after the session closed"):
+        wire.server.seal(Text(1, "x"), NOW)
+
+
+def test_a_first_record_that_is_no_welcome_is_a_protocol_error():
+    wire = Wire(opened=False)
+    wire.server._first_sent = True  # a server that skips its Welcome
+    with pytest.raises(RemoteProtocolError, match="Text instead of Welcome or Refused"):
+        wire.send(wire.server, Text(1, "x"))
+    assert wire.client.state is State.FAILED
+
+
+# --- texts and replies ----------------------------------------------------------------------
+def test_text_and_delivered(wire: Wire):
+    msg_id = wire.client.text_id()
+    assert wire.send(wire.client, Text(msg_id, "hello")) == [TextReceived(1, "hello")]
+    [reply] = wire.send(wire.server, Delivered(msg_id))
+    assert wire.client.check_reply(reply.msg, msg_id=msg_id) == Delivered(1)
+    assert wire.client.texts == set()
+
+
+def test_delivered_for_another_text_is_the_peers_error(wire: Wire):
+    wire.send(wire.client, Text(1, "hello"))
+    [reply] = wire.send(wire.server, Delivered(7))
+    with pytest.raises(RemoteProtocolError, match=r"expected Delivered\(1\), got"):
+        wire.client.check_reply(reply.msg, msg_id=1)
+
+
+@pytest.mark.parametrize("reply", [Delivered(1), FileAccept(), FileReject(Reason.TOO_LARGE, ""),
+                                   FileSaved(b"\0" * 32, "a.jpg"), FileFailed(Reason.NO_SPACE, "")])
+def test_a_reply_nobody_waits_for_fails_the_session(wire: Wire, reply):
+    with pytest.raises(RemoteProtocolError, match="nothing is waiting for a reply"):
+        wire.forge(wire.server, reply)
+    assert wire.client.state is State.FAILED
+
+
+def test_a_reply_of_the_wrong_kind_fails_the_waiting_operation(wire: Wire):
+    wire.send(wire.client, FileOffer(10, "a.jpg"))
+    [reply] = wire.forge(wire.server, FileSaved(b"\0" * 32, "a.jpg"))  # waiting, not for this
+    with pytest.raises(RemoteProtocolError, match="expected FileAccept, got FileSaved"):
+        wire.client.check_reply(reply.msg)
+
+
+# --- files ----------------------------------------------------------------------------------
+def test_a_whole_transfer(wire: Wire):
+    offer_accepted(wire, 10)
+    assert wire.server.receiving() == ("a.jpg", 0)
+    [chunk] = wire.send(wire.client, FileData(b"\xff\xd8\xff" + b"x" * 7))
+    assert isinstance(chunk, FileChunk) and bytes(chunk.data) == b"\xff\xd8\xff" + b"x" * 7
+    assert wire.server.receiving() == ("a.jpg", 10)
+    assert wire.send(wire.client, FileEnd(b"h" * 32)) == [FileEnded(0, b"h" * 32)]
+    [reply] = wire.send(wire.server, FileSaved(b"h" * 32, "a.jpg"))
+    assert wire.client.check_reply(reply.msg) == FileSaved(b"h" * 32, "a.jpg")
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+    offer_accepted(wire, 3)  # the direction is free again
+
+
+def test_an_offer_during_a_transfer_is_a_protocol_error(wire: Wire):
+    offer_accepted(wire)
+    with pytest.raises(RemoteProtocolError, match="second file offer while a transfer is running"):
+        wire.forge(wire.client, FileOffer(5, "b.jpg"))
+
+
+def test_our_own_second_offer_is_refused_before_it_leaves(wire: Wire):
+    offer_accepted(wire)
+    with pytest.raises(LocalProtocolError, match="a second file offer while ours is running"):
+        wire.client.seal(FileOffer(5, "b.jpg"), NOW)
+
+
+def test_an_offer_the_other_way_may_interleave(wire: Wire):
+    offer_accepted(wire)
+    assert wire.send(wire.server, FileOffer(5, "b.jpg")) == [FileOffered(0, "b.jpg", 5)]
+    assert wire.send(wire.server, Text(1, "meanwhile")) == [TextReceived(1, "meanwhile")]
+
+
+@pytest.mark.parametrize("msg, what", [(FileData(b"x"), "file data"),
+                                       (FileEnd(b"h" * 32), "file end")])
+def test_data_or_end_with_no_offer_is_a_protocol_error(wire: Wire, msg, what):
+    with pytest.raises(RemoteProtocolError, match=f"{what} without an accepted offer"):
+        wire.forge(wire.client, msg)
+
+
+def test_file_data_before_file_accept_is_a_protocol_error(wire: Wire):
+    """PROTOCOL.md 11.2: the sender MUST NOT send FileData before FileAccept."""
+    wire.send(wire.client, FileOffer(10, "a.jpg"))
+    with pytest.raises(RemoteProtocolError, match="file data without an accepted offer"):
+        wire.forge(wire.client, FileData(b"x"))  # a peer that does not wait
+    ours = Wire()
+    ours.send(ours.client, FileOffer(10, "a.jpg"))
+    with pytest.raises(LocalProtocolError, match="FileData without an accepted offer"):
+        ours.client.seal(FileData(b"x"), NOW)  # our own side refuses to
+
+
+def test_file_data_after_file_reject_is_a_protocol_error(wire: Wire):
+    wire.send(wire.client, FileOffer(10, "a.jpg"))
+    [reply] = wire.send(wire.server, FileReject(Reason.TOO_LARGE, "too big"))
+    wire.client.check_reply(reply.msg)
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+    with pytest.raises(RemoteProtocolError, match="file data without an accepted offer"):
+        wire.forge(wire.client, FileData(b"x"))
+
+
+def test_data_past_the_announced_size_is_a_protocol_error(wire: Wire):
+    offer_accepted(wire, 4)
+    wire.send(wire.client, FileData(b"abc"))
+    with pytest.raises(RemoteProtocolError, match="file data beyond the announced size"):
+        wire.send(wire.client, FileData(b"de"))
+    assert wire.server.state is State.FAILED
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        wire.server.receive(Text(1, "x"))
+
+
+def test_failed_during_the_data_drains_until_the_end(wire: Wire):
+    offer_accepted(wire, 10)
+    wire.send(wire.client, FileData(b"abc"))
+    [early] = wire.send(wire.server, FileFailed(Reason.NOT_JPEG, "not a JPEG"))
+    assert wire.client.check_reply(early.msg) == FileFailed(Reason.NOT_JPEG, "not a JPEG")
+    assert wire.server.receiving() is None  # draining: no file to report as aborted
+    assert wire.send(wire.client, FileData(b"def")) == [FileDiscarded(0)]
+    assert wire.send(wire.client, FileCancel(Reason.CANCELLED, "receiver failed")) == \
+        [FileCancelled(0, "", "receiver failed")]
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+
+
+def test_draining_also_ends_with_file_end_and_no_reply(wire: Wire):
+    offer_accepted(wire, 6)
+    wire.send(wire.client, FileData(b"abc"))
+    wire.send(wire.server, FileFailed(Reason.NO_SPACE, "full"))
+    wire.send(wire.client, FileData(b"def"))
+    assert wire.send(wire.client, FileEnd(b"h" * 32)) == []
+    assert wire.server.inbound == {}
+
+
+def test_file_failed_after_the_end_is_the_answer(wire: Wire):
+    offer_accepted(wire, 3)
+    wire.send(wire.client, FileData(b"abc"))
+    wire.send(wire.client, FileEnd(b"h" * 32))
+    [reply] = wire.send(wire.server, FileFailed(Reason.HASH_MISMATCH, "differs"))
+    wire.client.check_reply(reply.msg)
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+
+
+def test_file_cancel_during_the_data(wire: Wire):
+    offer_accepted(wire, 10)
+    wire.send(wire.client, FileData(b"abc"))
+    assert wire.send(wire.client, FileCancel(Reason.CANCELLED, "file shrank")) == \
+        [FileCancelled(0, "a.jpg", "file shrank")]
+    assert wire.server.inbound == {}
+
+
+def test_file_cancel_without_a_transfer_is_a_protocol_error(wire: Wire):
+    with pytest.raises(RemoteProtocolError, match="FileCancel without a transfer"):
+        wire.forge(wire.client, FileCancel(Reason.CANCELLED, "x"))
+
+
+def test_the_receiver_cannot_answer_what_it_was_not_asked(wire: Wire):
+    with pytest.raises(LocalProtocolError, match="FileAccept without an offer to answer"):
+        wire.server.seal(FileAccept(), NOW)
+    other = Wire()
+    offer_accepted(other, 3)
+    with pytest.raises(LocalProtocolError, match="FileSaved before the file ended"):
+        other.server.seal(FileSaved(b"h" * 32, "a.jpg"), NOW)
+
+
+# --- key updates ----------------------------------------------------------------------------
+def test_key_update_after_the_records_of_an_epoch_and_after_an_hour():
+    wire = Wire(limit=LIMIT)
+    for i in range(1, 3 * LIMIT):
+        assert wire.send(wire.client, Text(i, "x")) == [TextReceived(i, "x")]
+    assert wire.records > 3 * LIMIT - 1  # KeyUpdates went in between, invisibly
+    before = wire.records
+    wire.send(wire.server, Text(1, "y"), now=NOW + crypt.KEY_UPDATE_SECONDS)
+    assert wire.records == before + 2  # the hour passed: a KeyUpdate came first
+    assert wire.send(wire.client, Text(99, "z")) == [TextReceived(99, "z")]
+
+
+def test_key_update_on_demand(wire: Wire):
+    record = wire.client.seal_key_update(NOW)
+    assert wire.server.receive(wire.server.open_record(body(record))) == []
+    assert wire.send(wire.client, Text(1, "after")) == [TextReceived(1, "after")]
+
+
+# --- closing --------------------------------------------------------------------------------
+def test_peer_said_bye_and_anything_after_it_is_an_error(wire: Wire):
+    [ended] = wire.send(wire.client, Bye("done"))
+    assert ended == SessionEnded(session_core.Close(CloseKind.PEER_BYE, Side.PEER,
+                                                    "peer said goodbye (done)"))
+    assert ended.close.clean and str(ended.close) == "peer said goodbye (done)"
+    assert wire.client.state is State.CLOSING and wire.server.state is State.CLOSED
+    with pytest.raises(LocalProtocolError, match="Text after the session closed"):
+        wire.client.seal(Text(1, "late"), NOW)
+    with pytest.raises(RemoteProtocolError, match="Text after the session ended"):
+        wire.forge(wire.client, Text(1, "late"))  # a peer that goes on after its Bye
+
+
+def test_our_bye_still_lets_the_peer_finish(wire: Wire):
+    in_flight = wire.server.seal(Text(1, "in flight"), NOW)  # sealed before our Bye came
+    wire.send(wire.client, Bye(""))
+    [pieces] = in_flight
+    assert wire.client.receive(wire.client.open_record(body(pieces))) == \
+        [TextReceived(1, "in flight")]
+    [ended] = wire.forge(wire.server, Bye(""))  # the server's own core is CLOSED by now
+    assert ended.close.kind is CloseKind.PEER_BYE and str(ended.close) == "peer said goodbye"
+
+
+def test_peer_error_is_its_own_close_kind(wire: Wire):
+    [ended] = wire.send(wire.server, Error("protocol error: \x1b[31mred"))
+    assert ended.close.kind is CloseKind.PEER_ERROR and not ended.close.clean
+    assert ended.close.by is Side.PEER
+    assert str(ended.close) == "peer reported an error: protocol error: \\x1b[31mred"
+
+
+def test_a_failed_core_still_says_why_once(wire: Wire):
+    offer_accepted(wire, 1)
+    with pytest.raises(RemoteProtocolError):
+        wire.send(wire.client, FileData(b"too much"))
+    [ended] = wire.send(wire.server, Error("protocol error: file data beyond the announced size"))
+    assert ended.close.kind is CloseKind.PEER_ERROR
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        wire.server.seal(Bye(""), NOW)
+
+
+def test_a_record_that_does_not_verify_fails_the_core(wire: Wire):
+    tampered = bytearray(body(wire.client.seal(Text(1, "x"), NOW)[0]))
+    tampered[-1] ^= 1
+    with pytest.raises(AuthError):
+        wire.server.open_record(bytes(tampered))
+    assert wire.server.state is State.FAILED
+
+
+@pytest.mark.parametrize("kind", list(CloseKind))
+def test_every_close_kind_has_a_human_name_and_only_bye_is_clean(kind):
+    close = session_core.Close(kind, Side.LOCAL, "detail for humans")
+    assert str(close) == "detail for humans"
+    assert close.clean is (kind is CloseKind.PEER_BYE)
+    assert kind.value and kind.value == kind.value.lower()
+
+
+def test_the_core_is_sans_io():
+    """It imports no socket, thread, queue, clock, file or signal module."""
+    import ast
+    from pathlib import Path
+
+    source = Path(session_core.__file__).read_text()
+    tree = ast.parse(source)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported == {"__future__", "enum", "functools", "dataclasses", "protocol"}
+    assert "sans-I/O" in session_core.__doc__
+    assert " open(" not in source and "(open(" not in source  # the builtin: no file
