@@ -331,7 +331,7 @@ MUTANTS: list[dict] = [
          original="os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC\n",
          replacement="os.O_APPEND | os.O_CLOEXEC\n",
          tests=[SAFETY + "test_an_unsafe_keylog_is_refused_untouched_and_the_session_goes_on"]),
-    dict(id="keylog-not-readable-by-others", file="session.py",
+    dict(id="keylog-private", file="session.py",
          property="3.10 a key log readable by group or others is refused",
          original="    if st.st_mode & 0o077:",
          replacement="    if st.st_mode & 0o000:",
@@ -412,7 +412,7 @@ MUTANTS: list[dict] = [
          replacement='        if answer in ("1", "without"):',
          tests=["tests/test_interactive.py::"
                 "test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves"]),
-    dict(id="batch-strip-refuses-unparseable", file="client.py",
+    dict(id="strip-refuses-unparseable", file="client.py",
          property="3.11 --strip-metadata refuses a photo it cannot parse (batch)",
          original="                    session.stripped_outgoing(out)",
          replacement="                    pass",
