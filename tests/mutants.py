@@ -350,7 +350,7 @@ MUTANTS: list[dict] = [
          property="3.4 SIGINT/SIGTERM only set a flag (no exception mid-record)",
          original="        self.event.set()\n        if self._at_prompt:",
          replacement="        self.event.set()\n        if True:",
-         tests=[SAFETY + "test_interrupting_a_client_mid_file_always_ends_with_a_goodbye"]),
+         tests=[SAFETY + "test_a_signal_outside_a_prompt_only_sets_the_flag"]),
     dict(id="o-tmpfile-used", file="transfer.py",
          property="3.8 an incoming file is an unnamed O_TMPFILE file where supported",
          original='    if not (USE_O_TMPFILE and flag and os.path.isdir("/proc/self/fd")):',
