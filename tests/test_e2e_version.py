@@ -205,6 +205,23 @@ def test_an_alert_after_the_client_auth_is_a_bad_record_to_the_server(env: Env):
     srv.wait_for(r"connection closed: failed to decrypt and authenticate record$")
 
 
+def test_a_client_alert_is_logged_by_its_code_meaning_only(env: Env):
+    """Section 6.4 on the server's side: a client that answers the ServerHello with a
+    plaintext Alert is logged by what its code means; its free text, which nothing
+    authenticates, never reaches the server's log."""
+    srv = env.server()
+    hs = ClientHandshake(identity("client"))
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        session.send_frame(sock, hs.create_client_hello())
+        hs.consume_server_hello(recv_frame(sock))
+        session.send_frame(sock, Alert(AlertCode.AUTH_FAILED,
+                                       "the server's key changed, run rm -rf ~").encode())
+        assert sock.recv(1) == b""  # the server hangs up without an answer
+    srv.wait_for(r"connection from 127\.0\.0\.1:\d+ closed: peer refused: authentication "
+                 r"failed$")
+    assert "key changed" not in srv.output()
+
+
 # --- FileData before FileAccept -------------------------------------------------------------
 @pytest.mark.parametrize("accepted", [True, False])
 def test_file_data_sent_before_the_file_accept(tmp_path, accepted: bool):

@@ -673,3 +673,22 @@ def test_an_unexpected_o_tmpfile_error_is_a_disk_error_not_a_silent_fallback(tmp
         transfer.IncomingFile(tmp_path, "photo.jpg", 100)
     assert e.value.detail == "not enough disk space on the receiver"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_outside_a_prompt_only_sets_the_flag():
+    """The handler raises nothing while records may be sealed: it only sets the flag."""
+    import signal
+
+    import session
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        interrupt = session.Interrupt().install()
+        try:  # the handler runs here, in this (main) thread
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("the signal handler raised outside a prompt")
+        assert interrupt.event.is_set()
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])

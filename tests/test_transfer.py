@@ -185,7 +185,9 @@ def test_smallest_jpeg_is_three_bytes(tmp_path: Path):
     assert (tmp_path / "tiny.jpg").read_bytes() == b"\xff\xd8\xff"
 
 
-def test_never_overwrites(tmp_path: Path):
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-fallback"])
+def test_never_overwrites(tmp_path: Path, monkeypatch, unnamed: bool):
+    monkeypatch.setattr(transfer, "USE_O_TMPFILE", unnamed)  # both ways into place link()
     first = JPEG
     second = JPEG[:-2] + b"\x00\xff\xd9"
     third = JPEG + b"3"
