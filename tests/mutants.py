@@ -326,7 +326,8 @@ MUTANTS: list[dict] = [
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
     dict(id="refused-not-recorded", file="server.py",
          property="3.7 a client refused by --authorized-clients is not recorded",
-         original="            # logged, not recorded: strangers must not grow a file on our disk\n",
+         original="            # logged, not recorded: strangers must not grow a file on our "
+                  "disk\n",
          replacement="            self.record_client(fp, peer)\n",
          tests=[RESOURCES
                 + "test_a_client_refused_by_authorized_clients_is_logged_but_not_recorded"]),

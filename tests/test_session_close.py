@@ -41,7 +41,8 @@ class RawPeer:
         self.received = tmp_path / "received"
         self.received.mkdir()
         self.events = Lines()
-        self.conn = session.Connection(theirs, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+        records = crypt.record_pair(pair.server.keys, crypt.Role.SERVER)
+        self.conn = session.Connection(theirs, records,
                                        label="c", events=self.events,
                                        received_dir=str(self.received)).start()
 
