@@ -61,7 +61,7 @@ from protocol import (
 )
 
 EXIT_UNDELIVERED = 5
-SUMMARY = r"{size} bytes, SHA-256 {sha}, \d+\.\d\d s, \d+\.\d MB/s"
+SUMMARY = r"{size} bytes, SHA-256 {sha}, \d+\.\d\d s(?:, \d+(?:\.\d)? (?:B|KiB|MiB|GiB)/s)?"
 # the server's line when a connection ends, in the handshake or after it
 CLOSED = (r"^(\[SHA256:[^\]]+\] (disconnected|connection .*)"
           r"|connection from [\d.]+:\d+ closed: .*)$")
