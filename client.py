@@ -423,8 +423,8 @@ def run(args) -> int:
     hs, sock, records = connect_and_handshake(args, identity, kem, home, ask)
     if args.verbose or interactive:
         print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
-        print(f"verification code: {hs.code}  (compare with the "
-              f"server's to rule out a man in the middle)")
+        # one 80-column line: it is read aloud and compared with the server's
+        print(f"verification code: {hs.code}  (compare with the server's)")
     events = ClientEvents()
     # from here on SIGINT and SIGTERM only set a flag that the session acts on
     # between records (see session.Interrupt): goodbye to the server, exit 130

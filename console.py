@@ -1,7 +1,7 @@
 """What the two interactive consoles share: prompts that a Ctrl-C, Esc or Ctrl-D
-cancels the way a shell does, and the progress of running transfers in one status
-line under the prompt, which prompt_toolkit owns, so that nothing else on the
-screen is ever mixed with a bar.
+cancels the way a shell does, and the progress of running transfers in status
+rows that prompt_toolkit paints with the prompt (just above it), so that nothing
+else on the screen is ever mixed with a bar.
 
 Without a terminal (stdin or stdout not a tty) a Console is plain input() and the
 sessions keep their own progress (tqdm on stderr for a tty, nothing otherwise)."""
@@ -128,10 +128,19 @@ class Console:
 
         return self.transfers.status(get_app().output.get_size().columns)
 
+    def _with_status(self, message: str):
+        """The prompt's message: the status rows above the prompt while transfers run.
+        The last paint of an answered prompt (is_done) has the prompt only, so that no
+        progress stays in the scrolling output.  (A bottom toolbar would need the
+        terminal to answer cursor position requests, which not every terminal does.)"""
+        from prompt_toolkit.application import get_app  # noqa: PLC0415
+
+        def paint() -> str:
+            status = "" if get_app().is_done else self._status()
+            return f"{status}\n{message}" if status else message
+        return paint
+
     def _redraw(self) -> None:
-        if self._ps is not None:
-            # no transfer, no toolbar: its empty line would stay on the screen
-            self._ps.bottom_toolbar = self._status if self.transfers.status(200) else None
         for app in (self._ps.app if self._ps else None, self._busy):
             if app is not None and app.is_running:
                 app.invalidate()  # thread-safe
@@ -142,10 +151,10 @@ class Console:
         if not self.tty:
             return self._plain(message, menu)
         self._sub = not menu
-        self._redraw()
         try:
             with self.interrupt.prompting():
-                return self._ps.prompt(message, pre_run=self._leave_if(closed))
+                return self._ps.prompt(self._with_status(message),
+                                       pre_run=self._leave_if(closed))
         except KeyboardInterrupt:
             if self.interrupt.event.is_set() or menu:
                 raise  # SIGTERM, or Ctrl-C at the menu: the caller quits
