@@ -196,9 +196,11 @@ class Console:
 
     # sending while the status line shows the progress ---------------------------------------
     def busy(self, work):
-        """Run work() (a send) in a thread while the status line shows its progress;
-        its result, or its exception raised here.  Ctrl-C interrupts it the way it
-        always did: the session stops between records and the program says goodbye."""
+        """Run work() (a send) here, in the main thread, while a status-only
+        application paints its progress from a thread of its own: signals are
+        handled exactly as without it (session.Interrupt), and Ctrl-C, a key in raw
+        mode, sets the same flag, so the send stops between records and the program
+        says goodbye."""
         if not self.tty:
             return work()
         from prompt_toolkit.application import Application  # noqa: PLC0415
@@ -220,31 +222,22 @@ class Console:
             lambda: self._status() or "..."), style="class:bottom-toolbar")),
             key_bindings=keys, erase_when_done=True)
         finished = threading.Event()
-        outcome: dict = {}
 
         def leave() -> None:
             if finished.is_set() and app.is_running and not app.future.done():
                 app.exit()
 
-        def run() -> None:
-            try:
-                outcome["result"] = work()
-            except BaseException as e:  # handed to the main thread
-                outcome["error"] = e
-            finally:
-                finished.set()
-                if app.loop is not None:
-                    with contextlib.suppress(RuntimeError):  # loop already closed
-                        app.loop.call_soon_threadsafe(leave)
-
-        worker = threading.Thread(target=run, daemon=True, name="send")
+        painter = threading.Thread(target=app.run, daemon=True, name="status",
+                                   kwargs={"pre_run": leave, "handle_sigint": False})
         self._busy = app
+        painter.start()
         try:
-            worker.start()
-            app.run(pre_run=leave)
+            return work()
         finally:
+            finished.set()
+            loop = app.loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # its loop already closed
+                    loop.call_soon_threadsafe(leave)
+            painter.join()
             self._busy = None
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome.get("result")

@@ -158,7 +158,7 @@ def test_usage_errors_get_one_error_line_and_exit_2(env: Env):
 
     bad_port = run("client.py", "--port", "70000")
     assert bad_port.returncode == 2
-    assert bad_port.stderr == "error: argument --port: port 70000 is outside 1-65535 " \
+    assert bad_port.stderr == "error: argument -p/--port: port 70000 is outside 1-65535 " \
                               "(see --help)\n"
     unknown = run("server.py", "--bogus")
     assert unknown.returncode == 2

@@ -194,8 +194,8 @@ BAD_FLAGS = [
      f"argument --max-file-size: size {1 << 64} is above the protocol's limit of "
      f"{(1 << 64) - 1} bytes"),
     ("client.py", ["--port", "\u0668\u0660", "--send-text", "x"],  # Arabic-Indic "80"
-     "argument --port: invalid port '\u0668\u0660'"),
-    ("server.py", ["--port", "65536"], "argument --port: port 65536 is outside 0-65535"),
+     "argument -p/--port: invalid port '\u0668\u0660'"),
+    ("server.py", ["--port", "65536"], "argument -p/--port: port 65536 is outside 0-65535"),
     ("server.py", ["--max-clients", "0"], "argument --max-clients: 0 is not at least 1"),
     ("server.py", ["--max-clients", "many"], "argument --max-clients: invalid number 'many'"),
 ]
