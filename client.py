@@ -23,7 +23,7 @@ from client_data import (
     known_hosts_line,
     normalise_fingerprint,
 )
-from console import Cancelled, Console, Transfers
+from console import Cancelled, Console, Transfers, patched_stdout
 from protocol import (
     ALERT_MEANING,
     MAX_HANDSHAKE,
@@ -325,10 +325,8 @@ def run_interactive(conn: session.Connection, args, interrupt: session.Interrupt
     ui = Console(interrupt, transfers)
     if not ui.tty:
         return menu_loop(conn, args, ui)
-    from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
-
     conn.events.transfers = transfers  # progress in the status line, not in the output
-    with patch_stdout(raw=True):
+    with patched_stdout():
         return menu_loop(conn, args, ui)
 
 

@@ -91,6 +91,22 @@ class Transfers:
         return "\n".join(line[: max(width - 1, 1)] for line in lines)
 
 
+@contextlib.contextmanager
+def patched_stdout():
+    """prompt_toolkit's patch_stdout(raw=True) without its 0.2 s batching of writes:
+    the console's own lines (a list, a result) are on the screen before the next
+    prompt is painted, not pushed above it a moment later."""
+    from prompt_toolkit.patch_stdout import StdoutProxy  # noqa: PLC0415
+
+    with StdoutProxy(raw=True, sleep_between_writes=0) as proxy:
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = proxy
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
 # --- prompts ----------------------------------------------------------------------------
 class Console:
     """Prompts for one console.  prompt() returns what was typed; at a sub-prompt

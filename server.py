@@ -17,7 +17,7 @@ import crypt
 import keystore
 import session
 import transfer
-from console import Cancelled, Console, Transfers
+from console import Cancelled, Console, Transfers, patched_stdout
 from protocol import (
     MAX_HANDSHAKE,
     Alert,
@@ -396,12 +396,10 @@ MENU = "1) send text  2) send a JPG  3) list clients  4) quit"
 
 
 def console(server: Server) -> None:
-    from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
-
     transfers = Transfers()
     server.events.transfers = transfers  # progress in the status line, not in the output
     ui = Console(server.interrupt, transfers)
-    with patch_stdout(raw=True):
+    with patched_stdout():
         print(MENU)
         warned = False  # the first Ctrl-C with clients connected only says so
         while True:
