@@ -596,7 +596,7 @@ def run_s2c(ws: Workspace, src: Path) -> dict:
     cl = None
     try:
         cl = ws.client(srv.port, srv.fingerprint, what="s2c-client", stdin=subprocess.PIPE)
-        srv.expect(r"client \S+ connected from")
+        srv.expect(r"client .+ connected from")  # a handle (#1 xxxxxx) on the console
         srv.child.sendline("2")  # menu: send a JPG (the only client is picked)
         srv.expect(r"number or path:")
         srv.child.sendline(str(src))

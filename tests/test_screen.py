@@ -85,15 +85,18 @@ class Term:
             (m for r in self.scrolled() for m in [rx.fullmatch(r)] if m), None), timeout)
 
     def lines(self) -> list[str]:
-        """Logical lines: a full-width row is joined with the row it wrapped onto."""
-        out, carry = [], ""
-        for r in self.scrolled():
-            if len(r) == COLS:
-                carry += r
-                continue
-            out.append(carry + r)
-            carry = ""
-        return out + ([carry] if carry else [])
+        """Every row, and every run of a full-width row with the rows after it (a line
+        that wrapped; one exactly 80 wide did not, so both readings are offered)."""
+        rows = self.scrolled()
+        out = list(rows)
+        for i, r in enumerate(rows):
+            joined = r
+            for nxt in rows[i + 1:]:
+                if len(joined) % COLS:
+                    break
+                joined += nxt
+                out.append(joined)
+        return out
 
     def line(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
         """A logical line (wrapped rows joined) matching pattern in full."""
