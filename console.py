@@ -236,7 +236,9 @@ class Console:
 
         app = Application(layout=Layout(Window(FormattedTextControl(
             lambda: self._status() or "..."), style="class:bottom-toolbar")),
-            key_bindings=keys, erase_when_done=True)
+            key_bindings=keys, erase_when_done=True,
+            # the prompt's own terminal objects: one reader of stdin, one raw-mode owner
+            input=self._ps.input, output=self._ps.output)
         finished = threading.Event()
 
         def leave() -> None:
