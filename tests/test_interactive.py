@@ -634,7 +634,8 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
         cli.answer(LOCATION_QUESTION, answer)
         digest = hashlib.sha256(sent_bytes).hexdigest()
         sent = cli.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
-                               rf".*/s, {note}(?:, saved as '(.+)')?$")
+                               r"\d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, "
+                               rf"{note}(?:, saved as '(.+)')?$")
         # the name as sent, and the name as saved when the receiver had to rename it
         assert sent.groups() == ("holiday.jpg", str(len(sent_bytes)), digest,
                                  None if saved_as == "holiday.jpg" else saved_as)
@@ -649,7 +650,7 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
     assets_carrying(cli, 2)
     cli.answer("number or path: ", "2")
     cli.expect_line(rf"^sent 'plain\.jpg': {plain.stat().st_size} bytes, SHA-256 "
-                    rf"{sha256(plain)}, .*/s$")
+                    rf"{sha256(plain)}, \d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?$")
     srv.expect_line(received + r", .* \(no metadata\), saved at ")
 
     # a photo whose metadata cannot be read: without --strip-metadata it goes as is,
@@ -661,7 +662,7 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
     cli.expect_line(r"^cannot read the metadata of 'broken\.jpg' \(segment FFE0 at byte 2 has "
                     r"a bad length\); sending it as is$")
     cli.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
-                    rf"{sha256(broken)}, .*/s, as is$")
+                    rf"{sha256(broken)}, \d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, as is$")
     srv.expect_line(received + r", .* \(metadata not readable\), saved at ")
     cli.expect_prompt(">")
     cli.type("3")
@@ -683,7 +684,7 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     cli, _ = terms.connected_client(port)
     srv.expect_line(r"^client .* connected")
     saved = (r"^\[server\] saved '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
-             r".*/s \((.+)\) at (.+)$")
+             r"\d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)? \((.+)\) at (.+)$")
 
     # with the flag: no question, the photo goes without its metadata
     srv.expect_prompt(">")
@@ -693,7 +694,7 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     srv.answer("number or path: ", "2")
     digest = hashlib.sha256(stripped).hexdigest()
     sent = srv.expect_line(r"^sent 'holiday\.jpg': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
-                           r".*/s, without metadata$")
+                           r"\d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, without metadata$")
     assert sent.groups() == (str(len(stripped)), digest)
     got = cli.expect_line(saved)
     assert got.groups() == ("holiday.jpg", str(len(stripped)), digest, "no metadata",
@@ -715,7 +716,7 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     srv.expect_line(f"^{re.escape(BROKEN_WHY)}$")
     srv.answer(CONSENT_QUESTION, "y")
     srv.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
-                    rf"{sha256(broken)}, .*/s, as is$")
+                    rf"{sha256(broken)}, \d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, as is$")
     got = cli.expect_line(saved)
     assert got.group(1, 4) == ("broken.jpg", "metadata not readable")
     assert (env.client_received / "broken.jpg").read_bytes() == broken.read_bytes()
