@@ -23,7 +23,7 @@ from client_data import (
     known_hosts_line,
     normalise_fingerprint,
 )
-from console import Cancelled, Console, Transfers, patched_stdout
+from console import Cancelled, Console, Transfers
 from protocol import (
     ALERT_MEANING,
     MAX_HANDSHAKE,
@@ -326,7 +326,7 @@ def run_interactive(conn: session.Connection, args, interrupt: session.Interrupt
     if not ui.tty:
         return menu_loop(conn, args, ui)
     conn.events.transfers = transfers  # progress in the status line, not in the output
-    with patched_stdout():
+    with ui.patched_stdout():
         return menu_loop(conn, args, ui)
 
 

@@ -91,20 +91,40 @@ class Transfers:
         return "\n".join(line[: max(width - 1, 1)] for line in lines)
 
 
-@contextlib.contextmanager
-def patched_stdout():
-    """prompt_toolkit's patch_stdout(raw=True) without its 0.2 s batching of writes:
-    the console's own lines (a list, a result) are on the screen before the next
-    prompt is painted, not pushed above it a moment later."""
-    from prompt_toolkit.patch_stdout import StdoutProxy  # noqa: PLC0415
+class _Router:
+    """sys.stdout/sys.stderr under a console.  Other threads (incoming lines) go
+    through prompt_toolkit's StdoutProxy, which prints above a running prompt.  The
+    main thread prints only between prompts (lists, results): its lines are written
+    at once, so they are on the screen before the next prompt is painted rather
+    than pushed in by the proxy's thread a moment later, possibly onto that prompt."""
 
-    with StdoutProxy(raw=True, sleep_between_writes=0) as proxy:
-        saved = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = proxy
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = saved
+    def __init__(self, proxy, real, busy) -> None:
+        self._proxy, self._real, self._busy = proxy, real, busy
+
+    def _target(self):
+        if threading.current_thread() is threading.main_thread() and not self._busy():
+            return self._real
+        return self._proxy
+
+    def write(self, text: str) -> int:
+        target = self._target()
+        n = target.write(text)
+        if target is self._real:
+            self._real.flush()
+        return n
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return self._real.isatty()
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._real.encoding
 
 
 # --- prompts ----------------------------------------------------------------------------
@@ -137,6 +157,20 @@ class Console:
             event.app.exit(exception=Cancelled())
 
         return PromptSession(key_bindings=keys)
+
+    @contextlib.contextmanager
+    def patched_stdout(self):
+        """prompt_toolkit's patch_stdout(raw=True), with the main thread's own lines
+        written directly (see _Router)."""
+        from prompt_toolkit.patch_stdout import StdoutProxy  # noqa: PLC0415
+
+        with StdoutProxy(raw=True) as proxy:
+            saved = sys.stdout, sys.stderr
+            sys.stdout = sys.stderr = _Router(proxy, saved[0], lambda: self._busy is not None)
+            try:
+                yield
+            finally:
+                sys.stdout, sys.stderr = saved
 
     # the status line ------------------------------------------------------------------
     def _status(self):

@@ -17,7 +17,7 @@ import crypt
 import keystore
 import session
 import transfer
-from console import Cancelled, Console, Transfers, patched_stdout
+from console import Cancelled, Console, Transfers
 from protocol import (
     MAX_HANDSHAKE,
     Alert,
@@ -399,7 +399,7 @@ def console(server: Server) -> None:
     transfers = Transfers()
     server.events.transfers = transfers  # progress in the status line, not in the output
     ui = Console(server.interrupt, transfers)
-    with patched_stdout():
+    with ui.patched_stdout():
         print(MENU)
         warned = False  # the first Ctrl-C with clients connected only says so
         while True:
