@@ -20,7 +20,7 @@ class Limits:
     stall_timeout: float = 120.0  # s a file stream may make no progress before we give up
     send_timeout: float = 60.0  # s the writer may make no progress before the session ends
     exit_timeout: float = 5.0  # s a connection's threads get to exit once its socket is shut down
-    close_timeout: float = 3.0  # s Connection.close waits for the goodbye to go out
+    close_timeout: float = 3.0  # s Connection.close waits for the goodbye without progress
     poll: float = 0.1  # s between checks for an interrupt while an operation waits
     # the client (client.py)
     connect_timeout: float = 10.0

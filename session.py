@@ -871,6 +871,7 @@ class SocketWriter:
         self.send_timeout = send_timeout
         self.queue: queue.Queue = queue.Queue()
         self._on_failure = on_failure
+        self.progressed = 0.0  # time.monotonic() when the last record was sent whole
         self.thread = threading.Thread(target=self._run, daemon=True, name=name)
 
     def _run(self) -> None:
@@ -880,6 +881,7 @@ class SocketWriter:
             try:
                 if not failed:
                     send_pieces(self.sock, pieces)
+                    self.progressed = time.monotonic()
             except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: no progress at all
                 failed = True
                 self._on_failure(Close(CloseKind.TIMEOUT, Side.PEER,
@@ -1160,8 +1162,21 @@ class Connection:
 
     def close(self, reason: str = "", timeout: float = LIMITS.close_timeout, *,
               kind: CloseKind = CloseKind.LOCAL_SHUTDOWN) -> None:
+        """Goodbye, then close: the goodbye gets `timeout` s without progress, not in all,
+        as up to DATA_IN_FLIGHT file records may be queued ahead of it for a slow peer."""
         self.begin_close(reason, kind)
-        self.finish_close(time.monotonic() + timeout)
+        self.finish_close(self._sent_or_stalled(timeout))
+
+    def _sent_or_stalled(self, patience: float) -> float:
+        """Wait until the writer has sent all that is queued, or has sent no record for
+        `patience` s (at most send_timeout in all); the deadline for the rest of the close."""
+        started = time.monotonic()
+        limit = started + self.send_timeout
+        while True:
+            deadline = min(limit, max(started, self._sending.progressed) + patience)
+            if not self._writer.is_alive() or time.monotonic() >= deadline:
+                return deadline
+            _join(self._writer, deadline)
 
 
 def hang_up(sock: socket.socket, writer: threading.Thread, reader: threading.Thread,
