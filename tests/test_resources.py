@@ -86,13 +86,14 @@ def established(port: int) -> int:
 
 
 # --- 1. a peer that never reads -------------------------------------------------------
-SENDMSG = {"x86_64": 46, "aarch64": 211}[platform.machine()]  # syscall numbers
+SENDMSG = {"x86_64": 46, "aarch64": 211}.get(platform.machine())  # syscall numbers
 
 
 def blocked_in_sendmsg(pid: int, port: int, peer_port: int) -> bool:
     """Whether a thread of `pid` sleeps in sendmsg on its socket to our `peer_port`, i.e.
     waits for room in a send buffer that a peer which never reads will never free
     (from /proc: the socket's inode in /proc/net/tcp, its fd, each thread's syscall)."""
+    assert SENDMSG is not None, f"add the sendmsg syscall number of {platform.machine()}"
     inodes = [fields[9] for fields in map(str.split, Path("/proc/net/tcp").read_text()
                                           .splitlines()[1:])
               if fields[1].endswith(f":{port:04X}") and fields[2].endswith(f":{peer_port:04X}")]
