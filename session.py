@@ -974,12 +974,26 @@ class _Batch:
             self._reported += 1
 
     def cut_short(self, e: BaseException) -> None:
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) or type(e).__name__
+        """The batch ends early: an interrupt or a lost session reports the files
+        not delivered (after those that were); any other error is the caller's."""
+        if isinstance(e, KeyboardInterrupt):
+            why = "interrupted"
+        elif isinstance(e, ConnectionLost):
+            why = str(e) or "connection lost"
+        else:
+            return
         for index, outcome in enumerate(self.outcomes):
             if outcome is None:
-                self.outcomes[index] = transfer.Rejected(Reason.CANCELLED,
-                                                         f"not delivered ({why})")
+                self.outcomes[index] = NotDelivered(why, isinstance(e, KeyboardInterrupt))
         self._flush()
+
+
+class NotDelivered(transfer.Rejected):
+    """A file of a batch cut short: the session ended or we were interrupted."""
+
+    def __init__(self, detail: str, interrupted: bool) -> None:
+        super().__init__(Reason.CANCELLED, detail)
+        self.interrupted = interrupted
 
 
 # --- the socket's two directions --------------------------------------------------------------

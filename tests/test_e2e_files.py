@@ -169,7 +169,7 @@ def _png(path: Path) -> Path:
     ("empty", "{p}: not a JPEG (no FF D8 FF start-of-image marker)"),
     ("png renamed", "{p}: not a JPEG (no FF D8 FF start-of-image marker)"),
     ("missing", "{p}: no such file"),
-    ("directory", "{p}: not a regular file"),
+    ("directory", "{p}: a directory with no JPGs"),  # a directory stands for its JPGs
     ("not a .jpg name", "{p}: not a .jpg/.jpeg file"),
     ("over the client's limit", "{p}: 2001 bytes exceeds the limit of 2000"),
 ])
