@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import ctypes.util
 import dataclasses
@@ -76,6 +77,7 @@ from session_core import (
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
 # the session's limits, named here for the code below (all of them are in limits.py)
 DATA_IN_FLIGHT = LIMITS.data_in_flight
+FINISHERS = LIMITS.finishers
 MAX_BACKLOG = LIMITS.max_backlog
 REPLY_TIMEOUT = LIMITS.reply_timeout
 SAVED_TIMEOUT = LIMITS.saved_timeout
@@ -684,6 +686,11 @@ class IncomingFile:
             self.free.put(PlainBuffer())
         self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
         self._files: dict[int, _Receiving] = {}  # by operation id
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # files finish in parallel but are reported (line, then reply) in the order they ended
+        self._ending: deque = deque()
+        self._ready: dict = {}
+        self._report_lock = threading.Lock()
         self._lock = threading.Lock()  # _files: the reader adds, the disk thread removes
 
     def offered(self, offer: FileOffered) -> None:
@@ -721,12 +728,30 @@ class IncomingFile:
         target.bar.update(n)
 
     def ended(self, op: int, sha256: bytes) -> None:
-        """The disk thread finishes the file after its last chunk; the reader goes on."""
+        """After the file's last chunk is written, a finisher thread flushes and links
+        it while the reader and the disk thread go on with the next files: fsyncs of
+        several files at once share the file system's journal commits."""
         target = self._files[op]
-        self._disk.run(lambda: self._finish(op, target, sha256))
+        with self._lock:
+            self._ending.append(op)
+        self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
+
+    def _finishers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:  # created with the first file: chat costs no threads
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                FINISHERS, thread_name_prefix=f"finish {self._conn.label}")
+        return self._pool
 
     def _finish(self, op: int, target: _Receiving, sha256: bytes) -> None:
-        """On the disk thread: flush, verify and link, then FileSaved (or FileFailed)."""
+        """On a finisher thread: flush the file's data (the slow part, several files at
+        once), then verify, link and reply in the order the files ended (the same name
+        twice is numbered in that order)."""
+        if target.failure is None:
+            target.file.flush()
+        self._in_order(op, lambda: self._complete(op, target, sha256))
+
+    def _complete(self, op: int, target: _Receiving, sha256: bytes) -> None:
+        """Verify and link (its fsync is cheap now), then FileSaved (or FileFailed)."""
         conn, incoming = self._conn, target.file
         try:
             try:
@@ -748,6 +773,15 @@ class IncomingFile:
         # said here first: what the sender does after our reply is shown after it
         conn.events.file_saved(conn, str(incoming.directory / saved), result)
         self._send_quietly(FileSaved(op, digest, saved))
+
+    def _in_order(self, op: int, report) -> None:
+        """Run the completions of the flushed files in the order the files ended."""
+        with self._report_lock:
+            self._ready[op] = report
+            while self._ending and self._ending[0] in self._ready:
+                with self._lock:
+                    head = self._ending.popleft()
+                self._ready.pop(head)()
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -792,6 +826,8 @@ class IncomingFile:
                 self._conn.events.file_aborted(self._conn, running[0], running[1],
                                                close.detail)
         self._disk.stop()
+        if self._pool is not None:  # files that ended are finished: verified and durable
+            self._pool.shutdown(wait=True)
 
 
 class OutgoingFile:
