@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from client_data import (
     known_hosts_line,
     normalise_fingerprint,
 )
+from console import Cancelled, Console, Transfers
 from limits import LIMITS
 from protocol import (
     ALERT_MEANING,
@@ -67,6 +67,9 @@ class Ordered(argparse.Action):
     """--send-text and --send-file keep their relative order in one list."""
 
     def __call__(self, parser, namespace, value, option_string=None):
+        if option_string == "--send-text" and value == "":
+            # an empty text cancels at the interactive prompt; batch does not send one
+            parser.error("--send-text needs a text (it was empty)")
         items = list(getattr(namespace, "batch", None) or [])
         if option_string == "--send-text":
             items.append(("text", value))
@@ -88,7 +91,7 @@ def build_parser() -> session.Parser:
     )
     p.add_argument("--host", type=session.host_name, default="127.0.0.1",
                    help="server address (default 127.0.0.1)")
-    p.add_argument("--port", type=session.port_number, default=5555,
+    p.add_argument("-p", "--port", type=session.port_number, default=5555,
                    help="server port (default 5555)")
     p.add_argument("--send-text", action=Ordered, metavar="TEXT", dest="batch_text",
                    help="batch mode: send TEXT and wait for delivery (repeatable)")
@@ -107,6 +110,13 @@ def build_parser() -> session.Parser:
 
 # --- the user's side of events -----------------------------------------------------------
 class ClientEvents(session.Events):
+    transfers: Transfers | None = None  # the console's status line, when there is one
+
+    def progress(self, total, desc):
+        if self.transfers is not None:
+            return self.transfers.progress(total, desc)
+        return super().progress(total, desc)
+
     def text(self, conn, text):
         self.out(f"[server] {neutralise(text)}")
 
@@ -240,9 +250,10 @@ def decide_trust(args, home: Path, offered: str, ask) -> None:
                                f"{result.expected}, offered {offered}")
     if expected is None and not args.accept_new_host:
         if ask is None:
-            raise Fatal(EXIT_AUTH, f"unknown server {key} with fingerprint {offered}; "
-                                   f"verify it, then use --fingerprint {offered} "
-                                   f"(or --accept-new-host)")
+            raise Fatal(EXIT_AUTH, f"unknown server {key} offered fingerprint {offered}; "
+                                   f"compare it with the 'identity' line the server printed "
+                                   f"at start-up, and only if they match pass it with "
+                                   f"--fingerprint (or use --accept-new-host)")
         if not ask(key, offered):
             raise Fatal(EXIT_AUTH, "server not trusted; nothing recorded")
     keystore.append_line(path, known_hosts_line(args.host, args.port, offered))
@@ -257,6 +268,7 @@ def ask_user(key: str, offered: str) -> bool:
         try:
             answer = input("Are you sure you want to trust it (yes/no/[fingerprint])? ").strip()
         except EOFError:
+            print()  # the error goes on its own line, not after the question
             return False
         if answer.lower() == "yes":
             return True
@@ -321,7 +333,7 @@ def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = Fals
                 print(f"error: file not delivered: {where}{neutralise(outcome.detail)}",
                       file=sys.stderr, flush=True)
             else:
-                print(outcome.summary("sent"), flush=True)
+                print(outcome.summary("sent", Path(paths[index]).name), flush=True)
 
         try:
             outcomes = conn.send_files(value, max_size, strip=strip, report=report)
@@ -368,74 +380,52 @@ MENU = "1) send text  2) send a JPG  3) quit"
 
 
 def run_interactive(conn: session.Connection, args, interrupt: session.Interrupt) -> int:
-    if not sys.stdin.isatty():
-        return menu_loop(conn, args, make_prompt(conn, interrupt))
-    from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
+    transfers = Transfers()
+    ui = Console(interrupt, transfers)
+    if not ui.tty:
+        return menu_loop(conn, args, ui)
+    conn.events.transfers = transfers  # progress in the status line, not in the output
+    with ui.patched_stdout():
+        return menu_loop(conn, args, ui)
 
-    with patch_stdout(raw=True):
-        return menu_loop(conn, args, make_prompt(conn, interrupt))
 
+def menu_loop(conn: session.Connection, args, ui: Console) -> int:
+    """The menu; a peer hang-up ends whichever prompt is shown."""
+    def ask(message: str) -> str:
+        return ui.prompt(message, closed=conn.closed)
 
-def menu_loop(conn: session.Connection, args, prompt) -> int:
     print(MENU)
     while not conn.closed.is_set():
-        choice = prompt("> ").strip()
+        choice = ui.prompt("> ", menu=True, closed=conn.closed).strip()
         if conn.closed.is_set():
             break
-        if choice in ("1", "text"):
-            text = prompt("text: ")
-            if text:
-                try:
-                    conn.send_text(text)
-                    print("delivered")
-                except (session.ConnectionLost, ProtocolError) as e:
-                    print(f"not delivered: {e}")
-        elif choice in ("2", "jpg", "file"):
-            session.send_jpg_menu(conn, args.assets_dir, args.max_file_size, prompt,
-                                  strip=args.strip_metadata)
-        elif choice in ("3", "q", "quit", "exit"):
-            return EXIT_OK
-        elif choice:
-            print(MENU)
+        try:
+            if choice in ("1", "text"):
+                text_loop(conn, ask)
+            elif choice in ("2", "jpg", "file"):
+                session.send_jpg_menu(conn, args.assets_dir, args.max_file_size, ask,
+                                      strip=args.strip_metadata, busy=ui.busy)
+            elif choice in ("3", "q", "quit", "exit"):
+                return EXIT_OK
+            elif choice:
+                print(MENU)
+        except Cancelled:
+            pass  # back to the menu
     return EXIT_OK if conn.close_info is not None and conn.close_info.clean else EXIT_ERROR
 
 
-def make_prompt(conn: session.Connection, interrupt: session.Interrupt):
-    """prompt_toolkit keeps incoming lines above the prompt; a peer hang-up ends it."""
-    if not sys.stdin.isatty():
-        def plain(message: str) -> str:
-            try:
-                with interrupt.prompting():
-                    return input(message)
-            except EOFError:
-                return "quit"
-        return plain
-    from prompt_toolkit import PromptSession  # noqa: PLC0415
-
-    ps = PromptSession()
-
-    def leave_if_closed() -> None:
-        # runs inside the prompt's loop: ends a prompt the hang-up arrived before
-        if conn.closed.is_set():
-            ps.app.exit(result="")
-
-    def on_close() -> None:
-        conn.closed.wait()
-        app = ps.app
-        if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(leave_if_closed)
-
-    threading.Thread(target=on_close, daemon=True).start()
-
-    def pt(message: str) -> str:
-        if conn.closed.is_set():
-            return ""
+def text_loop(conn: session.Connection, ask) -> None:
+    """A text prompt that stays: every Enter sends, an empty line or Esc leaves."""
+    while True:
+        text = ask("text to server> ")
+        if not text or conn.closed.is_set():
+            return
         try:
-            with interrupt.prompting():
-                return ps.prompt(message, pre_run=leave_if_closed)
-        except EOFError:
-            return "quit"
-    return pt
+            conn.send_text(text)
+            print("delivered")
+        except (session.ConnectionLost, ProtocolError) as e:
+            print(f"not delivered: {e}")
+            return
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -518,8 +508,8 @@ def prepare_received_dir(received_dir) -> None:
 
 def announce(args, hs) -> None:
     print(f"connected to {args.host}:{args.port}, server {hs.server.fingerprint}")
-    print(f"verification code: {hs.code}  (compare with the "
-          f"server's to rule out a man in the middle)")
+    # one 80-column line: it is read aloud and compared with the server's
+    print(f"verification code: {hs.code}  (compare with the server's)")
 
 
 def run_session(conn: session.Connection, args, batch: list, interrupt: session.Interrupt

@@ -17,6 +17,7 @@ import crypt
 import keystore
 import session
 import transfer
+from console import Cancelled, Console, Transfers
 from limits import LIMITS
 from protocol import (
     MAX_HANDSHAKE,
@@ -64,7 +65,7 @@ def build_parser() -> session.Parser:
     )
     p.add_argument("--host", type=session.host_name, default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=session.listen_port, default=5555,
+    p.add_argument("-p", "--port", type=session.listen_port, default=5555,
                    help="port to listen on (default 5555; 0 picks a free port)")
     p.add_argument("--headless", action="store_true",
                    help="no console; run until SIGINT/SIGTERM (implied when stdin is not a "
@@ -86,6 +87,18 @@ def build_parser() -> session.Parser:
 
 
 class ServerEvents(session.Events):
+    transfers: Transfers | None = None  # the console's status line, when there is one
+    recent: session.Connection | None = None  # the client that last wrote or was picked
+
+    def text(self, conn, text):
+        self.recent = conn
+        super().text(conn, text)
+
+    def progress(self, total, desc):
+        if self.transfers is not None:
+            return self.transfers.progress(total, desc)
+        return super().progress(total, desc)
+
     def file_saved(self, conn, path, result):
         self.out(f"[{conn.label}] {result.summary('received')} ({session.metadata_note(path)}), "
                  f"saved at {neutralise(path)}")
@@ -98,11 +111,22 @@ class ServerEvents(session.Events):
 class Client:
     """A connected, authenticated client as the console sees it."""
 
-    def __init__(self, conn: session.Connection, fp: str, name: str, addr: str) -> None:
+    def __init__(self, conn: session.Connection, fp: str, name: str, addr: str,
+                 number: int = 0) -> None:
         self.conn, self.fingerprint, self.name, self.addr = conn, fp, name, addr
+        self.number = number
 
     def __str__(self) -> str:
         return f"{self.name + ' ' if self.name else ''}{self.fingerprint} ({self.addr})"
+
+
+HANDLE_FP = 6  # fingerprint characters in a handle: enough to tell a few clients apart
+
+
+def handle(number: int, fp: str, name: str) -> str:
+    """A client's short name for this session, in every line about it: its
+    --authorized-clients name, else its number and a fingerprint prefix (#2 5kDLxQ)."""
+    return neutralise(name) if name else f"#{number} {fp.removeprefix('SHA256:')[:HANDLE_FP]}"
 
 
 class Admission:
@@ -160,6 +184,7 @@ class Registry:
             if self.stopping.is_set():
                 return None
             self._next += 1
+            client.number = self._next
             self.clients[self._next] = client
             return self._next
 
@@ -309,9 +334,14 @@ class Server:
                                   received_dir=str(self.args.received_dir),
                                   max_file_size=self.args.max_file_size,
                                   interrupted=self.interrupt.event)
-        key = self.registry.add(Client(conn, fp, name, peer))
+        client = Client(conn, fp, name, peer)
+        key = self.registry.add(client)
+        if key is not None and not self.args.headless:  # the log keeps full fingerprints
+            conn.label = label = handle(key, fp, name)
         # announced only once the console can pick it (and shutdown can say goodbye to it)
         self.log(f"client {label} connected from {peer}")
+        if not self.args.headless:
+            self.log(f"[{label}] fingerprint {fp}")
         if self.args.verbose or not self.args.headless:
             self.log(f"[{label}] verification code: {hs.code}")
         conn.start()
@@ -410,78 +440,118 @@ MENU = "1) send text  2) send a JPG  3) list clients  4) quit"
 
 
 def console(server: Server) -> None:
-    from prompt_toolkit import PromptSession  # noqa: PLC0415
-    from prompt_toolkit.patch_stdout import patch_stdout  # noqa: PLC0415
-
-    ps = Prompt(PromptSession(), server.interrupt)
-    with patch_stdout(raw=True):
+    transfers = Transfers()
+    server.events.transfers = transfers  # progress in the status line, not in the output
+    ui = Console(server.interrupt, transfers)
+    with ui.patched_stdout():
         print(MENU)
+        warned = False  # the first Ctrl-C with clients connected only says so
         while True:
             try:
-                choice = ps.prompt("> ").strip()
-            except EOFError:
-                return
+                choice = ui.prompt("> ", menu=True).strip()
+            except KeyboardInterrupt:
+                count = len(server.snapshot())
+                if server.interrupt.event.is_set() or warned or not count:
+                    raise
+                warned = True
+                print(f"{count} client{'s' if count > 1 else ''} connected: press Ctrl-C "
+                      f"again to quit")
+                continue
+            warned = False
             if choice in ("4", "q", "quit", "exit"):
                 return
-            if choice == "3":
-                list_clients(server)
-            elif choice in ("1", "2"):
-                client = pick_client(server, ps)
-                if client is not None:
-                    (reply_text if choice == "1" else reply_jpg)(server, client, ps)
-            elif choice:
-                print(MENU)
+            try:
+                if choice == "3":
+                    list_clients(server)
+                elif choice in ("1", "2"):
+                    targets = pick_clients(server, ui)
+                    if targets:
+                        (reply_text if choice == "1" else reply_jpg)(server, targets, ui)
+                elif choice:
+                    print(MENU)
+            except Cancelled:
+                pass  # back to the menu
 
 
-class Prompt:
-    """The console's prompts: an interrupt (SIGTERM; Ctrl-C is a key to
-    prompt_toolkit) ends the one being shown; elsewhere see session.Interrupt."""
-
-    def __init__(self, ps, interrupt: session.Interrupt) -> None:
-        self._ps, self._interrupt = ps, interrupt
-
-    def prompt(self, message: str) -> str:
-        with self._interrupt.prompting():
-            return self._ps.prompt(message)
-
-
-def list_clients(server: Server) -> list[Client]:
-    clients = server.snapshot()
-    if not clients:
-        print("no clients connected")
-    for i, c in enumerate(clients, 1):
-        print(f"  {i}) {c}")
-    return clients
-
-
-def pick_client(server: Server, ps) -> Client | None:
+def default_client(server: Server) -> Client | None:
+    """Where a reply goes without asking: the only client, else the one last picked
+    or that last wrote (whichever was later), while it is connected."""
     clients = server.snapshot()
     if len(clients) == 1:
         return clients[0]
-    clients = list_clients(server)
+    recent = server.events.recent
+    return next((c for c in clients if c.conn is recent), None)
+
+
+def list_clients(server: Server) -> list[Client]:
+    """Each client on two lines that fit 80 columns: number, handle, address, then
+    its full fingerprint."""
+    clients = server.snapshot()
     if not clients:
-        return None
-    answer = ps.prompt("client number: ").strip()
-    if answer.isdigit() and 0 < int(answer) <= len(clients):
-        return clients[int(answer) - 1]
-    print("no such client")
-    return None
+        print("no clients connected")
+    default = default_client(server) if len(clients) > 1 else None
+    for c in clients:
+        mark = "  (default)" if c is default else ""
+        print(f"  {c.number}) {c.conn.label}  {c.addr}{mark}\n       {c.fingerprint}")
+    return clients
 
 
-def reply_text(server: Server, client: Client, ps) -> None:
-    text = ps.prompt("text: ")
-    if not text:
+def pick_clients(server: Server, ui: Console) -> list[Client]:
+    """The clients to send to: the only one, else asked (a number or `all`; Enter
+    takes the default the prompt names)."""
+    clients = server.snapshot()
+    if len(clients) == 1:
+        return clients
+    list_clients(server)
+    if not clients:
+        return []
+    default = default_client(server)
+    hint = f" [{short(default)}]" if default else ""
+    answer = ui.prompt(f"client number or all{hint}: ").strip().lstrip("#")
+    if not answer:
+        return [default] if default else []
+    if answer.lower() == "all":
+        return server.snapshot()
+    picked = next((c for c in clients if answer.isdigit() and c.number == int(answer)), None)
+    if picked is None:
+        print(f"no client number {answer} (list clients: 3)")
+        return []
+    server.events.recent = picked.conn
+    return [picked]
+
+
+def short(client: Client) -> str:
+    """The client in a prompt: its authorised name, else its number."""
+    return client.name or f"#{client.number}"
+
+
+def reply_text(server: Server, targets: list[Client], ui: Console) -> None:
+    """A text prompt that stays: every Enter sends, an empty line or Esc leaves."""
+    to = short(targets[0]) if len(targets) == 1 else "all"
+    while True:
+        text = ui.prompt(f"text to {to}> ")
+        if not text:
+            return
+        for client in targets:
+            who = f"{client.conn.label}: " if len(targets) > 1 else ""
+            try:
+                client.conn.send_text(text)
+                print(f"{who}delivered")
+            except (session.ConnectionLost, ProtocolError) as e:
+                print(f"{who}not delivered: {e}")
+        targets = [c for c in targets if not c.conn.closed.is_set()]
+        if not targets:
+            return
+
+
+def reply_jpg(server: Server, targets: list[Client], ui: Console) -> None:
+    choice = session.choose_jpg(server.args.assets_dir, server.args.max_file_size, ui.prompt,
+                                strip=server.args.strip_metadata)
+    if choice is None:
         return
-    try:
-        client.conn.send_text(text)
-        print("delivered")
-    except (session.ConnectionLost, ProtocolError) as e:
-        print(f"not delivered: {e}")
-
-
-def reply_jpg(server: Server, client: Client, ps) -> None:
-    session.send_jpg_menu(client.conn, server.args.assets_dir, server.args.max_file_size,
-                          ps.prompt, strip=server.args.strip_metadata)
+    for client in targets:
+        session.send_jpg(client.conn, *choice, server.args.max_file_size, busy=ui.busy,
+                         who=f"{client.conn.label}: " if len(targets) > 1 else "")
 
 
 # --- main -----------------------------------------------------------------------------------------

@@ -383,11 +383,17 @@ class FileResult:
     seconds: float
     note: str = ""  # the sender's "without metadata" / "as is"
 
-    def summary(self, verb: str) -> str:
-        rate = self.size / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        return (f"{verb} '{neutralise(self.name)}': {self.size} bytes, "
-                f"SHA-256 {self.sha256.hex()}, {self.seconds:.2f} s, {rate:.1f} MB/s"
-                + (f", {self.note}" if self.note else ""))
+    def summary(self, verb: str, sent_name: str = "") -> str:
+        """One line; `sent_name` is the sender's name for the file, named first when
+        the receiver saved it under another one (`saved as 'sample (2).jpg'`)."""
+        # binary units as everywhere else; no speed when it would read 0.0
+        rate = self.size / self.seconds if self.seconds > 0 else 0.0
+        speed = f", {human_size(rate)}/s" if rate >= 1024 and self.seconds >= 0.01 else ""
+        renamed = sent_name and sent_name != self.name
+        return (f"{verb} '{neutralise(sent_name if renamed else self.name)}': "
+                f"{self.size} bytes, SHA-256 {self.sha256.hex()}, {self.seconds:.2f} s{speed}"
+                + (f", {self.note}" if self.note else "")
+                + (f", saved as '{neutralise(self.name)}'" if renamed else ""))
 
 
 def metadata_note(path: str | os.PathLike) -> str:
@@ -422,23 +428,48 @@ class Events:
     def file_failed(self, conn: Connection, name: str, why: str) -> None:
         self.out(f"[{conn.label}] file '{neutralise(name)}' not saved: {neutralise(why)}")
 
-    def closed(self, conn: Connection, why: str) -> None:
-        self.out(f"[{conn.label}] {why}")
-
     def file_aborted(self, conn: Connection, name: str, received: int, why: str) -> None:
         """The session ended while a file was coming in: nothing of it was kept.
-        Reported just before closed() (which the consoles render as they like)."""
-        self.out(f"receiving '{neutralise(name)}' aborted after "
+        Reported just before closed()."""
+        self.out(f"[{conn.label}] receiving '{neutralise(name)}' aborted after "
                  f"{human_size(received)}: {neutralise(why)}; nothing saved")
+
+    def closed(self, conn: Connection, why: str) -> None:
+        self.out(f"[{conn.label}] {why}")
 
     def progress(self, total: int, desc: str):
         if not sys.stdout.isatty():
             # even a disabled tqdm starts tqdm's monitor thread, which then never ends
             return NoProgress()
+        return MiBProgress(total, desc)
+
+
+MIB = 1 << 20
+
+
+class MiBProgress:
+    """tqdm on stderr counting in MiB, the unit of every other size we print
+    (tqdm's own unit_scale is decimal: it would show 210M for 200.0 MiB)."""
+
+    def __init__(self, total: int, desc: str) -> None:
         from tqdm import tqdm  # noqa: PLC0415 - only needed when a file moves
 
-        return tqdm(total=total, desc=desc, file=sys.stderr, unit="B", unit_scale=True,
-                    dynamic_ncols=True, leave=False)
+        self._bar = tqdm(total=total / MIB, desc=desc, file=sys.stderr, unit="MiB",
+                         dynamic_ncols=True, leave=False,
+                         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MiB "
+                                    "[{elapsed}<{remaining}, {rate_fmt}]")
+
+    def __enter__(self) -> MiBProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int) -> None:
+        self._bar.update(n / MIB)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class NoProgress:
@@ -458,10 +489,18 @@ class NoProgress:
 
 
 def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt,
-                  strip: bool = False) -> None:
+                  strip: bool = False, busy=None) -> None:
     """The "send a JPG" menu entry of both consoles: list the assets with what they
     carry, pick one by number or type a path, decide about its metadata, send it
-    and say how it went."""
+    and say how it went.  `busy(work)` runs the send (the console's status line)."""
+    choice = choose_jpg(assets_dir, max_size, prompt, strip)
+    if choice is not None:
+        send_jpg(conn, *choice, max_size, busy=busy)
+
+
+def choose_jpg(assets_dir: Path, max_size: int, prompt,
+               strip: bool = False) -> tuple[Path, bool, str] | None:
+    """(path, strip?, note) of the photo the user picked, or None (said why)."""
     assets = transfer.list_assets(assets_dir)
     for i, (path, size) in enumerate(assets, 1):
         print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
@@ -469,24 +508,41 @@ def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt,
         print(f"  (no JPGs in {assets_dir}; type a path)")
     choice = prompt("number or path: ").strip()
     if not choice:
-        return
+        return None
     if choice.isdigit() and 0 < int(choice) <= len(assets):
         path = assets[int(choice) - 1][0]
+    elif choice.isdigit() and not Path(choice).exists():
+        print(f"not sent: no photo number {choice} (the list has "
+              f"{f'1-{len(assets)}' if assets else 'none'})")
+        return None
     else:
         path = Path(choice).expanduser()
     try:
         transfer.check_outgoing(path, max_size)
         decision = metadata_choice(path, strip, prompt)
-        if decision is None:
-            print("not sent")
-            return
-        stripped, note = decision
-        result = conn.send_file(str(path), max_size, strip=stripped)
-        print(dataclasses.replace(result, note=note).summary("sent"))
     except transfer.Rejected as e:
         print(f"not sent: {neutralise(e.detail)}")
+        return None
+    if decision is None:
+        print("not sent")
+        return None
+    return (path, *decision)
+
+
+def send_jpg(conn: Connection, path: Path, stripped: bool, note: str, max_size: int, *,
+             busy=None, who: str = "") -> bool:
+    """Send one chosen photo and print one line about it (`who: ` first when given)."""
+    def work() -> FileResult:
+        return conn.send_file(str(path), max_size, strip=stripped)
+    try:
+        result = (busy or (lambda f: f()))(work)
+        print(who + dataclasses.replace(result, note=note).summary("sent", path.name))
+        return True
+    except transfer.Rejected as e:
+        print(f"{who}not sent: {neutralise(e.detail)}")
     except (ConnectionLost, ProtocolError) as e:
-        print(f"not sent: {e}")
+        print(f"{who}not sent: {e}")
+    return False
 
 
 MENU_CARRIED = 3  # things named beside a photo in the menu; the rest are counted

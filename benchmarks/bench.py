@@ -86,9 +86,9 @@ QUICK = dict(size=2 * MIB, small_size=256 * KIB, runs=1, handshakes=20, text_run
              limit_bytes=8 * MIB, pool=4 * MIB, batch_files=10, batch_size=20_000)
 
 SENT_RX = re.compile(r"sent '[^'\r\n]*': (?P<bytes>\d+) bytes, SHA-256 (?P<sha>[0-9a-f]{64}), "
-                     r"(?P<secs>[\d.]+) s, (?P<rate>[\d.]+) MB/s")
+                     r"(?P<secs>[\d.]+) s")
 SAVED_RX = re.compile(r"saved '[^'\r\n]*': (?P<bytes>\d+) bytes, SHA-256 (?P<sha>[0-9a-f]{64}), "
-                      r"(?P<secs>[\d.]+) s, (?P<rate>[\d.]+) MB/s")
+                      r"(?P<secs>[\d.]+) s")
 
 
 
@@ -519,7 +519,8 @@ def run_c2s(ws: Workspace, src: Path) -> dict:
     ws.clear_received()
     size = src.stat().st_size
     return {"process_s": cl.elapsed, "process_mbps": mbps(size, cl.elapsed),
-            "transfer_s": float(m["secs"]), "transfer_mbps": float(m["rate"]),
+            "transfer_s": float(m["secs"]),
+            "transfer_mbps": mbps(int(m["bytes"]), float(m["secs"])),
             "client_rss": cl.peak_rss(), "server_rss": server_rss}
 
 
@@ -531,7 +532,7 @@ def run_s2c(ws: Workspace, src: Path) -> dict:
     try:
         with harness_errors("server console"):
             cl = ws.client(port, fingerprint, what="s2c-client", stdin=subprocess.PIPE)
-            srv.expect_line(r"client \S+ connected from", START_TIMEOUT)
+            srv.expect_line(r"client .+ connected from", START_TIMEOUT)  # a handle: #1 xxxxxx
             srv.expect_prompt(">", START_TIMEOUT)
             srv.type("2")  # menu: send a JPG (the only client is picked)
             srv.answer("number or path: ", str(src))
@@ -555,8 +556,11 @@ def run_s2c(ws: Workspace, src: Path) -> dict:
         if cl is not None:
             cl.kill()
     ws.clear_received()
-    return {"transfer_s": float(m["secs"]), "transfer_mbps": float(m["rate"]),
-            "receiver_mbps": float(saved["rate"]), "observed_mbps": mbps(size, observed),
+    # from bytes and seconds: the summaries print speeds in binary units (issue 11)
+    return {"transfer_s": float(m["secs"]),
+            "transfer_mbps": mbps(int(m["bytes"]), float(m["secs"])),
+            "receiver_mbps": mbps(int(saved["bytes"]), float(saved["secs"])),
+            "observed_mbps": mbps(size, observed),
             "client_rss": cl.peak_rss(), "server_rss": server_rss}
 
 

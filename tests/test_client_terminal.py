@@ -173,11 +173,12 @@ def test_server_text_and_file_name_are_neutralised_on_the_interactive_console(en
     try:
         tty.expect_line(f"^{re.escape(CLIENT_MENU)}$")
         tty.answer(">", "1")
-        tty.answer("text:", "hello")
+        tty.answer("text to server>", "hello")  # issue 11: the text prompt stays
         # the server's lines (one reader thread, in order); "delivered" may come between
         tty.expect_line(f"^{re.escape(f'[server] {SHOWN}')}$")
         tty.expect_line(rf"^\[server\] receiving '{re.escape(SHOWN_NAME)}' \(")
         tty.expect_line(r"^\[server\] sync$")  # after the file's lines
+        tty.answer("text to server>", "")  # an empty line: back to the menu
         tty.answer(">", "3")
         assert tty.wait_exit() == 0
         assert tty.lines("^delivered$")

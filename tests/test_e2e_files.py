@@ -61,7 +61,7 @@ from protocol import (
 )
 
 EXIT_UNDELIVERED = 5
-SUMMARY = r"{size} bytes, SHA-256 {sha}, \d+\.\d\d s, \d+\.\d MB/s"
+SUMMARY = r"{size} bytes, SHA-256 {sha}, \d+\.\d\d s(?:, \d+(?:\.\d)? (?:B|KiB|MiB|GiB)/s)?"
 # the server's line when a connection ends, in the handshake or after it
 CLOSED = (r"^(\[SHA256:[^\]]+\] (disconnected|connection .*)"
           r"|connection from [\d.]+:\d+ closed: .*)$")
@@ -75,8 +75,12 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def client_line(name: str, size: int, sha: str) -> str:
-    return rf"^sent {re.escape(repr(name))}: " + SUMMARY.format(size=size, sha=sha) + "$"
+def client_line(name: str, size: int, sha: str, sent_as: str | None = None) -> str:
+    """The sender's line: the name it sent, and `saved as` when the receiver renamed it."""
+    renamed = sent_as is not None and sent_as != name
+    return (rf"^sent {re.escape(repr(sent_as if renamed else name))}: "
+            + SUMMARY.format(size=size, sha=sha)
+            + (rf", saved as {re.escape(repr(name))}" if renamed else "") + "$")
 
 
 def server_line(name: str, size: int, sha: str, path: Path, meta: str | None = None) -> str:
@@ -99,7 +103,8 @@ def assert_received(env: Env, srv: Server, result, sent: Path, saved_as: str) ->
     path = env.server_received / saved_as
     assert sha256(path) == digest
     assert path.read_bytes() == sent.read_bytes()
-    assert re.search(client_line(saved_as, size, digest), result.stdout, re.M), result.stdout
+    assert re.search(client_line(saved_as, size, digest, sent.name), result.stdout, re.M), \
+        result.stdout
     srv.wait_for(server_line(saved_as, size, digest, path))
 
 

@@ -25,8 +25,9 @@ def test_unknown_host_in_batch_mode_is_refused_and_nothing_delivered(env: Env):
     r = env.client("--port", str(srv.port), "--send-text", "must not arrive")
     assert r.returncode == 4
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: unknown server [127.0.0.1]:{srv.port} with fingerprint {srv.fingerprint}; "
-        f"verify it, then use --fingerprint {srv.fingerprint} (or --accept-new-host)")
+        f"error: unknown server [127.0.0.1]:{srv.port} offered fingerprint {srv.fingerprint}; "
+        f"compare it with the 'identity' line the server printed at start-up, and only if "
+        f"they match pass it with --fingerprint (or use --accept-new-host)")
     srv.wait_for(r"closed: peer refused: authentication failed")
     assert "must not arrive" not in srv.output()
     assert not (env.client_home / "known_hosts").exists()
@@ -151,7 +152,7 @@ def test_usage_errors_get_one_error_line_and_exit_2(env: Env):
 
     bad_port = run("client.py", "--port", "70000")
     assert bad_port.returncode == 2
-    assert bad_port.stderr == "error: argument --port: port 70000 is outside 1-65535 " \
+    assert bad_port.stderr == "error: argument -p/--port: port 70000 is outside 1-65535 " \
                               "(see --help)\n"
     unknown = run("server.py", "--bogus")
     assert unknown.returncode == 2

@@ -537,7 +537,10 @@ def test_client_killed_mid_transfer_is_one_line_and_leaves_nothing(env: Env):
     assert files_in(env.server_received) == []
     out = srv.output()
     lines = [line for line in out.splitlines() if line.startswith(f"[{fp}]")]
-    assert len(lines) == 2 and "receiving" in lines[0], lines  # receiving, then why it ended
+    # receiving, the aborted transfer (issue 11), then why the session ended
+    assert len(lines) == 3 and "receiving" in lines[0], lines
+    assert re.fullmatch(rf"\[{re.escape(fp)}\] receiving 'big\.jpg' aborted after "
+                        r"[\d.]+ (?:B|KiB|MiB): .+; nothing saved", lines[1]), lines
     assert srv.p.poll() is None and "Traceback" not in out
 
 

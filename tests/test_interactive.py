@@ -32,6 +32,11 @@ FP = r"SHA256:[A-Za-z0-9+/]{43}"
 CODE = r"\d{4}-\d{4}-\d{4}"
 
 
+def handle(fp: str, number: int = 1) -> str:
+    """How the console names a client (issue 11): its number and 6 fingerprint characters."""
+    return re.escape(f"#{number} {fp.removeprefix('SHA256:')[:6]}")
+
+
 def assert_clean(tty: Tty) -> None:
     out = tty.text()
     assert "Traceback" not in out, out
@@ -118,24 +123,27 @@ def test_text_from_client_menu_and_reply_from_server_console(terms: Terminals):
     srv, port, _ = terms.console()
     client_fp = terms.client_fingerprint()
     cli, _ = terms.connected_client(port)
-    srv.expect_line(rf"^client {re.escape(client_fp)} connected from 127\.0\.0\.1:\d+$")
+    srv.expect_line(rf"^client {handle(client_fp)} connected from 127\.0\.0\.1:\d+$")
+    srv.expect_line(rf"^\[{handle(client_fp)}\] fingerprint {re.escape(client_fp)}$")
 
     # the user sends a text from the client menu
     cli.type("1")
-    cli.answer("text: ", "hello from the client — ünïcode ✓")
+    cli.answer("text to server> ", "hello from the client — ünïcode ✓")
     cli.expect_line("^delivered$")
-    srv.expect_line(rf"^\[{re.escape(client_fp)}\] hello from the client — ünïcode ✓$")
+    srv.expect_line(rf"^\[{handle(client_fp)}\] hello from the client — ünïcode ✓$")
 
     # the operator replies from the console: 1 = send text (one client: no pick)
     srv.type("1")
-    srv.answer("text: ", "hi back, from the operator")
+    srv.answer("text to #1> ", "hi back, from the operator")
     srv.expect_line("^delivered$")
     cli.expect_line(r"^\[server\] hi back, from the operator$")
+    srv.answer("text to #1> ", "")  # an empty line: back to the menu
 
+    cli.answer("text to server> ", "")
     cli.expect_prompt(">")
     cli.type("3")
     assert cli.wait_exit() == 0
-    srv.expect_line(rf"^\[{re.escape(client_fp)}\] peer said goodbye \(client done\)$")
+    srv.expect_line(rf"^\[{handle(client_fp)}\] peer said goodbye \(client done\)$")
     for tty in (cli, srv):
         assert_clean(tty)
 
@@ -157,7 +165,7 @@ def test_jpgs_both_ways_through_the_menus_are_bit_exact(terms: Terminals, tmp_pa
     srv, port, _ = terms.console()
     client_fp = terms.client_fingerprint()
     cli, _ = terms.connected_client(port)
-    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+    srv.expect_line(rf"^client {handle(client_fp)} connected")
 
     # server -> client: console option 2, pick each asset by its number
     for source in (big, shout):
@@ -189,7 +197,7 @@ def test_jpgs_both_ways_through_the_menus_are_bit_exact(terms: Terminals, tmp_pa
         digest = sha256(source)
         sent = cli.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), ")
         assert sent.groups() == (source.name, str(source.stat().st_size), digest)
-        got = srv.expect_line(rf"^\[{re.escape(client_fp)}\] received '(.+)': (\d+) bytes, "
+        got = srv.expect_line(rf"^\[{handle(client_fp)}\] received '(.+)': (\d+) bytes, "
                               rf"SHA-256 ([0-9a-f]{{64}}), .*, saved at (.+)$")
         assert got.group(1, 2, 3) == (source.name, str(source.stat().st_size), digest)
         received = Path(got.group(4))
@@ -216,13 +224,13 @@ def test_ctrl_c_on_the_client_menu_says_goodbye(terms: Terminals):
     srv, port, _ = terms.console()
     client_fp = terms.client_fingerprint()
     cli, _ = terms.connected_client(port)
-    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+    srv.expect_line(rf"^client {handle(client_fp)} connected")
 
     cli.ctrl_c()
     assert cli.wait_exit() == 130
     assert cli.lines("^interrupted: saying goodbye$")
     assert_clean(cli)
-    srv.expect_line(rf"^\[{re.escape(client_fp)}\] peer said goodbye \(client interrupted\)$")
+    srv.expect_line(rf"^\[{handle(client_fp)}\] peer said goodbye \(client interrupted\)$")
     # the console is still usable and the client is gone from it
     srv.expect_prompt(">")
     srv.type("3")
@@ -237,9 +245,13 @@ def test_ctrl_c_on_the_server_console_tells_the_client(terms: Terminals):
     srv, port, _ = terms.console()
     client_fp = terms.client_fingerprint()
     cli, _ = terms.connected_client(port)
-    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
+    srv.expect_line(rf"^client {handle(client_fp)} connected")
     srv.expect_prompt(">")
 
+    # with a client connected the first Ctrl-C only says so (issue 11), the second quits
+    srv.ctrl_c()
+    srv.expect_line("^1 client connected: press Ctrl-C again to quit$")
+    srv.expect_prompt(">")
     srv.ctrl_c()
     srv.expect_line("^shutting down$")
     srv.expect_line("^bye$")
@@ -256,7 +268,10 @@ def test_ctrl_c_on_the_server_while_the_client_is_typing(terms: Terminals):
     cli, _ = terms.connected_client(port)
     srv.expect_line(r"^client .* connected")
     cli.type("1")
-    cli.expect_prompt("text: ")
+    cli.expect_prompt("text to server> ")
+    srv.expect_prompt(">")
+    srv.ctrl_c()
+    srv.expect_line("^1 client connected: press Ctrl-C again to quit$")
     srv.expect_prompt(">")
     srv.ctrl_c()
     assert srv.wait_exit() == 0
@@ -335,8 +350,8 @@ def test_verification_codes_match_the_console_per_client(terms: Terminals):
         cli, code = terms.connected_client(port, home=home, received=env.root / f"recv-{i}")
         clients.append(cli)
         codes.append(code)
-        srv.expect_line(rf"^client {re.escape(fps[i])} connected")
-        shown = srv.expect_line(rf"^\[{re.escape(fps[i])}\] verification code: ({CODE})$")
+        srv.expect_line(rf"^client {handle(fps[i], i + 1)} connected")
+        shown = srv.expect_line(rf"^\[{handle(fps[i], i + 1)}\] verification code: ({CODE})$")
         assert shown.group(1) == code
     assert codes[0] != codes[1]  # fresh keys per session
 
@@ -344,14 +359,16 @@ def test_verification_codes_match_the_console_per_client(terms: Terminals):
     srv.expect_prompt(">")
     srv.type("1")
     listed = {}
-    for _ in range(2):
-        m = srv.expect_line(rf"^  (\d)\) ({FP}) \(127\.0\.0\.1:\d+\)$")
-        listed[m.group(2)] = m.group(1)
+    for i in range(2):
+        m = srv.expect_line(rf"^  (\d)\) {handle(fps[i], i + 1)}  127\.0\.0\.1:\d+$")
+        f = srv.expect_line(rf"^       ({FP})$")
+        listed[f.group(1)] = m.group(1)
     assert set(listed) == set(fps)
-    srv.answer("client number: ", listed[fps[1]])
-    srv.answer("text: ", "only for B")
+    srv.answer("client number or all: ", listed[fps[1]])
+    srv.answer("text to #2> ", "only for B")
     srv.expect_line("^delivered$")
     clients[1].expect_line(r"^\[server\] only for B$")
+    srv.answer("text to #2> ", "")
     for cli in clients:
         cli.expect_prompt(">")
         cli.type("3")
@@ -395,8 +412,8 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
     srv, port, _ = terms.console()
     client_fp = terms.client_fingerprint()
     cli, _ = terms.connected_client(port)
-    srv.expect_line(rf"^client {re.escape(client_fp)} connected")
-    received = (rf"^\[{re.escape(client_fp)}\] received '(.+)': (\d+) bytes, "
+    srv.expect_line(rf"^client {handle(client_fp)} connected")
+    received = (rf"^\[{handle(client_fp)}\] received '(.+)': (\d+) bytes, "
                 r"SHA-256 ([0-9a-f]{64})")
 
     # the photo with a location: the menu says so, asks, and Enter means without metadata
@@ -412,8 +429,11 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
         cli.answer(LOCATION_QUESTION, answer)
         digest = hashlib.sha256(sent_bytes).hexdigest()
         sent = cli.expect_line(r"^sent '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
-                               rf".* MB/s, {note}$")
-        assert sent.groups() == (saved_as, str(len(sent_bytes)), digest)  # the name as saved
+                               r"\d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, "
+                               rf"{note}(?:, saved as '(.+)')?$")
+        # the name as sent, and the name as saved when the receiver had to rename it
+        assert sent.groups() == ("holiday.jpg", str(len(sent_bytes)), digest,
+                                 None if saved_as == "holiday.jpg" else saved_as)
         got = srv.expect_line(received + rf", .* \({re.escape(carries)}\), saved at (.+)$")
         assert got.groups() == (saved_as, str(len(sent_bytes)), digest,
                                 str(env.server_received / saved_as))
@@ -425,7 +445,7 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
     assets_carrying(cli, 2)
     cli.answer("number or path: ", "2")
     cli.expect_line(rf"^sent 'plain\.jpg': {plain.stat().st_size} bytes, SHA-256 "
-                    rf"{sha256(plain)}, .* MB/s$")
+                    rf"{sha256(plain)}, \d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?$")
     srv.expect_line(received + r", .* \(no metadata\), saved at ")
 
     # a photo whose metadata cannot be read: without --strip-metadata it goes as is,
@@ -437,7 +457,7 @@ def test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves(
     cli.expect_line(r"^cannot read the metadata of 'broken\.jpg' \(segment FFE0 at byte 2 has "
                     r"a bad length\); sending it as is$")
     cli.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
-                    rf"{sha256(broken)}, .* MB/s, as is$")
+                    rf"{sha256(broken)}, \d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, as is$")
     srv.expect_line(received + r", .* \(metadata not readable\), saved at ")
     cli.expect_prompt(">")
     cli.type("3")
@@ -459,7 +479,7 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     cli, _ = terms.connected_client(port)
     srv.expect_line(r"^client .* connected")
     saved = (r"^\[server\] saved '(.+)': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
-             r".* MB/s \((.+)\) at (.+)$")
+             r"\d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)? \((.+)\) at (.+)$")
 
     # with the flag: no question, the photo goes without its metadata
     srv.expect_prompt(">")
@@ -469,7 +489,7 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     srv.answer("number or path: ", "2")
     digest = hashlib.sha256(stripped).hexdigest()
     sent = srv.expect_line(r"^sent 'holiday\.jpg': (\d+) bytes, SHA-256 ([0-9a-f]{64}), "
-                           r".* MB/s, without metadata$")
+                           r"\d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, without metadata$")
     assert sent.groups() == (str(len(stripped)), digest)
     got = cli.expect_line(saved)
     assert got.groups() == ("holiday.jpg", str(len(stripped)), digest, "no metadata",
@@ -491,7 +511,7 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     srv.expect_line(f"^{re.escape(BROKEN_WHY)}$")
     srv.answer(CONSENT_QUESTION, "y")
     srv.expect_line(rf"^sent 'broken\.jpg': {broken.stat().st_size} bytes, SHA-256 "
-                    rf"{sha256(broken)}, .* MB/s, as is$")
+                    rf"{sha256(broken)}, \d+\.\d\d s(?:, [\d.]+ (?:KiB|MiB|GiB)/s)?, as is$")
     got = cli.expect_line(saved)
     assert got.group(1, 4) == ("broken.jpg", "metadata not readable")
     assert (env.client_received / "broken.jpg").read_bytes() == broken.read_bytes()

@@ -462,7 +462,7 @@ def test_a_1_gib_photo_is_inspected_from_its_header_and_stripped_in_constant_mem
 
 
 # --- end to end: batch mode ------------------------------------------------------------------
-SUMMARY = r"(\d+) bytes, SHA-256 ([0-9a-f]{64}), \d+\.\d\d s, \d+\.\d MB/s"
+SUMMARY = r"(\d+) bytes, SHA-256 ([0-9a-f]{64}), \d+\.\d\d s(?:, \d+(?:\.\d)? (?:B|KiB|MiB|GiB)/s)?"
 
 
 def send(env: Env, port: int, *args: str):

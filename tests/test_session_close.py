@@ -75,7 +75,7 @@ def test_a_peer_that_vanishes_mid_file_is_reported_and_nothing_saved(peer: RawPe
     assert peer.conn.close_info.kind is CloseKind.PEER_VANISHED
     assert peer.conn.close_info.by is Side.PEER and not peer.conn.close_info.clean
     assert peer.events.lines[-2:] == [  # the aborted file, then the usual close line
-        "receiving 'huge.jpg' aborted after 3.0 MiB: peer disconnected; nothing saved",
+        "[c] receiving 'huge.jpg' aborted after 3.0 MiB: peer disconnected; nothing saved",
         "[c] peer disconnected"]
     assert files_in(peer.received) == []
 
@@ -88,7 +88,7 @@ def test_a_protocol_error_mid_file_is_the_peers_and_the_file_is_aborted(peer: Ra
     assert peer.conn.close_info.by is Side.PEER
     assert str(peer.conn.close_info) == \
         "connection closed: protocol error: FileOffer reuses operation id 1"
-    assert ("receiving 'huge.jpg' aborted after 2.0 MiB: connection closed: protocol "
+    assert ("[c] receiving 'huge.jpg' aborted after 2.0 MiB: connection closed: protocol "
             "error: FileOffer reuses operation id 1; nothing saved"
             ) in peer.events.lines
     assert files_in(peer.received) == []
@@ -107,7 +107,7 @@ def test_our_own_close_is_local_shutdown_and_the_file_is_aborted(peer: RawPeer):
     peer.ended()
     assert peer.conn.close_info.kind is CloseKind.LOCAL_SHUTDOWN
     assert peer.conn.close_info.by is Side.LOCAL
-    assert "receiving 'huge.jpg' aborted after 3.0 MiB: server shutting down; " \
+    assert "[c] receiving 'huge.jpg' aborted after 3.0 MiB: server shutting down; " \
         "nothing saved" in peer.events.lines
     assert files_in(peer.received) == []
 
