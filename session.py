@@ -493,9 +493,96 @@ def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt,
     """The "send a JPG" menu entry of both consoles: list the assets with what they
     carry, pick one by number or type a path, decide about its metadata, send it
     and say how it went.  `busy(work)` runs the send (the console's status line)."""
-    choice = choose_jpg(assets_dir, max_size, prompt, strip)
-    if choice is not None:
-        send_jpg(conn, *choice, max_size, busy=busy)
+    choices = choose_jpgs(assets_dir, max_size, prompt, strip)
+    if choices is not None and len(choices) == 1:
+        send_jpg(conn, *choices[0], max_size, busy=busy)
+    elif choices:
+        send_jpg_batch(conn, choices, max_size, busy=busy)
+
+
+def parse_picks(text: str, count: int) -> list[int] | None:
+    """The photo numbers of a pick like `all`, `1,3-5` (in the order given, each
+    once); None when text is no list or range.  ValueError names a number that is
+    not on the list."""
+    text = text.strip().lower()
+    if text == "all":
+        return list(range(1, count + 1))
+    if not re.fullmatch(r"\d+\s*(-\s*\d+)?(\s*,\s*\d+\s*(-\s*\d+)?)*", text) or \
+            text.isdigit():
+        return None
+    picks: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if not 1 <= first <= last <= count:
+            raise ValueError(f"no photo number {part.strip()} (the list has "
+                             f"{f'1-{count}' if count else 'none'})")
+        picks += [i for i in range(first, last + 1) if i not in picks]
+    return picks
+
+
+def choose_jpgs(assets_dir: Path, max_size: int, prompt,
+                strip: bool = False) -> list[tuple[Path, bool, str]] | None:
+    """[(path, strip?, note)] of the photos the user picked: one by number or path,
+    or several (`1,3-5`, `all`); None when nothing is to be sent (said why)."""
+    assets = transfer.list_assets(assets_dir)
+    for i, (path, size) in enumerate(assets, 1):
+        print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
+    if not assets:
+        print(f"  (no JPGs in {assets_dir}; type a path)")
+    choice = prompt("number or path: ").strip()  # or several: 1,3-5 or all
+    try:
+        picks = parse_picks(choice, len(assets))
+    except ValueError as e:
+        print(f"not sent: {e}")
+        return None
+    if picks is None:
+        one = _one_jpg(choice, assets, max_size, prompt, strip)
+        return None if one is None else [one]
+    chosen = []
+    for number in picks:
+        path = assets[number - 1][0]
+        try:
+            transfer.check_outgoing(path, max_size)
+            decision = metadata_choice(path, strip, prompt)
+        except transfer.Rejected as e:
+            print(f"not sent: {neutralise(e.detail)}")
+            continue
+        if decision is None:
+            print(f"not sent: {neutralise(path.name)}")
+            continue
+        chosen.append((path, *decision))
+    return chosen or None
+
+
+def send_jpg_batch(conn: Connection, choices: list, max_size: int, *, busy=None,
+                   who: str = "") -> int:
+    """Send several chosen photos pipelined; one summary line, and one line per
+    photo that was not delivered.  The number delivered."""
+    outs, notes = [], {}
+    for path, stripped, note in choices:
+        out = transfer.check_outgoing(path, max_size)
+        outs.append(stripped_outgoing(out) if stripped else out)
+        notes[len(outs) - 1] = note
+    started = time.monotonic()
+
+    def work() -> list:
+        return conn.send_files(outs, max_size)
+    try:
+        outcomes = (busy or (lambda f: f()))(work)
+    except (ConnectionLost, ProtocolError, KeyboardInterrupt) as e:
+        print(f"{who}not sent: {e or 'interrupted'}")
+        return 0
+    seconds = time.monotonic() - started
+    delivered = [o for o in outcomes if isinstance(o, FileResult)]
+    total = sum(o.size for o in delivered)
+    rate = f", {human_size(total / seconds)}/s" if seconds > 0 and total >= 1024 else ""
+    print(f"{who}sent {len(delivered)} of {len(outcomes)} photos: {human_size(total)} in "
+          f"{seconds:.2f} s{rate}")
+    for (path, _, _), outcome in zip(choices, outcomes, strict=True):
+        if not isinstance(outcome, FileResult):
+            print(f"{who}not sent: {neutralise(path.name)}: {neutralise(outcome.detail)}")
+    return len(delivered)
 
 
 def choose_jpg(assets_dir: Path, max_size: int, prompt,
@@ -506,7 +593,11 @@ def choose_jpg(assets_dir: Path, max_size: int, prompt,
         print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
     if not assets:
         print(f"  (no JPGs in {assets_dir}; type a path)")
-    choice = prompt("number or path: ").strip()
+    return _one_jpg(prompt("number or path: ").strip(), assets, max_size, prompt, strip)
+
+
+def _one_jpg(choice: str, assets: list, max_size: int, prompt,
+             strip: bool) -> tuple[Path, bool, str] | None:
     if not choice:
         return None
     if choice.isdigit() and 0 < int(choice) <= len(assets):
