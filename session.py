@@ -897,14 +897,16 @@ class IncomingFile:
             target.file.flush()
         self._in_order(op, lambda: self._complete(op, target, sha256))
 
-    def _complete(self, op: int, target: _Receiving, sha256: bytes) -> None:
-        """Verify and link (its fsync is cheap now), then FileSaved (or FileFailed)."""
+    def _complete(self, op: int, target: _Receiving, sha256: bytes):
+        """Verify and link (its fsync is cheap now); returns (report, linked): the
+        report says it and sends FileSaved (or FileFailed) once the directory is
+        flushed, linked says whether that flush is needed."""
         conn, incoming = self._conn, target.file
         try:
             try:
                 if target.failure is not None:
                     raise target.failure
-                saved, digest = incoming.finish(sha256)
+                saved, digest = incoming.finish(sha256, sync_dir=False)
             except transfer.Rejected:
                 raise
             except Exception as e:  # a ProtocolError too: the core checked the size
@@ -912,23 +914,43 @@ class IncomingFile:
         except transfer.Rejected as r:
             incoming.abort()
             self._forget(op)
-            conn.events.file_failed(conn, incoming.name, r.detail)
-            self._send_quietly(FileFailed(op, r.reason, r.detail))
-            return
+            return self._failed_report(op, incoming.name, r), False
         self._forget(op)
         result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started)
-        # said here first: what the sender does after our reply is shown after it
-        conn.events.file_saved(conn, str(incoming.directory / saved), result)
-        self._send_quietly(FileSaved(op, digest, saved))
+
+        def report(dir_error: transfer.Rejected | None) -> None:
+            if dir_error is not None:  # linked, but the link may not survive a crash
+                self._failed_report(op, incoming.name, dir_error)(None)
+                return
+            # said here first: what the sender does after our reply is shown after it
+            conn.events.file_saved(conn, str(incoming.directory / saved), result)
+            self._send_quietly(FileSaved(op, digest, saved))
+        return report, True
+
+    def _failed_report(self, op: int, name: str, r: transfer.Rejected):
+        def report(_dir_error) -> None:
+            self._conn.events.file_failed(self._conn, name, r.detail)
+            self._send_quietly(FileFailed(op, r.reason, r.detail))
+        return report
 
     def _in_order(self, op: int, report) -> None:
         """Run the completions of the flushed files in the order the files ended."""
         with self._report_lock:
             self._ready[op] = report
+            done = []  # every file whose turn it is: linked now, one directory fsync for all
             while self._ending and self._ending[0] in self._ready:
                 with self._lock:
                     head = self._ending.popleft()
-                self._ready.pop(head)()
+                done.append(self._ready.pop(head)())
+            dir_error = None
+            if any(linked for _, linked in done):
+                try:
+                    transfer.flush_dir(self._conn.received_dir)  # before any FileSaved
+                except OSError as e:
+                    dir_error = transfer.Rejected(Reason.WRITE_FAILED,
+                                                  f"cannot flush the directory: {e.strerror}")
+            for report, _ in done:
+                report(dir_error)
 
     def _send_quietly(self, msg) -> None:
         try:
