@@ -71,7 +71,10 @@ class Ordered(argparse.Action):
             # an empty text cancels at the interactive prompt; batch does not send one
             parser.error("--send-text needs a text (it was empty)")
         items = list(getattr(namespace, "batch", None) or [])
-        items.append(("text" if option_string == "--send-text" else "file", value))
+        if option_string == "--send-text":
+            items.append(("text", value))
+        else:  # one or more paths: files, or directories (expanded by expand_batch)
+            items += [("file", path) for path in value]
         namespace.batch = items
 
 
@@ -92,9 +95,11 @@ def build_parser() -> session.Parser:
                    help="server port (default 5555)")
     p.add_argument("--send-text", action=Ordered, metavar="TEXT", dest="batch_text",
                    help="batch mode: send TEXT and wait for delivery (repeatable)")
-    p.add_argument("--send-file", action=Ordered, metavar="PATH", dest="batch_file",
-                   help="batch mode: send the JPG at PATH and wait until the server has saved "
-                        "it with a matching SHA-256 (repeatable, in order with --send-text)")
+    p.add_argument("--send-file", action=Ordered, metavar="PATH", dest="batch_file", nargs="+",
+                   help="batch mode: send the JPGs at PATH... (a directory: its JPGs, sorted "
+                        "by name) pipelined, each confirmed saved by the server with a "
+                        "matching SHA-256; one line per file (repeatable, in order with "
+                        "--send-text)")
     p.add_argument("--accept-new-host", action="store_true",
                    help="trust and record an unknown server (first contact) without asking")
     p.add_argument("--fingerprint", type=session.fingerprint, metavar="FP",
@@ -304,21 +309,71 @@ def connect_and_handshake(args, identity, kem, home: Path, ask):
 
 # --- batch and interactive modes --------------------------------------------------------------
 def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = False) -> int:
-    for kind, value in batch:
-        try:
-            if kind == "text":
+    """Texts and files in the order given; consecutive files go as one pipelined
+    batch.  One line per text and per file; exit 5 at the end if any was not
+    delivered.  A lost session (or an interrupt) still reports every file."""
+    code = EXIT_OK
+    several = sum(kind == "file" for kind, _ in batch) > 1  # lines then name their file
+    for kind, value in group_batch(batch):
+        if kind == "text":
+            try:
                 conn.send_text(value)
-                print(f"delivered: {neutralise(value)}", flush=True)
+            except session.ConnectionLost as e:
+                print(f"error: text not delivered: {e}", file=sys.stderr)
+                return EXIT_UNDELIVERED
+            print(f"delivered: {neutralise(value)}", flush=True)
+            continue
+
+        def report(index: int, outcome, paths=value) -> None:
+            if isinstance(outcome, session.NotDelivered) and outcome.interrupted:
+                print(f"not delivered (interrupted): {neutralise(str(paths[index]))}",
+                      file=sys.stderr, flush=True)
+            elif isinstance(outcome, transfer.Rejected):
+                where = f"{neutralise(str(paths[index]))}: " if several else ""
+                print(f"error: file not delivered: {where}{neutralise(outcome.detail)}",
+                      file=sys.stderr, flush=True)
             else:
-                result = conn.send_file(value, max_size, strip=strip)
-                print(result.summary("sent", Path(value).name), flush=True)
-        except transfer.Rejected as e:
-            print(f"error: {kind} not delivered: {neutralise(e.detail)}", file=sys.stderr)
-            return EXIT_UNDELIVERED
-        except session.ConnectionLost as e:
-            print(f"error: {kind} not delivered: {e}", file=sys.stderr)
-            return EXIT_UNDELIVERED
-    return EXIT_OK
+                print(outcome.summary("sent", Path(paths[index]).name), flush=True)
+
+        try:
+            outcomes = conn.send_files(value, max_size, strip=strip, report=report)
+        except session.ConnectionLost:
+            return EXIT_UNDELIVERED  # every file was reported, the lost ones with why
+        if any(isinstance(o, transfer.Rejected) for o in outcomes):
+            code = EXIT_UNDELIVERED
+    return code
+
+
+def group_batch(batch: list) -> list:
+    """("text", TEXT) items as they are; each run of consecutive files as one
+    ("files", [path, ...]) item."""
+    grouped: list = []
+    for kind, value in batch:
+        if kind == "file" and grouped and grouped[-1][0] == "files":
+            grouped[-1][1].append(value)
+        elif kind == "file":
+            grouped.append(("files", [value]))
+        else:
+            grouped.append((kind, value))
+    return grouped
+
+
+def expand_batch(batch: list) -> list:
+    """A directory given to --send-file stands for its JPGs, sorted by name; what
+    else it holds is listed as skipped."""
+    out = []
+    for kind, value in batch:
+        if kind != "file" or not Path(value).is_dir():
+            out.append((kind, value))
+            continue
+        jpgs = [path for path, _ in transfer.list_assets(value)]
+        for entry in sorted(Path(value).iterdir(), key=lambda e: e.name.lower()):
+            if entry not in jpgs:
+                print(f"skipped: {neutralise(str(entry))} (not a JPG)", flush=True)
+        if not jpgs:  # refused before connecting, as a file that cannot be sent
+            raise Fatal(EXIT_UNDELIVERED, f"file not sent: {value}: a directory with no JPGs")
+        out += [("file", str(path)) for path in jpgs]
+    return out
 
 
 MENU = "1) send text  2) send a JPG  3) quit"
@@ -399,7 +454,7 @@ def run(args) -> int:
         kem = session.kem_provider(args.kem_provider)
     except ProtocolError as e:
         raise Fatal(EXIT_USAGE, str(e)) from e
-    batch = getattr(args, "batch", None) or []
+    batch = expand_batch(getattr(args, "batch", None) or [])
     interactive = not batch
     ask = ask_user if interactive and sys.stdin.isatty() else None
     refuse_batch_locally(batch, args)

@@ -551,12 +551,14 @@ class RecordSender(_RecordLayer):
         return pieces
 
     def seal(self, msg_type: int, payload: bytes | memoryview = b"",
-             out: memoryview | None = None) -> list:
+             out: memoryview | None = None, head: bytes = b"") -> list:
         """Return one frame as pieces (length, IV, ciphertext..., tag) for a gathered send.
 
         With `out` (at least len(payload) + 15 bytes) the payload's ciphertext is
-        written there instead of a new buffer; the pieces then refer to `out`."""
-        n = 1 + len(payload)
+        written there instead of a new buffer; the pieces then refer to `out`.
+        `head` is plaintext that comes before `payload` (a file record's op id),
+        encrypted with the type byte so that payload is never joined to it."""
+        n = 1 + len(head) + len(payload)
         if IV_SIZE + n + MAC_SIZE > MAX_FRAME:
             raise LocalProtocolError("record too large")
         # the number is used up only once the record is complete: an exception
@@ -566,7 +568,7 @@ class RecordSender(_RecordLayer):
         # CTR is a stream: the type byte and the payload are encrypted in one
         # keystream without first copying them into one buffer.
         enc = Cipher(self._aes, modes.CTR(iv)).encryptor()
-        pieces = [enc.update(bytes([msg_type]))]
+        pieces = [enc.update(bytes([msg_type]) + head)]
         if payload and out is not None:
             pieces.append(out[: enc.update_into(payload, out)])
         elif payload:

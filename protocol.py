@@ -41,7 +41,11 @@ MAX_TEXT = 64 * 1024  # bytes of UTF-8 in one text message
 MAX_NAME = 255  # bytes of UTF-8 in a file name
 # The largest body a record can carry is a full file chunk plus its type byte;
 # a record adds its IV and MAC.  Anything longer is refused before allocation.
-MAX_RECORD_PLAINTEXT = 1 + CHUNK_SIZE
+OP_ID = struct.Struct(">I")  # the operation id at the start of every file message
+# the file window (PROTOCOL.md 11.2): operations one direction may have open at once
+WINDOW_FILES = 32
+WINDOW_BYTES = 64 << 20  # their announced sizes together, unless only one is open
+MAX_RECORD_PLAINTEXT = 1 + OP_ID.size + CHUNK_SIZE
 MAX_FRAME = IV_SIZE + MAX_RECORD_PLAINTEXT + MAC_SIZE
 
 
@@ -482,18 +486,54 @@ class Refused(_Reasoned):
     TYPE = MsgType.REFUSED
 
 
+def _op(payload, name: str) -> tuple[int, bytes | memoryview]:
+    """The operation id at the start of a file message, and the rest."""
+    if len(payload) < OP_ID.size:
+        raise RemoteProtocolError(f"{name}: truncated")
+    return OP_ID.unpack_from(payload)[0], payload[OP_ID.size :]
+
+
+def _check_op(op: int) -> None:
+    if not 0 <= op < 1 << 32:
+        raise LocalProtocolError("operation id out of range")
+
+
 @dataclass(frozen=True, slots=True)
-class FileReject(_Reasoned):
+class _OpReasoned:
+    """A file operation's id, a reason code and a short human text."""
+
+    op: int
+    reason: Reason
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _check_op(self.op)
+        if len(self.detail.encode("utf-8")) > MAX_TEXT:
+            raise LocalProtocolError("detail too long")
+
+    def encode(self) -> bytes:
+        return OP_ID.pack(self.op) + _REASON.pack(self.reason) + self.detail.encode("utf-8")
+
+    @classmethod
+    def decode(cls, payload: bytes):
+        op, rest = _op(payload, cls.__name__)
+        if len(rest) < 1:
+            raise RemoteProtocolError(f"{cls.__name__}: missing reason")
+        return cls(op, _reason(rest[0]), _utf8(rest[1:], cls.__name__, MAX_TEXT))
+
+
+@dataclass(frozen=True, slots=True)
+class FileReject(_OpReasoned):
     TYPE = MsgType.FILE_REJECT
 
 
 @dataclass(frozen=True, slots=True)
-class FileFailed(_Reasoned):
+class FileFailed(_OpReasoned):
     TYPE = MsgType.FILE_FAILED
 
 
 @dataclass(frozen=True, slots=True)
-class FileCancel(_Reasoned):
+class FileCancel(_OpReasoned):
     """Sender -> receiver: the stream ends here and nothing is to be saved."""
 
     TYPE = MsgType.FILE_CANCEL
@@ -537,83 +577,97 @@ class Delivered:
 @dataclass(frozen=True, slots=True)
 class FileOffer:
     TYPE = MsgType.FILE_OFFER
+    op: int
     size: int
     name: str
 
     def __post_init__(self) -> None:
+        _check_op(self.op)
         if not 0 <= self.size < 1 << 64:
             raise LocalProtocolError("file size out of range")
         if not self.name or len(self.name.encode("utf-8")) > MAX_NAME:
             raise RemoteProtocolError(f"file name must be 1..{MAX_NAME} bytes of UTF-8")
 
     def encode(self) -> bytes:
-        return _U64.pack(self.size) + self.name.encode("utf-8")
+        return OP_ID.pack(self.op) + _U64.pack(self.size) + self.name.encode("utf-8")
 
     @classmethod
     def decode(cls, payload: bytes) -> FileOffer:
-        if len(payload) < _U64.size:
+        op, rest = _op(payload, "FileOffer")
+        if len(rest) < _U64.size:
             raise RemoteProtocolError("FileOffer: truncated")
-        (size,) = _U64.unpack_from(payload)
-        return cls(size, _utf8(payload[_U64.size :], "FileOffer name", MAX_NAME))
+        (size,) = _U64.unpack_from(rest)
+        return cls(op, size, _utf8(rest[_U64.size :], "FileOffer name", MAX_NAME))
 
 
 @dataclass(frozen=True, slots=True)
 class FileAccept:
     TYPE = MsgType.FILE_ACCEPT
+    op: int
 
     def encode(self) -> bytes:
-        return b""
+        return OP_ID.pack(self.op)
 
     @classmethod
     def decode(cls, payload: bytes) -> FileAccept:
-        if payload:
-            raise RemoteProtocolError("FileAccept: unexpected payload")
-        return cls()
+        _check_size("FileAccept", payload, OP_ID.size)
+        return cls(OP_ID.unpack(payload)[0])
 
 
 @dataclass(frozen=True, slots=True)
 class FileData:
+    """The op id is the record's head and the data its body: the session seals
+    them without joining them (zero copy, see head()); encode() joins them."""
+
     TYPE = MsgType.FILE_DATA
+    op: int
     data: bytes | memoryview
 
-    def encode(self) -> bytes | memoryview:
-        return self.data
+    def head(self) -> bytes:
+        return OP_ID.pack(self.op)
+
+    def encode(self) -> bytes:
+        return OP_ID.pack(self.op) + bytes(self.data)
 
     @classmethod
     def decode(cls, payload: bytes) -> FileData:
-        if not payload or len(payload) > CHUNK_SIZE:
+        op, data = _op(payload, "FileData")
+        if not data or len(data) > CHUNK_SIZE:
             raise RemoteProtocolError(f"FileData: chunk must be 1..{CHUNK_SIZE} bytes")
-        return cls(payload)
+        return cls(op, data)
 
 
 @dataclass(frozen=True, slots=True)
 class FileEnd:
     TYPE = MsgType.FILE_END
+    op: int
     sha256: bytes
 
     def encode(self) -> bytes:
-        return self.sha256
+        return OP_ID.pack(self.op) + self.sha256
 
     @classmethod
     def decode(cls, payload: bytes) -> FileEnd:
-        _check_size("FileEnd", payload, HASH_SIZE)
-        return cls(payload)
+        _check_size("FileEnd", payload, OP_ID.size + HASH_SIZE)
+        return cls(OP_ID.unpack_from(payload)[0], payload[OP_ID.size :])
 
 
 @dataclass(frozen=True, slots=True)
 class FileSaved:
     TYPE = MsgType.FILE_SAVED
+    op: int
     sha256: bytes
     name: str
 
     def encode(self) -> bytes:
-        return self.sha256 + self.name.encode("utf-8")
+        return OP_ID.pack(self.op) + self.sha256 + self.name.encode("utf-8")
 
     @classmethod
     def decode(cls, payload: bytes) -> FileSaved:
-        if len(payload) < HASH_SIZE + 1:
+        op, rest = _op(payload, "FileSaved")
+        if len(rest) < HASH_SIZE + 1:
             raise RemoteProtocolError("FileSaved: truncated")
-        return cls(payload[:HASH_SIZE], _utf8(payload[HASH_SIZE:], "FileSaved name", MAX_NAME))
+        return cls(op, rest[:HASH_SIZE], _utf8(rest[HASH_SIZE:], "FileSaved name", MAX_NAME))
 
 
 @dataclass(frozen=True, slots=True)

@@ -545,13 +545,18 @@ def reply_text(server: Server, targets: list[Client], ui: Console) -> None:
 
 
 def reply_jpg(server: Server, targets: list[Client], ui: Console) -> None:
-    choice = session.choose_jpg(server.args.assets_dir, server.args.max_file_size, ui.prompt,
-                                strip=server.args.strip_metadata)
-    if choice is None:
+    choices = session.choose_jpgs(server.args.assets_dir, server.args.max_file_size, ui.prompt,
+                                  strip=server.args.strip_metadata)
+    if choices is None:
         return
     for client in targets:
-        session.send_jpg(client.conn, *choice, server.args.max_file_size, busy=ui.busy,
-                         who=f"{client.conn.label}: " if len(targets) > 1 else "")
+        who = f"{client.conn.label}: " if len(targets) > 1 else ""
+        if len(choices) == 1:
+            session.send_jpg(client.conn, *choices[0], server.args.max_file_size, busy=ui.busy,
+                             who=who)
+        else:  # several photos picked (1,3-5 or all): one pipelined batch
+            session.send_jpg_batch(client.conn, choices, server.args.max_file_size,
+                                   busy=ui.busy, who=who)
 
 
 # --- main -----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import ctypes.util
 import dataclasses
@@ -23,6 +24,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from protocol import (
     CHUNK_SIZE,
     FRAME_HEADER,
     MAX_FRAME,
+    OP_ID,
     AuthError,
     Bye,
     Delivered,
@@ -62,6 +65,7 @@ from session_core import (
     FileDiscarded,
     FileEnded,
     FileOffered,
+    Outbound,
     ReplyReceived,
     SessionCore,
     SessionEnded,
@@ -73,6 +77,7 @@ from session_core import (
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
 # the session's limits, named here for the code below (all of them are in limits.py)
 DATA_IN_FLIGHT = LIMITS.data_in_flight
+FINISHERS = LIMITS.finishers
 MAX_BACKLOG = LIMITS.max_backlog
 REPLY_TIMEOUT = LIMITS.reply_timeout
 SAVED_TIMEOUT = LIMITS.saved_timeout
@@ -488,9 +493,96 @@ def send_jpg_menu(conn: Connection, assets_dir: Path, max_size: int, prompt,
     """The "send a JPG" menu entry of both consoles: list the assets with what they
     carry, pick one by number or type a path, decide about its metadata, send it
     and say how it went.  `busy(work)` runs the send (the console's status line)."""
-    choice = choose_jpg(assets_dir, max_size, prompt, strip)
-    if choice is not None:
-        send_jpg(conn, *choice, max_size, busy=busy)
+    choices = choose_jpgs(assets_dir, max_size, prompt, strip)
+    if choices is not None and len(choices) == 1:
+        send_jpg(conn, *choices[0], max_size, busy=busy)
+    elif choices:
+        send_jpg_batch(conn, choices, max_size, busy=busy)
+
+
+def parse_picks(text: str, count: int) -> list[int] | None:
+    """The photo numbers of a pick like `all`, `1,3-5` (in the order given, each
+    once); None when text is no list or range.  ValueError names a number that is
+    not on the list."""
+    text = text.strip().lower()
+    if text == "all":
+        return list(range(1, count + 1))
+    if not re.fullmatch(r"\d+\s*(-\s*\d+)?(\s*,\s*\d+\s*(-\s*\d+)?)*", text) or \
+            text.isdigit():
+        return None
+    picks: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if not 1 <= first <= last <= count:
+            raise ValueError(f"no photo number {part.strip()} (the list has "
+                             f"{f'1-{count}' if count else 'none'})")
+        picks += [i for i in range(first, last + 1) if i not in picks]
+    return picks
+
+
+def choose_jpgs(assets_dir: Path, max_size: int, prompt,
+                strip: bool = False) -> list[tuple[Path, bool, str]] | None:
+    """[(path, strip?, note)] of the photos the user picked: one by number or path,
+    or several (`1,3-5`, `all`); None when nothing is to be sent (said why)."""
+    assets = transfer.list_assets(assets_dir)
+    for i, (path, size) in enumerate(assets, 1):
+        print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
+    if not assets:
+        print(f"  (no JPGs in {assets_dir}; type a path)")
+    choice = prompt("number or path: ").strip()  # or several: 1,3-5 or all
+    try:
+        picks = parse_picks(choice, len(assets))
+    except ValueError as e:
+        print(f"not sent: {e}")
+        return None
+    if picks is None:
+        one = _one_jpg(choice, assets, max_size, prompt, strip)
+        return None if one is None else [one]
+    chosen = []
+    for number in picks:
+        path = assets[number - 1][0]
+        try:
+            transfer.check_outgoing(path, max_size)
+            decision = metadata_choice(path, strip, prompt)
+        except transfer.Rejected as e:
+            print(f"not sent: {neutralise(e.detail)}")
+            continue
+        if decision is None:
+            print(f"not sent: {neutralise(path.name)}")
+            continue
+        chosen.append((path, *decision))
+    return chosen or None
+
+
+def send_jpg_batch(conn: Connection, choices: list, max_size: int, *, busy=None,
+                   who: str = "") -> int:
+    """Send several chosen photos pipelined; one summary line, and one line per
+    photo that was not delivered.  The number delivered."""
+    outs, notes = [], {}
+    for path, stripped, note in choices:
+        out = transfer.check_outgoing(path, max_size)
+        outs.append(stripped_outgoing(out) if stripped else out)
+        notes[len(outs) - 1] = note
+    started = time.monotonic()
+
+    def work() -> list:
+        return conn.send_files(outs, max_size)
+    try:
+        outcomes = (busy or (lambda f: f()))(work)
+    except (ConnectionLost, ProtocolError, KeyboardInterrupt) as e:
+        print(f"{who}not sent: {e or 'interrupted'}")
+        return 0
+    seconds = time.monotonic() - started
+    delivered = [o for o in outcomes if isinstance(o, FileResult)]
+    total = sum(o.size for o in delivered)
+    rate = f", {human_size(total / seconds)}/s" if seconds > 0 and total >= 1024 else ""
+    print(f"{who}sent {len(delivered)} of {len(outcomes)} photos: {human_size(total)} in "
+          f"{seconds:.2f} s{rate}")
+    for (path, _, _), outcome in zip(choices, outcomes, strict=True):
+        if not isinstance(outcome, FileResult):
+            print(f"{who}not sent: {neutralise(path.name)}: {neutralise(outcome.detail)}")
+    return len(delivered)
 
 
 def choose_jpg(assets_dir: Path, max_size: int, prompt,
@@ -501,7 +593,11 @@ def choose_jpg(assets_dir: Path, max_size: int, prompt,
         print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
     if not assets:
         print(f"  (no JPGs in {assets_dir}; type a path)")
-    choice = prompt("number or path: ").strip()
+    return _one_jpg(prompt("number or path: ").strip(), assets, max_size, prompt, strip)
+
+
+def _one_jpg(choice: str, assets: list, max_size: int, prompt,
+             strip: bool) -> tuple[Path, bool, str] | None:
     if not choice:
         return None
     if choice.isdigit() and 0 < int(choice) <= len(assets):
@@ -595,47 +691,60 @@ class PlainBuffer:
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, PAGE + MAX_FRAME)
-        self.plain = memoryview(self._map)[PAGE - 1 :]
+        # type byte and op id before the page: FileData's data starts on it
+        self.plain = memoryview(self._map)[PAGE - 1 - OP_ID.size :]
 
 
 class DiskWriter:
-    """Hashes and writes received chunks on its own thread, so the reader can verify
-    and decrypt the next record meanwhile (hashlib and os.write release the GIL).
-    A failure is kept until the reader collects it with settle()."""
+    """Hashes and writes received chunks, and finishes ended files (fsync, link), on
+    its own thread, so the reader can verify and decrypt the next records meanwhile
+    (hashlib, os.write and fsync release the GIL).  A write failure is kept on the
+    file it belongs to until the reader collects it."""
 
     def __init__(self, free: queue.Queue, name: str) -> None:
         self._free = free
         self._jobs: queue.Queue = queue.Queue()
-        self.failure: Exception | None = None
-        # started with the first chunk: a chat-only session costs no extra thread
+        # started with the first job: a chat-only session costs no extra thread
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
 
-    def write(self, incoming: transfer.IncomingFile, data: memoryview, buf: PlainBuffer) -> None:
+    def _put(self, job) -> None:
         if not self._thread.is_alive():
             self._thread.start()
-        self._jobs.put((incoming, data, buf))
+        self._jobs.put(job)
+
+    def write(self, target: _Receiving, data: memoryview, buf: PlainBuffer) -> None:
+        self._put((target, data, buf))
+
+    def run(self, job) -> None:
+        """Run job() after everything queued before it (a file's finish)."""
+        self._put(job)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            incoming, data, buf = job
             try:
-                if self.failure is None:
-                    incoming.write(data)
-            except (transfer.Rejected, ProtocolError) as e:
-                self.failure = e
-            except Exception as e:  # e.g. an unexpected OSError: fail the transfer only
-                self.failure = transfer.Rejected(Reason.WRITE_FAILED, f"receiver error: {e}")
+                if callable(job):
+                    job()
+                else:
+                    self._write(*job)
             finally:
-                data.release()
-                self._free.put(buf)
                 self._jobs.task_done()
         self._jobs.task_done()
 
-    def settle(self) -> Exception | None:
-        """Wait until every queued chunk is written; return (and clear) a failure."""
+    def _write(self, target: _Receiving, data: memoryview, buf: PlainBuffer) -> None:
+        try:
+            if target.failure is None:
+                target.file.write(data)
+        except (transfer.Rejected, ProtocolError) as e:
+            target.failure = e
+        except Exception as e:  # e.g. an unexpected OSError: fail the transfer only
+            target.failure = transfer.Rejected(Reason.WRITE_FAILED, f"receiver error: {e}")
+        finally:
+            data.release()
+            self._free.put(buf)
+
+    def settle(self) -> None:
+        """Wait until every queued job is done."""
         self._jobs.join()
-        failure, self.failure = self.failure, None
-        return failure
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -698,10 +807,22 @@ class Interrupt:
 
 
 # --- the file coming in, the file going out -------------------------------------------------
+@dataclass
+class _Receiving:
+    """One file coming in: its temp file, progress bar and a write failure."""
+
+    file: transfer.IncomingFile
+    started: float
+    bar: object
+    failure: Exception | None = None  # set by the disk thread
+
+
 class IncomingFile:
-    """The file coming in, as one piece on the reader thread: the answer to the offer,
-    each verified chunk to the disk thread, the answer to the end, a cancel, and the
-    abort when the session ends.  The ordering rules were checked by the core."""
+    """The files coming in, as one piece on the reader thread: the answer to each
+    offer, each verified chunk to the disk thread, each end (its finish, fsync and
+    link, on the disk thread while the reader takes the next file's records), a
+    cancel, and the abort when the session ends.  The ordering and window rules
+    were checked by the core."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -711,89 +832,171 @@ class IncomingFile:
         for _ in range(DATA_IN_FLIGHT + 1):
             self.free.put(PlainBuffer())
         self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
-        self._file: transfer.IncomingFile | None = None
-        self._started = 0.0
-        self._bar = None
+        self._files: dict[int, _Receiving] = {}  # by operation id
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # files finish in parallel but are reported (line, then reply) in the order they ended
+        self._ending: deque = deque()
+        self._ready: dict = {}
+        self._report_lock = threading.Lock()
+        self._lock = threading.Lock()  # _files: the reader adds, the disk thread removes
 
     def offered(self, offer: FileOffered) -> None:
         conn = self._conn
         try:
-            self._file = transfer.IncomingFile(conn.received_dir, offer.name, offer.size,
-                                               conn.max_file_size)
+            incoming = transfer.IncomingFile(conn.received_dir, offer.name, offer.size,
+                                             conn.max_file_size)
         except transfer.Rejected as r:
             conn.events.file_failed(conn, offer.name, f"rejected: {r.detail}")
-            conn.send(FileReject(r.reason, r.detail))
+            conn.send(FileReject(offer.op, r.reason, r.detail))
             return
-        self._started = time.monotonic()
+        started = time.monotonic()
         # announce first: a bar drawn before it would leave "receiving ... 0%|" glued
         # to the front of the announcement line on a terminal
         conn.events.file_offered(conn, offer.name, offer.size)
-        self._bar = conn.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
-        conn.send(FileAccept())
+        bar = conn.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
+        with self._lock:
+            self._files[offer.op] = _Receiving(incoming, started, bar)
+        conn.send(FileAccept(offer.op))
 
-    def chunk(self, data: memoryview, buf: PlainBuffer) -> None:
+    def chunk(self, op: int, data: memoryview, buf: PlainBuffer) -> None:
         """Hand a verified chunk to the disk thread, which hashes and writes it while
         the reader verifies and decrypts the next record."""
-        if self._disk.failure is not None:
+        target = self._files[op]
+        if target.failure is not None:
             data.release()
             self.free.put(buf)
-            failure = self._disk.settle()
-            if not isinstance(failure, transfer.Rejected):
-                raise failure
-            self._fail(failure)
+            self._disk.settle()
+            if not isinstance(target.failure, transfer.Rejected):
+                raise target.failure
+            self._fail(op, target.failure)
             return
         n = len(data)  # the disk thread releases `data` once written
-        self._disk.write(self._file, data, buf)
-        self._bar.update(n)
+        self._disk.write(target, data, buf)
+        target.bar.update(n)
 
-    def ended(self, sha256: bytes) -> None:
-        incoming, conn = self._file, self._conn
+    def ended(self, op: int, sha256: bytes) -> None:
+        """After the file's last chunk is written, a finisher thread flushes and links
+        it while the reader and the disk thread go on with the next files: fsyncs of
+        several files at once share the file system's journal commits."""
+        target = self._files[op]
+        with self._lock:
+            self._ending.append(op)
+        self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
+
+    def _finishers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:  # created with the first file: chat costs no threads
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                FINISHERS, thread_name_prefix=f"finish {self._conn.label}")
+        return self._pool
+
+    def _finish(self, op: int, target: _Receiving, sha256: bytes) -> None:
+        """On a finisher thread: flush the file's data (the slow part, several files at
+        once), then verify, link and reply in the order the files ended (the same name
+        twice is numbered in that order)."""
+        if target.failure is None:
+            target.file.flush()
+        self._in_order(op, lambda: self._complete(op, target, sha256))
+
+    def _complete(self, op: int, target: _Receiving, sha256: bytes):
+        """Verify and link (its fsync is cheap now); returns (report, linked): the
+        report says it and sends FileSaved (or FileFailed) once the directory is
+        flushed, linked says whether that flush is needed."""
+        conn, incoming = self._conn, target.file
         try:
-            failure = self._disk.settle()
-            if failure is not None:
-                raise failure
-            saved, digest = incoming.finish(sha256)
+            try:
+                if target.failure is not None:
+                    raise target.failure
+                saved, digest = incoming.finish(sha256, sync_dir=False)
+            except transfer.Rejected:
+                raise
+            except Exception as e:  # a ProtocolError too: the core checked the size
+                raise transfer.Rejected(Reason.WRITE_FAILED, f"receiver error: {e}") from e
         except transfer.Rejected as r:
-            self._fail(r)
-            return
-        self._close_bar()
-        self._file = None
-        result = FileResult(saved, incoming.size, digest, time.monotonic() - self._started)
-        conn.send(FileSaved(digest, saved))
-        conn.events.file_saved(conn, str(incoming.directory / saved), result)
+            incoming.abort()
+            self._forget(op)
+            return self._failed_report(op, incoming.name, r), False
+        self._forget(op)
+        result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started)
+
+        def report(dir_error: transfer.Rejected | None) -> None:
+            if dir_error is not None:  # linked, but the link may not survive a crash
+                self._failed_report(op, incoming.name, dir_error)(None)
+                return
+            # said here first: what the sender does after our reply is shown after it
+            conn.events.file_saved(conn, str(incoming.directory / saved), result)
+            self._send_quietly(FileSaved(op, digest, saved))
+        return report, True
+
+    def _failed_report(self, op: int, name: str, r: transfer.Rejected):
+        def report(_dir_error) -> None:
+            self._conn.events.file_failed(self._conn, name, r.detail)
+            self._send_quietly(FileFailed(op, r.reason, r.detail))
+        return report
+
+    def _in_order(self, op: int, report) -> None:
+        """Run the completions of the flushed files in the order the files ended."""
+        with self._report_lock:
+            self._ready[op] = report
+            done = []  # every file whose turn it is: linked now, one directory fsync for all
+            while self._ending and self._ending[0] in self._ready:
+                with self._lock:
+                    head = self._ending.popleft()
+                done.append(self._ready.pop(head)())
+            dir_error = None
+            if any(linked for _, linked in done):
+                try:
+                    transfer.flush_dir(self._conn.received_dir)  # before any FileSaved
+                except OSError as e:
+                    dir_error = transfer.Rejected(Reason.WRITE_FAILED,
+                                                  f"cannot flush the directory: {e.strerror}")
+            for report, _ in done:
+                report(dir_error)
+
+    def _send_quietly(self, msg) -> None:
+        try:
+            self._conn.send(msg)
+        except (ConnectionLost, ProtocolError):
+            pass  # the session ended meanwhile: the file is saved (or not) all the same
+
+    def _forget(self, op: int) -> _Receiving | None:
+        with self._lock:
+            target = self._files.pop(op, None)
+        if target is not None and target.bar is not None:
+            target.bar.close()
+        return target
 
     def cancelled(self, event: FileCancelled) -> None:
-        self._abort()
+        self._abort(event.op)
         if event.name:
             self._conn.events.file_failed(self._conn, event.name,
                                           f"sender cancelled: {event.detail}")
 
-    def _fail(self, r: transfer.Rejected) -> None:
+    def _fail(self, op: int, r: transfer.Rejected) -> None:
         """FileFailed: during the data the core then drains the rest of the stream."""
-        name = self._file.name
-        self._abort()
-        self._conn.send(FileFailed(r.reason, r.detail))
+        name = self._files[op].file.name
+        self._abort(op)
+        self._conn.send(FileFailed(op, r.reason, r.detail))
         self._conn.events.file_failed(self._conn, name, r.detail)
 
-    def _abort(self) -> None:
-        if self._file is not None:
+    def _abort(self, op: int) -> None:
+        if op in self._files:
             self._disk.settle()  # no write may race the temp file's removal
-            self._file.abort()
-            self._file = None
-            self._close_bar()
+            target = self._forget(op)
+            if target is not None:
+                target.file.abort()
 
     def aborted(self, close: Close) -> None:
-        """The session ended: delete a file still coming in, say so, stop the disk thread."""
-        running = self._conn._core.receiving() if self._file is not None else None
-        self._abort()
+        """The session ended: delete each file still coming in and say so; a file that
+        ended is finished by the disk thread (verified, durable); stop that thread."""
+        for op in list(self._files):
+            running = self._conn._core.receiving(op)
+            if running is not None:
+                self._abort(op)
+                self._conn.events.file_aborted(self._conn, running[0], running[1],
+                                               close.detail)
         self._disk.stop()
-        if running is not None:
-            self._conn.events.file_aborted(self._conn, running[0], running[1], close.detail)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self._pool is not None:  # files that ended are finished: verified and durable
+            self._pool.shutdown(wait=True)
 
 
 class OutgoingFile:
@@ -808,8 +1011,10 @@ class OutgoingFile:
         for _ in range(DATA_IN_FLIGHT):
             self._pool.put(memoryview(bytearray(CHUNK_SIZE + 16)))
 
-    def stream(self, out: transfer.Outgoing) -> bytes:
-        """Every FileData and the FileEnd; the file's SHA-256."""
+    def stream(self, out: transfer.Outgoing, op: int, early_failure) -> bytes:
+        """Every FileData and the FileEnd of operation op; the file's SHA-256.
+        early_failure() handles the replies that came meanwhile and returns a
+        FileFailed of this operation, if one came."""
         conn, plain, pool = self._conn, self._plain, self._pool
         h = hashlib.sha256()
         sent = 0
@@ -817,21 +1022,21 @@ class OutgoingFile:
                 conn.events.progress(out.size, f"sending {out.name[:30]}") as bar:
             while sent < out.size:
                 conn._check_interrupted()
-                failure = self._early_failure()
+                failure = early_failure()
                 if failure is not None:
-                    conn.send(FileCancel(Reason.CANCELLED, "receiver failed"))
+                    conn.send(FileCancel(op, Reason.CANCELLED, "receiver failed"))
                     raise transfer.Rejected(failure.reason,
                                             f"peer could not save it: {failure.detail}")
                 n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
                 if not n:
-                    conn.send(FileCancel(Reason.CANCELLED, "file shrank while being sent"))
+                    conn.send(FileCancel(op, Reason.CANCELLED, "file shrank while being sent"))
                     raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
                 h.update(plain[:n])
                 buf = self._free_cipher_buffer()
-                conn.send(FileData(plain[:n]), out=buf, on_sent=lambda b=buf: pool.put(b))
+                conn.send(FileData(op, plain[:n]), out=buf, on_sent=lambda b=buf: pool.put(b))
                 sent += n
                 bar.update(n)
-        conn.send(FileEnd(h.digest()))
+        conn.send(FileEnd(op, h.digest()))
         return h.digest()
 
     def _free_cipher_buffer(self) -> memoryview:
@@ -848,16 +1053,152 @@ class OutgoingFile:
                 if time.monotonic() - stalled_since > STALL_TIMEOUT:
                     raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
 
-    def _early_failure(self) -> FileFailed | None:
-        conn = self._conn
+
+class _Batch:
+    """The sending side of send_files: offers within the window, streams in offer
+    order, replies matched to their operations by id (the core checks each)."""
+
+    def __init__(self, conn: Connection, paths: list, max_size: int, strip: bool,
+                 report) -> None:
+        self.conn = conn
+        self.max_size, self.strip, self.report = max_size, strip, report
+        self.outcomes: list = [None] * len(paths)
+        self._todo = deque(enumerate(paths))  # not offered yet
+        self._next: tuple[int, transfer.Outgoing] | None = None  # checked, waiting for room
+        self._ops: dict[int, dict] = {}  # op -> index, out, started, digest, failed
+        self._turns: deque = deque()  # offered ops whose stream has not gone out, in order
+        self._reported = 0
+        self._out = OutgoingFile(conn)  # one cipher buffer pool for the whole batch
+
+    def run(self) -> None:
+        core = self.conn._core
+        while True:
+            self._offer()
+            if not self._ops:
+                return
+            head = self._turns[0] if self._turns else None
+            state = core.outbound[head].state if head in core.outbound else None
+            if state in (Outbound.ACCEPTED, Outbound.FAILED):
+                self._turns.popleft()
+                self._stream(head, state)
+                continue
+            waiting_accept = state is Outbound.ACCEPT
+            self._handle(self.conn._reply(REPLY_TIMEOUT if waiting_accept else SAVED_TIMEOUT))
+
+    def _offer(self) -> None:
+        """Offer what fits the window; a file refused here gets its outcome at once."""
+        conn, core = self.conn, self.conn._core
+        while self._next is not None or self._todo:
+            if self._next is None:
+                index, path = self._todo.popleft()
+                try:
+                    out = path if isinstance(path, transfer.Outgoing) else \
+                        transfer.check_outgoing(path, self.max_size)
+                    if self.strip and not isinstance(path, transfer.Outgoing):
+                        out = stripped_outgoing(out)
+                except transfer.Rejected as r:
+                    self._settle(index, r)
+                    continue
+                self._next = (index, out)
+            index, out = self._next
+            with conn._seal_lock:
+                fits = core.offer_fits(out.size)
+                op = core.file_op() if fits else 0
+            if not fits:
+                return
+            self._next = None
+            conn._check_interrupted()
+            conn.send(FileOffer(op, out.size, out.name))
+            self._ops[op] = dict(index=index, out=out, started=time.monotonic(),
+                                 digest=None, failed=None)
+            self._turns.append(op)
+
+    def _stream(self, op: int, state: Outbound) -> None:
+        entry = self._ops[op]
+        if state is Outbound.FAILED:  # failed before its stream began: end it unsent
+            self.conn.send(FileCancel(op, Reason.CANCELLED, "receiver failed"))
+            self._done(op, self._failed(entry["failed"]))
+            return
         try:
-            msg = conn._replies.get_nowait()
-        except queue.Empty:
-            return None
-        if msg is None:
-            conn._replies.put(None)
-            raise ConnectionLost(conn.close_reason or "connection closed")
-        return conn._check_reply(msg)  # only a FileFailed fits here
+            entry["digest"] = self._out.stream(entry["out"], op,
+                                               lambda: self._early_failure(op))
+        except transfer.Rejected as r:
+            self._done(op, r)
+
+    def _early_failure(self, op: int) -> FileFailed | None:
+        """Between chunks: handle every reply that came; this op's FileFailed, if any."""
+        conn = self.conn
+        while True:
+            try:
+                msg = conn._replies.get_nowait()
+            except queue.Empty:
+                return self._ops[op]["failed"] if op in self._ops else None
+            if msg is None:
+                conn._replies.put(None)
+                raise ConnectionLost(conn.close_reason or "connection closed")
+            self._handle(msg)
+
+    def _handle(self, reply) -> None:
+        reply = self.conn._check_reply(reply)  # matched to its operation by the core
+        entry = self._ops[reply.op]
+        if isinstance(reply, FileAccept):
+            return
+        if isinstance(reply, FileReject):
+            self._turns.remove(reply.op)
+            self._done(reply.op, transfer.Rejected(reply.reason,
+                                                   f"rejected by peer: {reply.detail}"))
+        elif isinstance(reply, FileFailed) and entry["digest"] is None:
+            entry["failed"] = reply  # during (or before) its stream: the stream ends it
+        elif isinstance(reply, FileFailed):
+            self._done(reply.op, self._failed(reply))
+        elif reply.sha256 != entry["digest"]:
+            self._done(reply.op, transfer.Rejected(Reason.HASH_MISMATCH,
+                                                   "peer's SHA-256 differs from ours"))
+        else:
+            out = entry["out"]
+            self._done(reply.op, FileResult(
+                reply.name, out.size, entry["digest"], time.monotonic() - entry["started"],
+                "without metadata" if self.strip else ""))
+
+    @staticmethod
+    def _failed(reply: FileFailed) -> transfer.Rejected:
+        return transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
+
+    def _done(self, op: int, outcome) -> None:
+        self._settle(self._ops.pop(op)["index"], outcome)
+
+    def _settle(self, index: int, outcome) -> None:
+        self.outcomes[index] = outcome
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._reported < len(self.outcomes) and \
+                self.outcomes[self._reported] is not None:
+            if self.report is not None:
+                self.report(self._reported, self.outcomes[self._reported])
+            self._reported += 1
+
+    def cut_short(self, e: BaseException) -> None:
+        """The batch ends early: an interrupt or a lost session reports the files
+        not delivered (after those that were); any other error is the caller's."""
+        if isinstance(e, KeyboardInterrupt):
+            why = "interrupted"
+        elif isinstance(e, ConnectionLost):
+            why = str(e) or "connection lost"
+        else:
+            return
+        for index, outcome in enumerate(self.outcomes):
+            if outcome is None:
+                self.outcomes[index] = NotDelivered(why, isinstance(e, KeyboardInterrupt))
+        self._flush()
+
+
+class NotDelivered(transfer.Rejected):
+    """A file of a batch cut short: the session ended or we were interrupted."""
+
+    def __init__(self, detail: str, interrupted: bool) -> None:
+        super().__init__(Reason.CANCELLED, detail)
+        self.interrupted = interrupted
 
 
 # --- the socket's two directions --------------------------------------------------------------
@@ -1040,13 +1381,13 @@ class Connection:
             self.events.text(self, event.text)
             self.send(Delivered(event.msg_id))
         elif isinstance(event, FileChunk):
-            self._in.chunk(event.data, buf)  # the disk thread gives buf back
+            self._in.chunk(event.op, event.data, buf)  # the disk thread gives buf back
         elif isinstance(event, FileDiscarded):
             self._in.free.put(buf)  # the receiver already failed; the sender ends the stream
         elif isinstance(event, FileOffered):
             self._in.offered(event)
         elif isinstance(event, FileEnded):
-            self._in.ended(event.sha256)
+            self._in.ended(event.op, event.sha256)
         elif isinstance(event, FileCancelled):
             self._in.cancelled(event)
         elif isinstance(event, ReplyReceived):
@@ -1108,23 +1449,29 @@ class Connection:
         """Offer, stream and confirm one JPG (without its metadata when strip);
         raises transfer.Rejected when refused (locally or by the peer) or when the
         peer's SHA-256 differs."""
-        out = transfer.check_outgoing(path, max_size)
-        if strip:
-            out = stripped_outgoing(out)
-        with self._operation():
-            started = time.monotonic()
-            self.send(FileOffer(out.size, out.name))
-            reply = self._check_reply(self._reply(REPLY_TIMEOUT))  # FileAccept or FileReject
-            if isinstance(reply, FileReject):
-                raise transfer.Rejected(reply.reason, f"rejected by peer: {reply.detail}")
-            digest = OutgoingFile(self).stream(out)
-            reply = self._check_reply(self._reply(SAVED_TIMEOUT))  # FileSaved or FileFailed
-            if isinstance(reply, FileFailed):
-                raise transfer.Rejected(reply.reason, f"peer could not save it: {reply.detail}")
-            if reply.sha256 != digest:
-                raise transfer.Rejected(Reason.HASH_MISMATCH, "peer's SHA-256 differs from ours")
-            return FileResult(reply.name, out.size, digest, time.monotonic() - started,
-                              "without metadata" if strip else "")
+        [outcome] = self.send_files([path], max_size, strip=strip)
+        if isinstance(outcome, transfer.Rejected):
+            raise outcome
+        return outcome
+
+    def send_files(self, paths: list, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
+                   strip: bool = False, report=None) -> list:
+        """Send several JPGs pipelined (PROTOCOL.md 11.2): the next files are offered
+        while earlier ones stream or wait for FileSaved, within the window; the data
+        goes one file at a time in order.  `paths` are paths or checked
+        transfer.Outgoing.  Returns one outcome per path, in order: a FileResult, or
+        the transfer.Rejected that says why it was not delivered.  report(index,
+        outcome) is called in order as soon as each outcome is known.  When the
+        batch is cut short (interrupt, lost session), the outcomes known by then are
+        reported first, the rest as not delivered, and the exception propagates."""
+        batch = _Batch(self, paths, max_size, strip, report)
+        try:
+            with self._operation():
+                batch.run()
+        except BaseException as e:
+            batch.cut_short(e)
+            raise
+        return batch.outcomes
 
     # closing ---------------------------------------------------------------------------
     def _end(self, close: Close) -> None:

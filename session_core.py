@@ -10,9 +10,11 @@ its size, replies only when someone waits, nothing after Bye) are checked here a
 only here.  Any exception in a step moves the core to FAILED for good (one guard,
 as h11's _process_error): a session that broke once is never used again.
 
-File operations are kept per operation id in a dict, with id 0 for the one
-transfer per direction that protocol version 2 allows; a later version that
-numbers its operations adds ids, not a new machine.
+File operations are kept per operation id in a dict (insertion order = offer
+order): up to WINDOW_FILES per direction at once (and WINDOW_BYTES of announced
+sizes), answered in any order, their data one stream at a time in offer order
+(PROTOCOL.md 11.2).  An offer beyond the window, a reused id, data out of order
+or a reply for no open operation is a protocol error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import functools
 from dataclasses import dataclass
 
 from protocol import (
+    WINDOW_BYTES,
+    WINDOW_FILES,
     Bye,
     Delivered,
     Error,
@@ -162,12 +166,16 @@ class Inbound(enum.Enum):
 
 
 class Outbound(enum.Enum):
-    """What our own operation waits for."""
+    """What our own file operation waits for."""
 
-    DELIVERED = "Delivered"
     ACCEPT = "FileAccept or FileReject"
+    ACCEPTED = "its turn to stream (FileFailed may come early)"
     STREAMING = "nothing (FileFailed may come early)"
+    FAILED = "nothing: the receiver failed, our stream still has to end"
     SAVED = "FileSaved or FileFailed"
+
+
+_OPEN_STREAM = (Outbound.ACCEPTED, Outbound.STREAMING, Outbound.FAILED)
 
 
 @dataclass
@@ -178,7 +186,19 @@ class _InFile:
     received: int = 0
 
 
-V2_OP = 0  # protocol v2 has one file operation per direction: its id is always 0
+@dataclass
+class _OutFile:
+    size: int
+    state: Outbound = Outbound.ACCEPT
+
+
+def _in_window(files: dict, size: int, max_files: int, max_bytes: int) -> bool:
+    """A new operation of `size` bytes fits beside the open `files` (one alone always fits)."""
+    if not files:
+        return True
+    return len(files) < max_files and sum(f.size for f in files.values()) + size <= max_bytes
+
+
 _REPLIES = (Delivered, FileAccept, FileReject, FileSaved, FileFailed)
 
 
@@ -206,15 +226,21 @@ class SessionCore:
     (the server sends Welcome or Refused, the client waits for it); `opened` makes
     a core whose first record has already been exchanged."""
 
-    def __init__(self, records, *, client: bool, opened: bool = False) -> None:
+    def __init__(self, records, *, client: bool, opened: bool = False,
+                 window: tuple[int, int] = (WINDOW_FILES, WINDOW_BYTES)) -> None:
         self._sender, self._receiver = records
         self.client = client
         self.state = State.AWAIT_FIRST if client and not opened else State.OPEN
         self._first_sent = client or opened  # the server's first record: Welcome or Refused
         self.inbound: dict[int, _InFile] = {}  # files coming in, by operation id
-        self.outbound: dict[int, Outbound] = {}  # our file operations, by operation id
+        self.outbound: dict[int, _OutFile] = {}  # our file operations, by operation id
         self.texts: set[int] = set()  # msg_ids of our texts waiting for Delivered
         self.next_msg_id = 0
+        self.next_op = 0  # our last file operation's id
+        self._last_in_op = -1  # the peer's last offered id: ids only grow
+        self._sent_op = -1  # our last offered id
+        # our own sending window (files, bytes): at most the protocol's
+        self.window = (min(window[0], WINDOW_FILES), min(window[1], WINDOW_BYTES))
 
     # records in and out ---------------------------------------------------------------
     def start_clock(self, now: float) -> None:
@@ -228,7 +254,10 @@ class SessionCore:
         records = []
         if self._sender.update_due(now):
             records.append(self._sender.seal_key_update(now))
-        records.append(self._sender.seal(msg.TYPE, msg.encode(), out))
+        if isinstance(msg, FileData):  # the data is sealed where it lies: zero copy
+            records.append(self._sender.seal(msg.TYPE, msg.data, out, msg.head()))
+        else:
+            records.append(self._sender.seal(msg.TYPE, msg.encode(), out))
         self._sent(msg)
         return records
 
@@ -253,23 +282,46 @@ class SessionCore:
             raise LocalProtocolError(f"{name} before Welcome or Refused")
         if self.state in (State.CLOSING, State.CLOSED) and not isinstance(msg, Error | Bye):
             raise LocalProtocolError(f"{name} after the session closed")
-        if isinstance(msg, FileOffer) and V2_OP in self.outbound:
-            raise LocalProtocolError("a second file offer while ours is running")
-        if isinstance(msg, FileData | FileEnd | FileCancel) and \
-                self.outbound.get(V2_OP) is not Outbound.STREAMING:
-            raise LocalProtocolError(f"{name} without an accepted offer")
-        current = self.inbound.get(V2_OP)
-        if isinstance(msg, FileAccept | FileReject) and \
-                (current is None or current.state is not Inbound.OFFERED):
-            raise LocalProtocolError(f"{name} without an offer to answer")
-        if isinstance(msg, FileSaved) and (current is None or current.state is not Inbound.ENDED):
-            raise LocalProtocolError("FileSaved before the file ended")
-        if isinstance(msg, FileFailed) and (current is None or current.state not in (
-                Inbound.RECEIVING, Inbound.ENDED)):
-            raise LocalProtocolError("FileFailed without a file being received")
+        if isinstance(msg, FileOffer):
+            if msg.op in self.outbound or msg.op <= self._sent_op:
+                raise LocalProtocolError(f"FileOffer reuses operation id {msg.op}")
+            if not self.offer_fits(msg.size):
+                raise LocalProtocolError("FileOffer beyond the window")
+        if isinstance(msg, FileData | FileEnd | FileCancel):
+            self._check_stream(self.outbound, msg, LocalProtocolError, _OPEN_STREAM)
+        if isinstance(msg, FileAccept | FileReject | FileSaved | FileFailed):
+            current = self.inbound.get(msg.op)
+            if isinstance(msg, FileAccept | FileReject) and \
+                    (current is None or current.state is not Inbound.OFFERED):
+                raise LocalProtocolError(f"{name} without an offer to answer")
+            if isinstance(msg, FileSaved) and (current is None or
+                                               current.state is not Inbound.ENDED):
+                raise LocalProtocolError("FileSaved before the file ended")
+            if isinstance(msg, FileFailed) and (current is None or current.state not in (
+                    Inbound.RECEIVING, Inbound.ENDED)):
+                raise LocalProtocolError("FileFailed without a file being received")
+
+    @staticmethod
+    def _check_stream(files: dict, msg, error, streaming) -> None:
+        """Data, end or cancel of an accepted operation whose turn it is: every
+        operation offered before it has ended its stream (one stream at a time,
+        in offer order)."""
+        name = type(msg).__name__
+        current = files.get(msg.op)
+        if current is None or current.state not in streaming:
+            if error is LocalProtocolError:
+                raise error(f"{name} without an accepted offer")
+            if isinstance(msg, FileCancel):
+                raise error("FileCancel without a transfer")
+            what = "file data" if isinstance(msg, FileData) else "file end"
+            raise error(f"{what} without an accepted offer")
+        for op, f in files.items():
+            if op == msg.op:
+                return
+            if f.state in streaming or f.state in (Outbound.ACCEPT, Inbound.OFFERED):
+                raise error(f"{name} of operation {msg.op} before the stream of {op} ended")
 
     def _sent(self, msg) -> None:
-        current = self.inbound.get(V2_OP)
         if isinstance(msg, Welcome | Refused):
             self._first_sent = True
             if isinstance(msg, Refused):
@@ -277,20 +329,36 @@ class SessionCore:
         elif isinstance(msg, Text):
             self.texts.add(msg.msg_id)
         elif isinstance(msg, FileOffer):
-            self.outbound[V2_OP] = Outbound.ACCEPT
+            self.outbound[msg.op] = _OutFile(msg.size)
+            self._sent_op = msg.op
+        elif isinstance(msg, FileData):
+            if self.outbound[msg.op].state is Outbound.ACCEPTED:
+                self.outbound[msg.op].state = Outbound.STREAMING
         elif isinstance(msg, FileEnd):
-            self.outbound[V2_OP] = Outbound.SAVED
+            if self.outbound[msg.op].state is Outbound.FAILED:
+                del self.outbound[msg.op]  # the early FileFailed was its answer
+            else:
+                self.outbound[msg.op].state = Outbound.SAVED
         elif isinstance(msg, FileCancel):
-            del self.outbound[V2_OP]
+            del self.outbound[msg.op]
         elif isinstance(msg, FileAccept):
-            current.state = Inbound.RECEIVING
-        elif isinstance(msg, FileReject | FileSaved) or \
-                (isinstance(msg, FileFailed) and current.state is Inbound.ENDED):
-            del self.inbound[V2_OP]
+            self.inbound[msg.op].state = Inbound.RECEIVING
+        elif isinstance(msg, FileReject | FileSaved) or (
+                isinstance(msg, FileFailed) and self.inbound[msg.op].state is Inbound.ENDED):
+            del self.inbound[msg.op]
         elif isinstance(msg, FileFailed):
-            current.state = Inbound.DRAINING
+            self.inbound[msg.op].state = Inbound.DRAINING
         elif isinstance(msg, Bye | Error) and self.state is State.OPEN:
             self.state = State.CLOSING
+
+    def offer_fits(self, size: int) -> bool:
+        """Our next FileOffer of `size` bytes stays within our window."""
+        return _in_window(self.outbound, size, *self.window)
+
+    def file_op(self) -> int:
+        """The id of our next file operation: 1, 2, 3, ... per session."""
+        self.next_op += 1
+        return self.next_op
 
     def text_id(self) -> int:
         """The msg_id of our next text: 1, 2, 3, ... per session."""
@@ -336,39 +404,40 @@ class SessionCore:
         raise RemoteProtocolError(f"{type(msg).__name__} instead of Welcome or Refused")
 
     def _inbound_file(self, msg) -> list:
-        current = self.inbound.get(V2_OP)
         if isinstance(msg, FileOffer):
-            if current is not None:
-                raise RemoteProtocolError("a second file offer while a transfer is running")
-            self.inbound[V2_OP] = _InFile(msg.name, msg.size)
-            return [FileOffered(V2_OP, msg.name, msg.size)]
+            if msg.op <= self._last_in_op:
+                raise RemoteProtocolError(f"FileOffer reuses operation id {msg.op}")
+            if not _in_window(self.inbound, msg.size, WINDOW_FILES, WINDOW_BYTES):
+                raise RemoteProtocolError("file offer beyond the window")
+            self._last_in_op = msg.op
+            self.inbound[msg.op] = _InFile(msg.name, msg.size)
+            return [FileOffered(msg.op, msg.name, msg.size)]
+        # also data after our FileReject, or before our FileAccept went out
+        self._check_stream(self.inbound, msg, RemoteProtocolError,
+                           (Inbound.RECEIVING, Inbound.DRAINING))
+        current = self.inbound[msg.op]
         if isinstance(msg, FileCancel):
-            if current is None:
-                raise RemoteProtocolError("FileCancel without a transfer")
-            if current.state not in (Inbound.RECEIVING, Inbound.DRAINING):
-                raise RemoteProtocolError("FileCancel without a transfer")
-            del self.inbound[V2_OP]
+            del self.inbound[msg.op]
             name = current.name if current.state is Inbound.RECEIVING else ""
-            return [FileCancelled(V2_OP, name, msg.detail)]
-        if current is None or current.state in (Inbound.OFFERED, Inbound.ENDED):
-            # also data after our FileReject, or before our FileAccept went out
-            what = "file data" if isinstance(msg, FileData) else "file end"
-            raise RemoteProtocolError(f"{what} without an accepted offer")
+            return [FileCancelled(msg.op, name, msg.detail)]
         if current.state is Inbound.DRAINING:
             if isinstance(msg, FileEnd):
-                del self.inbound[V2_OP]
+                del self.inbound[msg.op]
                 return []
-            return [FileDiscarded(V2_OP)]
+            return [FileDiscarded(msg.op)]
         if isinstance(msg, FileEnd):
+            if current.received != current.size:
+                raise RemoteProtocolError(f"file ended after {current.received} of "
+                                          f"{current.size} announced bytes")
             current.state = Inbound.ENDED
-            return [FileEnded(V2_OP, msg.sha256)]
+            return [FileEnded(msg.op, msg.sha256)]
         current.received += len(msg.data)
         if current.received > current.size:
             raise RemoteProtocolError("file data beyond the announced size")
-        return [FileChunk(V2_OP, msg.data)]
+        return [FileChunk(msg.op, msg.data)]
 
     # what the plumbing asks ----------------------------------------------------------------
-    def receiving(self, op: int = V2_OP) -> tuple[str, int] | None:
+    def receiving(self, op: int) -> tuple[str, int] | None:
         """(name, bytes received) of a file coming in and not failed, else None."""
         current = self.inbound.get(op)
         if current is None or current.state is not Inbound.RECEIVING:
@@ -385,24 +454,28 @@ class SessionCore:
             if not isinstance(msg, Delivered) or msg.msg_id != msg_id:
                 raise RemoteProtocolError(f"expected Delivered({msg_id}), got {msg}")
             return msg
-        expected = self.outbound.get(V2_OP)
-        if expected is Outbound.ACCEPT:
+        name = type(msg).__name__
+        current = self.outbound.get(msg.op) if hasattr(msg, "op") else None
+        if current is None:
+            raise RemoteProtocolError(f"unexpected {name}: no file operation "
+                                      f"{getattr(msg, 'op', '')} is waiting for a reply")
+        if current.state is Outbound.ACCEPT:
             if isinstance(msg, FileReject):
-                del self.outbound[V2_OP]
+                del self.outbound[msg.op]
             elif isinstance(msg, FileAccept):
-                self.outbound[V2_OP] = Outbound.STREAMING
+                current.state = Outbound.ACCEPTED
             else:
-                raise RemoteProtocolError(f"expected FileAccept, got {type(msg).__name__}")
-        elif expected is Outbound.STREAMING:
+                raise RemoteProtocolError(f"expected FileAccept, got {name}")
+        elif current.state in (Outbound.ACCEPTED, Outbound.STREAMING):
             if not isinstance(msg, FileFailed):
-                raise RemoteProtocolError(f"unexpected {type(msg).__name__} during a transfer")
-        elif expected is Outbound.SAVED:
-            del self.outbound[V2_OP]
+                raise RemoteProtocolError(f"unexpected {name} during a transfer")
+            current.state = Outbound.FAILED
+        elif current.state is Outbound.SAVED:
+            del self.outbound[msg.op]
             if not isinstance(msg, FileSaved | FileFailed):
-                raise RemoteProtocolError(f"expected FileSaved, got {type(msg).__name__}")
+                raise RemoteProtocolError(f"expected FileSaved, got {name}")
         else:
-            raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
-                                      f"for a reply")
+            raise RemoteProtocolError(f"unexpected {name}: operation {msg.op} was answered")
         return msg
 
     def operation_over(self) -> None:

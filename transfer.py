@@ -231,8 +231,19 @@ class IncomingFile:
             raise _disk_reason(e) from e
         self.received += len(chunk)
 
-    def finish(self, sender_sha256: bytes) -> tuple[str, bytes]:
-        """Flush, verify and move into place; returns (saved name, SHA-256)."""
+    def flush(self) -> None:
+        """Flush the data written so far (finish does it again, cheaply, and reports
+        any error): lets several files' flushes run at once."""
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+        except OSError:
+            pass
+
+    def finish(self, sender_sha256: bytes, sync_dir: bool = True) -> tuple[str, bytes]:
+        """Flush, verify and move into place; returns (saved name, SHA-256).  Without
+        sync_dir the caller fsyncs the directory (once for several files) before it
+        reports any of them saved."""
         if self.received != self.size:
             self.abort()
             raise RemoteProtocolError(
@@ -249,7 +260,8 @@ class IncomingFile:
             raise Rejected(Reason.HASH_MISMATCH, "SHA-256 of the received data does not match")
         try:
             saved = self._link_into_place()
-            _fsync_dir(self.directory)
+            if sync_dir:
+                _fsync_dir(self.directory)
         except OSError as e:
             raise _disk_reason(e) from e
         finally:
@@ -373,6 +385,11 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def flush_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory: the files linked into it before survive a crash."""
+    _fsync_dir(Path(directory))
 
 
 # --- photo metadata: what a JPEG carries, and the same JPEG without it ---------------

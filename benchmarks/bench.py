@@ -81,9 +81,9 @@ START_TIMEOUT = 30.0  # a process printing its first lines
 TEXT_TIMEOUT = 60.0  # one --send-text run
 
 FULL = dict(size=1 * GIB, small_size=16 * MIB, runs=3, handshakes=300, text_runs=10,
-            limit_bytes=512 * MIB, pool=64 * MIB)
+            limit_bytes=512 * MIB, pool=64 * MIB, batch_files=200, batch_size=200_000)
 QUICK = dict(size=2 * MIB, small_size=256 * KIB, runs=1, handshakes=20, text_runs=2,
-             limit_bytes=8 * MIB, pool=4 * MIB)
+             limit_bytes=8 * MIB, pool=4 * MIB, batch_files=10, batch_size=20_000)
 
 SENT_RX = re.compile(r"sent '[^'\r\n]*': (?P<bytes>\d+) bytes, SHA-256 (?P<sha>[0-9a-f]{64}), "
                      r"(?P<secs>[\d.]+) s")
@@ -375,6 +375,11 @@ class Sshd:
                       *self.ssh_options(), "-P", str(self.port), str(src),
                       f"{self.user}@127.0.0.1:{dest}"], self.ws.log("scp"))
 
+    def scp_many(self, srcs: list[Path], dest: Path) -> Child:
+        return Child(["scp", "-q", "-c", "aes256-ctr", "-o", "MACs=hmac-sha2-256-etm@openssh.com",
+                      *self.ssh_options(), "-P", str(self.port), *map(str, srcs),
+                      f"{self.user}@127.0.0.1:{dest}/"], self.ws.log("scp-batch"))
+
     def ssh_true(self) -> Child:
         return Child(["ssh", *self.ssh_options(), "-p", str(self.port),
                       f"{self.user}@127.0.0.1", "true"], self.ws.log("ssh"))
@@ -657,6 +662,52 @@ def handshake_in_memory(cid: crypt.Identity, sid: crypt.Identity) -> tuple[float
     return (t1 - t0) + (t3 - t2) + (t5 - t4), (t2 - t1) + (t4 - t3)
 
 
+def measure_batch(bench: Bench, rows: dict) -> None:
+    """N photos of S bytes in one batch (`--send-file DIR`, pipelined), client.py start to
+    exit against a running headless server, and one scp of the same files, interleaved."""
+    ws, args, sshd = bench.ws, bench.args, bench.sshd
+    n, size = args.batch_files, args.batch_size
+    src = ws.src / "batch"
+    src.mkdir(exist_ok=True)
+    files = [jpeg_of_size(src / f"photo{i:03d}.jpg", size) for i in range(n)]
+    ours, theirs = [], []
+    srv = ws.server()
+    try:
+        for i in range(args.runs):
+            note(f"batch run {i + 1}/{args.runs}: {n} x {human(size)}, ours")
+            cl = ws.client(srv.port, srv.fingerprint, "--send-file", str(src), what="batch")
+            code = cl.wait(transfer_timeout(n * size))
+            sent = SENT_RX.findall(cl.output())
+            if code != 0 or len(sent) != n:
+                raise BenchError(f"client.py --send-file DIR exited {code}:\n"
+                                 f"{cl.output()[-2000:]}")
+            ours.append(cl.elapsed)
+            srv.wait_for(rf"\] received '{files[-1].name}': ")
+            ws.clear_received()
+            if sshd is not None:
+                note(f"batch run {i + 1}/{args.runs}: scp")
+                p = sshd.scp_many(files, ws.scp_received)
+                if p.wait(transfer_timeout(n * size)) != 0 or \
+                        len(list(ws.scp_received.iterdir())) != n:
+                    raise BenchError(f"scp exited {p.wait(1)}:\n{p.output()[-2000:]}")
+                theirs.append(p.elapsed)
+                ws.clear_received()
+    finally:
+        srv.stop()
+    values = {"files": n, "file_bytes": size, "median_s": rnd(median(ours)),
+              "best_s": rnd(min(ours)), "files_per_s": rnd(n / median(ours), 1)}
+    if theirs:
+        values |= {"scp_median_s": rnd(median(theirs)),
+                   "ours_vs_scp": rnd(median(theirs) / median(ours))}
+    rows["batch"]["values"] = values
+
+
+def batch_text(v: dict) -> str:
+    scp = (f"; scp {v['scp_median_s']:g} s: ours {v['ours_vs_scp']:.2f}x as fast"
+           if "ours_vs_scp" in v else "; no sshd for scp")
+    return f"median {v['median_s']:g} s ({v['files_per_s']:g} files/s){scp}"
+
+
 def measure_handshake_latency(bench: Bench, rows: dict) -> None:
     note("handshake latency (in-process)")
     args = bench.args
@@ -889,6 +940,9 @@ ROWS = (
     Row("scp", "OpenSSH scp {size} aes256-ctr + hmac-sha2-256-etm, start to exit",
         "ours >= 1.5x scp (aim 2x)", measure_bulk, scp_text,
         lambda v, rows: v["ours_c2s_process_vs_scp"] >= 1.5),
+    Row("batch", "batch 200 x 200 kB (quick 10 x 20 kB) --send-file DIR vs one scp, to exit",
+        ">= 2x scp", measure_batch, batch_text,
+        lambda v, rows: v["ours_vs_scp"] >= 2 if "ours_vs_scp" in v else None),
     Row("handshake_latency", "handshake latency, in-process cores, hybrid identities",
         "median <= 5 ms", measure_handshake_latency, latency_text,
         lambda v, rows: v["median_ms"] <= 5),

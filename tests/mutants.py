@@ -422,6 +422,17 @@ MUTANTS: list[dict] = [
          original="                    session.stripped_outgoing(out)",
          replacement="                    pass",
          tests=[METADATA + "test_batch_strip_metadata_refuses_a_photo_it_cannot_parse"]),
+    # --- issue 15: several files in flight ------------------------------------------------------
+    dict(id="file-window", file="session_core.py",
+         property="3.7 bounded resources: an offer beyond the file window is a protocol error",
+         original="if not _in_window(self.inbound, msg.size, WINDOW_FILES, WINDOW_BYTES):",
+         replacement="if False:",
+         tests=["tests/test_session_core.py"]),
+    dict(id="file-op-order", file="session_core.py",
+         property="3.7 one stream at a time in offer order (data of another file is an error)",
+         original="if f.state in streaming or f.state in (Outbound.ACCEPT, Inbound.OFFERED):",
+         replacement="if False:",
+         tests=["tests/test_session_core.py"]),
 ]
 
 FIELDS = ("id", "file", "original", "replacement", "tests", "property")

@@ -11,7 +11,7 @@ from conftest import PY, ROOT, child_env
 
 ROWS = ("limit", "limit_raw", "crypto_raw", "sha256_raw", "limit_receiver",
         "bulk_c2s_process", "bulk_c2s_transfer", "bulk_s2c_transfer", "scp",
-        "handshake_latency", "handshake_rate", "send_text", "ssh_true",
+        "batch", "handshake_latency", "handshake_rate", "send_text", "ssh_true",
         "rss_c2s", "rss_s2c")
 NEED_SSHD = {"scp", "ssh_true"}
 

@@ -88,7 +88,7 @@ class CraftedServer:
         session.send_pieces(sock, sender.seal(Welcome.TYPE, b""))
         if self.mode == "session":
             send(Text(1, HOSTILE))
-            send(FileOffer(len(self.data), HOSTILE_NAME))
+            send(FileOffer(1, len(self.data), HOSTILE_NAME))
         pending = None  # the client's text, acknowledged once everything above is shown
         synced = False
         while True:
@@ -99,10 +99,10 @@ class CraftedServer:
                 self.mode = "session"
                 send(Delivered(msg.msg_id))
                 send(Text(1, HOSTILE))
-                send(FileOffer(len(self.data), HOSTILE_NAME))
+                send(FileOffer(1, len(self.data), HOSTILE_NAME))
             elif isinstance(msg, FileAccept):
-                send(FileData(self.data))
-                send(FileEnd(hashlib.sha256(self.data).digest()))
+                send(FileData(1, self.data))
+                send(FileEnd(1, hashlib.sha256(self.data).digest()))
             elif isinstance(msg, FileSaved):
                 send(Text(2, "sync"))  # its Delivered comes after the file's lines
             elif msg == Delivered(2):

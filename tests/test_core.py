@@ -45,6 +45,7 @@ from protocol import (
     MLKEM1024_CT,
     MLKEM1024_EK,
     NONCE_SIZE,
+    OP_ID,
     P256_POINT,
     PROTOCOL_LABEL,
     RANDOM_SIZE,
@@ -792,7 +793,9 @@ def test_records_round_trip_in_both_directions():
 def test_record_larger_than_a_chunk_is_refused_by_the_sender():
     _, cs, *_ = record_pairs()
     with pytest.raises(LocalProtocolError):
-        cs.seal(MsgType.FILE_DATA, bytes(CHUNK_SIZE + 1))
+        cs.seal(MsgType.FILE_DATA, bytes(OP_ID.size + CHUNK_SIZE + 1))  # op id + chunk + 1
+    with pytest.raises(LocalProtocolError):
+        cs.seal(MsgType.FILE_DATA, bytes(CHUNK_SIZE + 1), head=bytes(OP_ID.size))
 
 
 def _tamper_positions(body: bytes) -> dict[str, int]:

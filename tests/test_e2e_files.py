@@ -174,7 +174,7 @@ def _png(path: Path) -> Path:
     ("empty", "{p}: not a JPEG (no FF D8 FF start-of-image marker)"),
     ("png renamed", "{p}: not a JPEG (no FF D8 FF start-of-image marker)"),
     ("missing", "{p}: no such file"),
-    ("directory", "{p}: not a regular file"),
+    ("directory", "{p}: a directory with no JPGs"),  # a directory stands for its JPGs
     ("not a .jpg name", "{p}: not a .jpg/.jpeg file"),
     ("over the client's limit", "{p}: 2001 bytes exceeds the limit of 2000"),
 ])
@@ -281,6 +281,7 @@ class CraftedPeer:
         session.send_frame(self.sock, hs.create_client_auth())
         self.handshake = hs
         self.sender, self.receiver = hs.records()
+        self.op = 0  # the current file operation's id
         assert isinstance(self.recv(), Welcome)
 
     def send_raw(self, msg_type: int, payload: bytes = b"") -> None:
@@ -294,18 +295,20 @@ class CraftedPeer:
 
     def offer(self, name: str, size: int):
         # by hand: the FileOffer class would refuse names longer than the protocol allows
-        self.send_raw(MsgType.FILE_OFFER, struct.pack(">Q", size) + name.encode("utf-8"))
+        self.op += 1
+        self.send_raw(MsgType.FILE_OFFER,
+                      struct.pack(">IQ", self.op, size) + name.encode("utf-8"))
         return self.recv()
 
     def stream(self, data: bytes) -> None:
         for i in range(0, len(data), CHUNK_SIZE):
-            self.send(FileData(data[i:i + CHUNK_SIZE]))
+            self.send(FileData(self.op, data[i:i + CHUNK_SIZE]))
 
     def send_file(self, name: str, data: bytes):
         reply = self.offer(name, len(data))
         assert isinstance(reply, FileAccept), reply
         self.stream(data)
-        self.send(FileEnd(hashlib.sha256(data).digest()))
+        self.send(FileEnd(self.op, hashlib.sha256(data).digest()))
         return self.recv()
 
     def text(self, text: str) -> None:
@@ -356,7 +359,7 @@ def test_hostile_names_from_a_crafted_peer_stay_inside_the_received_dir(env: Env
     try:
         for offered, expected in HOSTILE:
             reply = peer.send_file(offered, jpeg)
-            assert reply == FileSaved(digest, expected), offered
+            assert reply == FileSaved(peer.op, digest, expected), offered
             srv.wait_for(server_line(expected, len(jpeg), digest.hex(),
                                      env.server_received / expected))
         peer.text("still here")
@@ -409,43 +412,43 @@ def test_crafted_streams_that_fail_leave_nothing_and_the_session_goes_on(env: En
         png = _png(tmp_path / "x.png").read_bytes()
         assert isinstance(peer.offer("x.jpg", len(png)), FileAccept)
         peer.stream(png)
-        peer.send(FileEnd(hashlib.sha256(png).digest()))
-        assert peer.recv() == FileFailed(Reason.NOT_JPEG,
+        peer.send(FileEnd(peer.op, hashlib.sha256(png).digest()))
+        assert peer.recv() == FileFailed(peer.op, Reason.NOT_JPEG,
                                          "not a JPEG (no FF D8 FF start-of-image marker)")
         assert files_in(env.server_received) == []
 
         # the SHA-256 in the end message does not match the data
         assert isinstance(peer.offer("y.jpg", len(jpeg)), FileAccept)
         peer.stream(jpeg)
-        peer.send(FileEnd(hashlib.sha256(b"something else").digest()))
-        assert peer.recv() == FileFailed(Reason.HASH_MISMATCH,
+        peer.send(FileEnd(peer.op, hashlib.sha256(b"something else").digest()))
+        assert peer.recv() == FileFailed(peer.op, Reason.HASH_MISMATCH,
                                          "SHA-256 of the received data does not match")
         assert files_in(env.server_received) == []
 
         # the sender cancels half-way
         assert isinstance(peer.offer("z.jpg", len(jpeg)), FileAccept)
         peer.stream(jpeg[:1000])
-        peer.send(FileCancel(Reason.CANCELLED, "changed my mind"))
+        peer.send(FileCancel(peer.op, Reason.CANCELLED, "changed my mind"))
         peer.text("after the cancel")  # in order: the cancel was handled before
         srv.wait_for(r"\] file 'z.jpg' not saved: sender cancelled: changed my mind$")
         assert files_in(env.server_received) == []
 
         # over the receiver's limit, and empty
         assert peer.offer("big.jpg", 50001) == FileReject(
-            Reason.TOO_LARGE, "50001 bytes exceeds the receiver's limit of 50000")
-        assert peer.offer("empty.jpg", 0) == FileReject(Reason.NOT_JPEG,
+            peer.op, Reason.TOO_LARGE, "50001 bytes exceeds the receiver's limit of 50000")
+        assert peer.offer("empty.jpg", 0) == FileReject(peer.op, Reason.NOT_JPEG,
                                                         "not a JPEG (too short)")
         assert files_in(env.server_received) == []
 
         # after all that, a good one
-        assert peer.send_file("good.jpg", jpeg) == FileSaved(hashlib.sha256(jpeg).digest(),
+        assert peer.send_file("good.jpg", jpeg) == FileSaved(peer.op, hashlib.sha256(jpeg).digest(),
                                                              "good.jpg")
     finally:
         peer.close()
     assert files_in(env.server_received) == ["good.jpg"]
 
 
-@pytest.mark.parametrize("broken", ["short", "too long", "end without offer", "second offer"])
+@pytest.mark.parametrize("broken", ["short", "too long", "end without offer", "reused id"])
 def test_a_stream_that_breaks_the_protocol_ends_the_connection_and_leaves_nothing(
         env: Env, tmp_path, broken: str):
     srv = env.server()
@@ -453,21 +456,21 @@ def test_a_stream_that_breaks_the_protocol_ends_the_connection_and_leaves_nothin
     peer = CraftedPeer(srv.port)
     try:
         if broken == "end without offer":
-            peer.send(FileEnd(bytes(32)))
+            peer.send(FileEnd(1, bytes(32)))
             expected = "file end without an accepted offer"
         else:
             assert isinstance(peer.offer("p.jpg", len(jpeg)), FileAccept)
             if broken == "short":
                 peer.stream(jpeg[:-1])
-                peer.send(FileEnd(hashlib.sha256(jpeg[:-1]).digest()))
+                peer.send(FileEnd(peer.op, hashlib.sha256(jpeg[:-1]).digest()))
                 expected = f"file ended after {len(jpeg) - 1} of {len(jpeg)} announced bytes"
             elif broken == "too long":
                 peer.stream(jpeg + b"\x00")
                 expected = "file data beyond the announced size"
             else:
                 peer.stream(jpeg[:100])
-                peer.send_raw(MsgType.FILE_OFFER, struct.pack(">Q", 10) + b"q.jpg")
-                expected = "a second file offer while a transfer is running"
+                peer.send_raw(MsgType.FILE_OFFER, struct.pack(">IQ", peer.op, 10) + b"q.jpg")
+                expected = f"FileOffer reuses operation id {peer.op}"
         assert peer.recv() == Error(f"protocol error: {expected}")
         peer.expect_closed()
     finally:
@@ -486,17 +489,17 @@ HANDSHAKE_UP = 4 + ClientHello.SIZE + 4 + ClientAuth.SIZE  # client -> server
 HANDSHAKE_DOWN = 4 + ServerHello.SIZE + record(0)  # server -> client, Welcome included
 CUT_NAME = "cut.jpg"
 CUT_SIZE = 2 * CHUNK_SIZE + 1000
-OFFER = record(8 + len(CUT_NAME))
-DATA = record(CHUNK_SIZE) * 2 + record(1000)
+OFFER = record(4 + 8 + len(CUT_NAME))  # op id, size, name
+DATA = record(4 + CHUNK_SIZE) * 2 + record(4 + 1000)
 CUTS = {
     "in the handshake": HANDSHAKE_UP - 50,
     "in the offer": HANDSHAKE_UP + OFFER - 10,
     "after the offer": HANDSHAKE_UP + OFFER,
-    "in the first chunk": HANDSHAKE_UP + OFFER + record(CHUNK_SIZE) // 2,
-    "between chunks": HANDSHAKE_UP + OFFER + record(CHUNK_SIZE),
-    "in the last chunk": HANDSHAKE_UP + OFFER + 2 * record(CHUNK_SIZE) + 500,
+    "in the first chunk": HANDSHAKE_UP + OFFER + record(4 + CHUNK_SIZE) // 2,
+    "between chunks": HANDSHAKE_UP + OFFER + record(4 + CHUNK_SIZE),
+    "in the last chunk": HANDSHAKE_UP + OFFER + 2 * record(4 + CHUNK_SIZE) + 500,
     "before the end message": HANDSHAKE_UP + OFFER + DATA,
-    "in the end message": HANDSHAKE_UP + OFFER + DATA + record(32) - 1,
+    "in the end message": HANDSHAKE_UP + OFFER + DATA + record(4 + 32) - 1,
 }
 
 

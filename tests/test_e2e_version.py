@@ -240,15 +240,15 @@ def test_file_data_sent_before_the_file_accept(tmp_path, accepted: bool):
         # offer, data and end in one write, before any reply was read
         a.sendall(b"".join(
             b"".join(bytes(p) for p in sender.seal(m.TYPE, m.encode()))
-            for m in (FileOffer(len(data), "early.jpg"), FileData(data),
-                      FileEnd(hashlib.sha256(data).digest()))))
+            for m in (FileOffer(1, len(data), "early.jpg"), FileData(1, data),
+                      FileEnd(1, hashlib.sha256(data).digest()))))
         replies = [decode_message(*opener.open(recv_frame(a))) for _ in range(2)]
         if accepted:
-            assert replies == [FileAccept(), FileSaved(hashlib.sha256(data).digest(),
-                                                      "early.jpg")]
+            assert replies == [FileAccept(1), FileSaved(1, hashlib.sha256(data).digest(),
+                                                        "early.jpg")]
             assert (tmp_path / "early.jpg").read_bytes() == data
         else:
-            assert replies == [FileReject(Reason.TOO_LARGE, replies[0].detail),
+            assert replies == [FileReject(1, Reason.TOO_LARGE, replies[0].detail),
                                Error("protocol error: file data without an accepted offer")]
             assert receiver.closed.wait(10)
             assert files_in(tmp_path) == []

@@ -24,6 +24,8 @@ import pytest
 from conftest import Env, files_in, make_jpeg
 from harness import Tty
 
+import session
+
 TIMEOUT = 20.0
 CLIENT_MENU = "1) send text  2) send a JPG  3) quit"
 SERVER_MENU = "1) send text  2) send a JPG  3) list clients  4) quit"
@@ -520,3 +522,50 @@ def test_server_console_with_strip_metadata_sends_photos_without_it(terms: Termi
     assert srv.wait_exit() == 0
     for tty in (cli, srv):
         assert_clean(tty)
+
+
+# --- several photos in one pick (issue 15) ------------------------------------------------------
+def test_a_menu_pick_of_a_list_and_ranges_sends_exactly_those(terms: Terminals):
+    env = terms.env
+    photos = [make_jpeg(env.assets / f"photo {i}.jpg", (40 + i, 30), noise=True)
+              for i in range(1, 8)]
+    srv, port, _ = terms.console()
+    client_fp = terms.client_fingerprint()
+    cli, _ = terms.connected_client(port)
+    srv.expect_line(rf"^client {handle(client_fp)} connected")
+    cli.type("2")
+    listed = assets_listed(cli, 7)
+    assert listed == {p.name: str(i) for i, p in enumerate(photos, 1)}
+    cli.answer("number or path: ", "2,4-6")
+    picked = [photos[i - 1] for i in (2, 4, 5, 6)]
+    total = sum(p.stat().st_size for p in picked)
+    cli.expect_line(rf"^sent 4 of 4 photos: {re.escape(session.human_size(total))} in ")
+    for p in picked:
+        got = srv.expect_line(rf"^\[{handle(client_fp)}\] received '(.+)': (\d+) bytes, "
+                              rf"SHA-256 ([0-9a-f]{{64}}), .*, saved at (.+)$")
+        assert got.group(1, 2, 3) == (p.name, str(p.stat().st_size), sha256(p))
+        assert sha256(Path(got.group(4))) == sha256(p)
+    assert files_in(env.server_received) == sorted(p.name for p in picked)
+    # a number that is not on the list sends nothing
+    cli.expect_prompt(">")
+    cli.type("2")
+    assets_listed(cli, 7)
+    cli.answer("number or path: ", "1,9")
+    cli.expect_line(r"^not sent: no photo number 9 \(the list has 1-7\)$")
+    cli.expect_prompt(">")
+    cli.type("3")
+    assert cli.wait_exit() == 0
+    assert files_in(env.server_received) == sorted(p.name for p in picked)
+    assert_clean(cli)
+
+
+def test_parse_picks():
+    assert session.parse_picks("all", 3) == [1, 2, 3]
+    assert session.parse_picks("2,4-6", 7) == [2, 4, 5, 6]
+    assert session.parse_picks(" 3 - 4 , 1 , 3 ", 5) == [3, 4, 1]
+    assert session.parse_picks("3", 5) is None  # one number: the single pick
+    assert session.parse_picks("photos/a.jpg", 5) is None  # a path
+    with pytest.raises(ValueError, match=r"no photo number 5-6 \(the list has 1-5\)"):
+        session.parse_picks("1,5-6", 5)
+    with pytest.raises(ValueError, match="no photo number 4-2"):
+        session.parse_picks("4-2", 5)

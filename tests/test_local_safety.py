@@ -397,7 +397,7 @@ def test_an_exception_inside_seal_uses_up_no_sequence_number(monkeypatch):
 
     p = handshake_pair()
     sender, receiver = p.client.records()[0], p.server.records()[1]
-    first = sender.seal(FileData.TYPE, FileData(b"a" * 100).encode())
+    first = sender.seal(FileData.TYPE, FileData(1, b"a" * 100).encode())
     real_cipher = crypt.Cipher
 
     class Interrupted:  # a cipher whose payload encryption is cut short by Ctrl-C
@@ -418,12 +418,12 @@ def test_an_exception_inside_seal_uses_up_no_sequence_number(monkeypatch):
 
     monkeypatch.setattr(crypt, "Cipher", Interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sender.seal(FileData.TYPE, FileData(b"b" * 100).encode(), memoryview(bytearray(200)))
+        sender.seal(FileData.TYPE, FileData(1, b"b" * 100).encode(), memoryview(bytearray(200)))
     assert sender.seq == 1
     monkeypatch.setattr(crypt, "Cipher", real_cipher)
     bye = sender.seal(Bye.TYPE, Bye("client interrupted").encode())
     assert sender.seq == 2
-    for frame, expected in ((first, FileData(b"a" * 100)), (bye, Bye("client interrupted"))):
+    for frame, expected in ((first, FileData(1, b"a" * 100)), (bye, Bye("client interrupted"))):
         body = b"".join(bytes(piece) for piece in frame)[4:]
         assert decode_message(*receiver.open(body)) == expected
 

@@ -275,11 +275,12 @@ def test_handshake_decoders_round_trip_the_genuine_messages():
 # --- application messages -----------------------------------------------------------------
 VALID_MESSAGES = [
     protocol.Welcome(), protocol.Refused(protocol.Reason.BUSY, "busy"), protocol.KeyUpdate(),
-    protocol.Text(7, "héllo"), protocol.Delivered(7), protocol.FileOffer(1234, "a.jpg"),
-    protocol.FileAccept(), protocol.FileReject(protocol.Reason.NOT_JPEG, "no"),
-    protocol.FileData(b"\xff\xd8\xff" + bytes(20)), protocol.FileEnd(bytes(32)),
-    protocol.FileSaved(bytes(32), "a (1).jpg"), protocol.FileFailed(protocol.Reason.NO_SPACE),
-    protocol.FileCancel(protocol.Reason.CANCELLED, "stop"), protocol.Bye("bye"),
+    protocol.Text(7, "héllo"), protocol.Delivered(7), protocol.FileOffer(3, 1234, "a.jpg"),
+    protocol.FileAccept(3), protocol.FileReject(3, protocol.Reason.NOT_JPEG, "no"),
+    protocol.FileData(3, b"\xff\xd8\xff" + bytes(20)), protocol.FileEnd(3, bytes(32)),
+    protocol.FileSaved(3, bytes(32), "a (1).jpg"),
+    protocol.FileFailed(3, protocol.Reason.NO_SPACE),
+    protocol.FileCancel(3, protocol.Reason.CANCELLED, "stop"), protocol.Bye("bye"),
     protocol.Error("oops"),
 ]
 
@@ -306,12 +307,13 @@ def test_decode_message_on_mutated_messages_and_any_type(msg, ops, any_type):
 
 
 def test_decode_message_limits():
-    for msg_type, payload in ((MsgType.FILE_DATA, bytes(CHUNK_SIZE + 1)),
+    for msg_type, payload in ((MsgType.FILE_DATA, bytes(4 + CHUNK_SIZE + 1)),
+                              (MsgType.FILE_DATA, bytes(4)),
                               (MsgType.FILE_DATA, b""),
                               (MsgType.TEXT, bytes(8) + b"x" * (protocol.MAX_TEXT + 1)),
-                              (MsgType.FILE_OFFER, bytes(8) + b"x" * (protocol.MAX_NAME + 1)),
-                              (MsgType.FILE_OFFER, bytes(8)),
-                              (MsgType.FILE_SAVED, bytes(32)),
+                              (MsgType.FILE_OFFER, bytes(12) + b"x" * (protocol.MAX_NAME + 1)),
+                              (MsgType.FILE_OFFER, bytes(12)),
+                              (MsgType.FILE_SAVED, bytes(36)),
                               (MsgType.TEXT, bytes(8) + b"\xff")):
         with pytest.raises(RemoteProtocolError):
             protocol.decode_message(msg_type, payload)

@@ -652,7 +652,8 @@ def test_record_direction_table():
 
 
 # --- application messages ------------------------------------------------------------------
-_PREFIX = {"reason (u8)": 1, "msg_id (u64)": 8, "size (u64)": 8, "sha256 (32 bytes)": 32}
+_PREFIX = {"op (u32)": 4, "reason (u8)": 1, "msg_id (u64)": 8, "size (u64)": 8,
+           "sha256 (32 bytes)": 32}
 
 
 def _check_payload_rule(cls, payload_cell: str) -> None:
@@ -714,7 +715,8 @@ def test_reason_table():
     rows = tables(section("10. Application messages"))[1]
     assert {(int(c), code(n)) for c, n, _ in rows} == {(r.value, r.name) for r in Reason}
     # an unknown code is read as UNSPECIFIED, as the text says
-    assert protocol.FileReject.decode(bytes([200]) + b"why").reason is Reason.UNSPECIFIED
+    unknown = protocol.FileReject.decode(bytes([0, 0, 0, 1, 200]) + b"why")
+    assert unknown.reason is Reason.UNSPECIFIED
 
 
 # --- sizes, limits and defaults -----------------------------------------------------------
@@ -735,11 +737,12 @@ def test_size_and_limit_tables():
             continue
         assert _constant(name) == int(value), name
         checked += 1
-    assert checked == len(sizes) + 9
-    m = re.search(r"MAX_FRAME = IV_SIZE \+ \(1 \+ CHUNK_SIZE\) \+ MAC_SIZE = "
+    assert checked == len(sizes) + 11
+    m = re.search(r"MAX_FRAME = IV_SIZE \+ \(1 \+ 4 \+ CHUNK_SIZE\) \+ MAC_SIZE = "
                   r"(\d+) \+ (\d+) \+ (\d+) = (\d+)", section("3. Framing"))
     assert tuple(int(x) for x in m.groups()) == (
-        protocol.IV_SIZE, 1 + protocol.CHUNK_SIZE, protocol.MAC_SIZE, protocol.MAX_FRAME)
+        protocol.IV_SIZE, 1 + protocol.OP_ID.size + protocol.CHUNK_SIZE, protocol.MAC_SIZE,
+        protocol.MAX_FRAME)
     assert protocol.MAX_FRAME == protocol.IV_SIZE + protocol.MAX_RECORD_PLAINTEXT \
         + protocol.MAC_SIZE
 

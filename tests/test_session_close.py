@@ -51,8 +51,8 @@ class RawPeer:
             session.send_pieces(self.sock, self.sender.seal(msg.TYPE, msg.encode()))
 
     def half_a_file(self) -> None:
-        self.send(FileOffer(10 * CHUNK_SIZE, "huge.jpg"), FileData(chunk(True)),
-                  FileData(chunk(False)))
+        self.send(FileOffer(1, 10 * CHUNK_SIZE, "huge.jpg"), FileData(1, chunk(True)),
+                  FileData(1, chunk(False)))
 
     def ended(self) -> None:
         assert self.conn.closed.wait(WAIT)
@@ -69,7 +69,7 @@ def peer(tmp_path: Path):
 
 def test_a_peer_that_vanishes_mid_file_is_reported_and_nothing_saved(peer: RawPeer):
     peer.half_a_file()
-    peer.send(FileData(chunk(False)))
+    peer.send(FileData(1, chunk(False)))
     peer.sock.shutdown(socket.SHUT_WR)
     peer.ended()
     assert peer.conn.close_info.kind is CloseKind.PEER_VANISHED
@@ -82,21 +82,21 @@ def test_a_peer_that_vanishes_mid_file_is_reported_and_nothing_saved(peer: RawPe
 
 def test_a_protocol_error_mid_file_is_the_peers_and_the_file_is_aborted(peer: RawPeer):
     peer.half_a_file()
-    peer.send(FileOffer(1, "x.jpg"))  # a second offer during the transfer
+    peer.send(FileOffer(1, 1, "x.jpg"))  # the same operation id again
     peer.ended()
     assert peer.conn.close_info.kind is CloseKind.PROTOCOL_ERROR
     assert peer.conn.close_info.by is Side.PEER
     assert str(peer.conn.close_info) == \
-        "connection closed: protocol error: a second file offer while a transfer is running"
+        "connection closed: protocol error: FileOffer reuses operation id 1"
     assert ("[c] receiving 'huge.jpg' aborted after 2.0 MiB: connection closed: protocol "
-            "error: a second file offer while a transfer is running; nothing saved"
+            "error: FileOffer reuses operation id 1; nothing saved"
             ) in peer.events.lines
     assert files_in(peer.received) == []
 
 
 def test_our_own_close_is_local_shutdown_and_the_file_is_aborted(peer: RawPeer):
     peer.half_a_file()
-    peer.send(FileData(chunk(False)))
+    peer.send(FileData(1, chunk(False)))
     # the text is answered only after the chunks before it were handled: the second
     # frame back (after FileAccept) is its Delivered
     peer.send(Text(1, "sync"))

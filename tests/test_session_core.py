@@ -10,6 +10,8 @@ import crypt
 import session_core
 from protocol import (
     FRAME_HEADER,
+    WINDOW_BYTES,
+    WINDOW_FILES,
     AuthError,
     Bye,
     Delivered,
@@ -92,10 +94,10 @@ def wire() -> Wire:
     return Wire()
 
 
-def offer_accepted(wire: Wire, size: int = 10) -> None:
-    assert wire.send(wire.client, FileOffer(size, "a.jpg")) == [FileOffered(0, "a.jpg", size)]
-    reply = wire.send(wire.server, FileAccept())
-    assert reply == [ReplyReceived(FileAccept())]
+def offer_accepted(wire: Wire, size: int = 10, op: int = 1, name: str = "a.jpg") -> None:
+    assert wire.send(wire.client, FileOffer(op, size, name)) == [FileOffered(op, name, size)]
+    reply = wire.send(wire.server, FileAccept(op))
+    assert reply == [ReplyReceived(FileAccept(op))]
     wire.client.check_reply(reply[0].msg)
 
 
@@ -147,8 +149,10 @@ def test_delivered_for_another_text_is_the_peers_error(wire: Wire):
         wire.client.check_reply(reply.msg, msg_id=1)
 
 
-@pytest.mark.parametrize("reply", [Delivered(1), FileAccept(), FileReject(Reason.TOO_LARGE, ""),
-                                   FileSaved(b"\0" * 32, "a.jpg"), FileFailed(Reason.NO_SPACE, "")])
+@pytest.mark.parametrize("reply", [Delivered(1), FileAccept(1),
+                                   FileReject(1, Reason.TOO_LARGE, ""),
+                                   FileSaved(1, b"\0" * 32, "a.jpg"),
+                                   FileFailed(1, Reason.NO_SPACE, "")])
 def test_a_reply_nobody_waits_for_fails_the_session(wire: Wire, reply):
     with pytest.raises(RemoteProtocolError, match="nothing is waiting for a reply"):
         wire.forge(wire.server, reply)
@@ -156,8 +160,8 @@ def test_a_reply_nobody_waits_for_fails_the_session(wire: Wire, reply):
 
 
 def test_a_reply_of_the_wrong_kind_fails_the_waiting_operation(wire: Wire):
-    wire.send(wire.client, FileOffer(10, "a.jpg"))
-    [reply] = wire.forge(wire.server, FileSaved(b"\0" * 32, "a.jpg"))  # waiting, not for this
+    wire.send(wire.client, FileOffer(1, 10, "a.jpg"))
+    [reply] = wire.forge(wire.server, FileSaved(1, b"\0" * 32, "a.jpg"))  # waiting, not for this
     with pytest.raises(RemoteProtocolError, match="expected FileAccept, got FileSaved"):
         wire.client.check_reply(reply.msg)
 
@@ -165,37 +169,37 @@ def test_a_reply_of_the_wrong_kind_fails_the_waiting_operation(wire: Wire):
 # --- files ----------------------------------------------------------------------------------
 def test_a_whole_transfer(wire: Wire):
     offer_accepted(wire, 10)
-    assert wire.server.receiving() == ("a.jpg", 0)
-    [chunk] = wire.send(wire.client, FileData(b"\xff\xd8\xff" + b"x" * 7))
+    assert wire.server.receiving(1) == ("a.jpg", 0)
+    [chunk] = wire.send(wire.client, FileData(1, b"\xff\xd8\xff" + b"x" * 7))
     assert isinstance(chunk, FileChunk) and bytes(chunk.data) == b"\xff\xd8\xff" + b"x" * 7
-    assert wire.server.receiving() == ("a.jpg", 10)
-    assert wire.send(wire.client, FileEnd(b"h" * 32)) == [FileEnded(0, b"h" * 32)]
-    [reply] = wire.send(wire.server, FileSaved(b"h" * 32, "a.jpg"))
-    assert wire.client.check_reply(reply.msg) == FileSaved(b"h" * 32, "a.jpg")
+    assert wire.server.receiving(1) == ("a.jpg", 10)
+    assert wire.send(wire.client, FileEnd(1, b"h" * 32)) == [FileEnded(1, b"h" * 32)]
+    [reply] = wire.send(wire.server, FileSaved(1, b"h" * 32, "a.jpg"))
+    assert wire.client.check_reply(reply.msg) == FileSaved(1, b"h" * 32, "a.jpg")
     assert wire.client.outbound == {} and wire.server.inbound == {}
-    offer_accepted(wire, 3)  # the direction is free again
+    offer_accepted(wire, 3, op=2)  # the next operation
 
 
-def test_an_offer_during_a_transfer_is_a_protocol_error(wire: Wire):
+def test_an_offer_reusing_an_id_is_a_protocol_error(wire: Wire):
     offer_accepted(wire)
-    with pytest.raises(RemoteProtocolError, match="second file offer while a transfer is running"):
-        wire.forge(wire.client, FileOffer(5, "b.jpg"))
+    with pytest.raises(RemoteProtocolError, match="FileOffer reuses operation id 1"):
+        wire.forge(wire.client, FileOffer(1, 5, "b.jpg"))
 
 
-def test_our_own_second_offer_is_refused_before_it_leaves(wire: Wire):
+def test_our_own_reused_id_is_refused_before_it_leaves(wire: Wire):
     offer_accepted(wire)
-    with pytest.raises(LocalProtocolError, match="a second file offer while ours is running"):
-        wire.client.seal(FileOffer(5, "b.jpg"), NOW)
+    with pytest.raises(LocalProtocolError, match="FileOffer reuses operation id 1"):
+        wire.client.seal(FileOffer(1, 5, "b.jpg"), NOW)
 
 
 def test_an_offer_the_other_way_may_interleave(wire: Wire):
     offer_accepted(wire)
-    assert wire.send(wire.server, FileOffer(5, "b.jpg")) == [FileOffered(0, "b.jpg", 5)]
+    assert wire.send(wire.server, FileOffer(1, 5, "b.jpg")) == [FileOffered(1, "b.jpg", 5)]
     assert wire.send(wire.server, Text(1, "meanwhile")) == [TextReceived(1, "meanwhile")]
 
 
-@pytest.mark.parametrize("msg, what", [(FileData(b"x"), "file data"),
-                                       (FileEnd(b"h" * 32), "file end")])
+@pytest.mark.parametrize("msg, what", [(FileData(1, b"x"), "file data"),
+                                       (FileEnd(1, b"h" * 32), "file end")])
 def test_data_or_end_with_no_offer_is_a_protocol_error(wire: Wire, msg, what):
     with pytest.raises(RemoteProtocolError, match=f"{what} without an accepted offer"):
         wire.forge(wire.client, msg)
@@ -203,29 +207,29 @@ def test_data_or_end_with_no_offer_is_a_protocol_error(wire: Wire, msg, what):
 
 def test_file_data_before_file_accept_is_a_protocol_error(wire: Wire):
     """PROTOCOL.md 11.2: the sender MUST NOT send FileData before FileAccept."""
-    wire.send(wire.client, FileOffer(10, "a.jpg"))
+    wire.send(wire.client, FileOffer(1, 10, "a.jpg"))
     with pytest.raises(RemoteProtocolError, match="file data without an accepted offer"):
-        wire.forge(wire.client, FileData(b"x"))  # a peer that does not wait
+        wire.forge(wire.client, FileData(1, b"x"))  # a peer that does not wait
     ours = Wire()
-    ours.send(ours.client, FileOffer(10, "a.jpg"))
+    ours.send(ours.client, FileOffer(1, 10, "a.jpg"))
     with pytest.raises(LocalProtocolError, match="FileData without an accepted offer"):
-        ours.client.seal(FileData(b"x"), NOW)  # our own side refuses to
+        ours.client.seal(FileData(1, b"x"), NOW)  # our own side refuses to
 
 
 def test_file_data_after_file_reject_is_a_protocol_error(wire: Wire):
-    wire.send(wire.client, FileOffer(10, "a.jpg"))
-    [reply] = wire.send(wire.server, FileReject(Reason.TOO_LARGE, "too big"))
+    wire.send(wire.client, FileOffer(1, 10, "a.jpg"))
+    [reply] = wire.send(wire.server, FileReject(1, Reason.TOO_LARGE, "too big"))
     wire.client.check_reply(reply.msg)
     assert wire.client.outbound == {} and wire.server.inbound == {}
     with pytest.raises(RemoteProtocolError, match="file data without an accepted offer"):
-        wire.forge(wire.client, FileData(b"x"))
+        wire.forge(wire.client, FileData(1, b"x"))
 
 
 def test_data_past_the_announced_size_is_a_protocol_error(wire: Wire):
     offer_accepted(wire, 4)
-    wire.send(wire.client, FileData(b"abc"))
+    wire.send(wire.client, FileData(1, b"abc"))
     with pytest.raises(RemoteProtocolError, match="file data beyond the announced size"):
-        wire.send(wire.client, FileData(b"de"))
+        wire.send(wire.client, FileData(1, b"de"))
     assert wire.server.state is State.FAILED
     with pytest.raises(LocalProtocolError, match="already failed"):
         wire.server.receive(Text(1, "x"))
@@ -233,54 +237,199 @@ def test_data_past_the_announced_size_is_a_protocol_error(wire: Wire):
 
 def test_failed_during_the_data_drains_until_the_end(wire: Wire):
     offer_accepted(wire, 10)
-    wire.send(wire.client, FileData(b"abc"))
-    [early] = wire.send(wire.server, FileFailed(Reason.NOT_JPEG, "not a JPEG"))
-    assert wire.client.check_reply(early.msg) == FileFailed(Reason.NOT_JPEG, "not a JPEG")
-    assert wire.server.receiving() is None  # draining: no file to report as aborted
-    assert wire.send(wire.client, FileData(b"def")) == [FileDiscarded(0)]
-    assert wire.send(wire.client, FileCancel(Reason.CANCELLED, "receiver failed")) == \
-        [FileCancelled(0, "", "receiver failed")]
+    wire.send(wire.client, FileData(1, b"abc"))
+    [early] = wire.send(wire.server, FileFailed(1, Reason.NOT_JPEG, "not a JPEG"))
+    assert wire.client.check_reply(early.msg) == FileFailed(1, Reason.NOT_JPEG, "not a JPEG")
+    assert wire.server.receiving(1) is None  # draining: no file to report as aborted
+    assert wire.send(wire.client, FileData(1, b"def")) == [FileDiscarded(1)]
+    assert wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "receiver failed")) == \
+        [FileCancelled(1, "", "receiver failed")]
     assert wire.client.outbound == {} and wire.server.inbound == {}
 
 
 def test_draining_also_ends_with_file_end_and_no_reply(wire: Wire):
     offer_accepted(wire, 6)
-    wire.send(wire.client, FileData(b"abc"))
-    wire.send(wire.server, FileFailed(Reason.NO_SPACE, "full"))
-    wire.send(wire.client, FileData(b"def"))
-    assert wire.send(wire.client, FileEnd(b"h" * 32)) == []
+    wire.send(wire.client, FileData(1, b"abc"))
+    wire.send(wire.server, FileFailed(1, Reason.NO_SPACE, "full"))
+    wire.send(wire.client, FileData(1, b"def"))
+    assert wire.send(wire.client, FileEnd(1, b"h" * 32)) == []
     assert wire.server.inbound == {}
 
 
 def test_file_failed_after_the_end_is_the_answer(wire: Wire):
     offer_accepted(wire, 3)
-    wire.send(wire.client, FileData(b"abc"))
-    wire.send(wire.client, FileEnd(b"h" * 32))
-    [reply] = wire.send(wire.server, FileFailed(Reason.HASH_MISMATCH, "differs"))
+    wire.send(wire.client, FileData(1, b"abc"))
+    wire.send(wire.client, FileEnd(1, b"h" * 32))
+    [reply] = wire.send(wire.server, FileFailed(1, Reason.HASH_MISMATCH, "differs"))
     wire.client.check_reply(reply.msg)
     assert wire.client.outbound == {} and wire.server.inbound == {}
 
 
 def test_file_cancel_during_the_data(wire: Wire):
     offer_accepted(wire, 10)
-    wire.send(wire.client, FileData(b"abc"))
-    assert wire.send(wire.client, FileCancel(Reason.CANCELLED, "file shrank")) == \
-        [FileCancelled(0, "a.jpg", "file shrank")]
+    wire.send(wire.client, FileData(1, b"abc"))
+    assert wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "file shrank")) == \
+        [FileCancelled(1, "a.jpg", "file shrank")]
     assert wire.server.inbound == {}
 
 
 def test_file_cancel_without_a_transfer_is_a_protocol_error(wire: Wire):
     with pytest.raises(RemoteProtocolError, match="FileCancel without a transfer"):
-        wire.forge(wire.client, FileCancel(Reason.CANCELLED, "x"))
+        wire.forge(wire.client, FileCancel(1, Reason.CANCELLED, "x"))
 
 
 def test_the_receiver_cannot_answer_what_it_was_not_asked(wire: Wire):
     with pytest.raises(LocalProtocolError, match="FileAccept without an offer to answer"):
-        wire.server.seal(FileAccept(), NOW)
+        wire.server.seal(FileAccept(1), NOW)
     other = Wire()
     offer_accepted(other, 3)
     with pytest.raises(LocalProtocolError, match="FileSaved before the file ended"):
-        other.server.seal(FileSaved(b"h" * 32, "a.jpg"), NOW)
+        other.server.seal(FileSaved(1, b"h" * 32, "a.jpg"), NOW)
+
+
+# --- several files in flight (the window) -----------------------------------------------------
+def jpeg(n: int) -> bytes:
+    return b"\xff\xd8\xff" + b"x" * (n - 3)
+
+
+def stream(wire: Wire, op: int, data: bytes) -> list:
+    events = wire.send(wire.client, FileData(op, data))
+    return events + wire.send(wire.client, FileEnd(op, b"h" * 32))
+
+
+def test_the_window_is_never_exceeded_and_frees_as_files_are_saved(wire: Wire):
+    files = WINDOW_FILES
+    for op in range(1, files + 1):
+        assert wire.client.offer_fits(10)
+        wire.send(wire.client, FileOffer(op, 10, f"{op}.jpg"))
+    assert len(wire.server.inbound) == files
+    assert not wire.client.offer_fits(10)  # full: the sender holds the next offer
+    with pytest.raises(LocalProtocolError, match="FileOffer beyond the window"):
+        wire.client.seal(FileOffer(files + 1, 10, "x.jpg"), NOW)
+    other = Wire()
+    for op in range(1, files + 1):
+        other.send(other.client, FileOffer(op, 10, f"{op}.jpg"))
+    [reply] = other.send(other.server, FileReject(1, Reason.TOO_LARGE, "no"))
+    other.client.check_reply(reply.msg)
+    assert other.client.offer_fits(10)  # one answered: one more may go
+    other.send(other.client, FileOffer(files + 1, 10, "next.jpg"))
+    assert not other.client.offer_fits(10)
+
+
+def test_the_byte_window_bounds_the_announced_sizes_but_one_file_always_fits():
+    wire = Wire()
+    big = WINDOW_BYTES + 1
+    assert wire.client.offer_fits(big)  # alone, any size
+    wire.send(wire.client, FileOffer(1, big, "huge.jpg"))
+    assert not wire.client.offer_fits(1)
+    small = Wire()
+    small.send(small.client, FileOffer(1, WINDOW_BYTES - 5, "a.jpg"))
+    assert small.client.offer_fits(5) and not small.client.offer_fits(6)
+    with pytest.raises(RemoteProtocolError, match="file offer beyond the window"):
+        small.forge(small.client, FileOffer(2, 6, "b.jpg"))
+    assert small.server.state is State.FAILED
+
+
+def test_an_offer_beyond_the_file_window_is_a_protocol_error(wire: Wire):
+    for op in range(1, WINDOW_FILES + 1):
+        wire.send(wire.client, FileOffer(op, 10, f"{op}.jpg"))
+    with pytest.raises(RemoteProtocolError, match="file offer beyond the window"):
+        wire.forge(wire.client, FileOffer(WINDOW_FILES + 1, 10, "one too many.jpg"))
+    assert wire.server.state is State.FAILED
+
+
+def test_replies_in_any_order_are_matched_to_their_files(wire: Wire):
+    for op in (1, 2, 3):
+        wire.send(wire.client, FileOffer(op, 3, f"{op}.jpg"))
+    replies = [wire.send(wire.server, FileAccept(op))[0].msg for op in (3, 1, 2)]
+    for reply in replies:
+        wire.client.check_reply(reply)
+    assert all(f.state is session_core.Outbound.ACCEPTED for f in wire.client.outbound.values())
+    for op in (1, 2, 3):
+        assert stream(wire, op, jpeg(3)) == [FileChunk(op, memoryview(jpeg(3))),
+                                            FileEnded(op, b"h" * 32)]
+    for op in (2, 3, 1):  # saved out of order
+        [reply] = wire.send(wire.server, FileSaved(op, b"h" * 32, f"{op}.jpg"))
+        assert wire.client.check_reply(reply.msg) == FileSaved(op, b"h" * 32, f"{op}.jpg")
+        assert op not in wire.client.outbound and op not in wire.server.inbound
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+
+
+def test_a_reply_for_no_open_operation_is_a_protocol_error(wire: Wire):
+    wire.send(wire.client, FileOffer(1, 3, "a.jpg"))
+    [reply] = wire.forge(wire.server, FileAccept(2))
+    with pytest.raises(RemoteProtocolError, match="no file operation 2 is waiting"):
+        wire.client.check_reply(reply.msg)
+
+
+def test_one_refusal_amid_successes(wire: Wire):
+    for op in (1, 2, 3):
+        wire.send(wire.client, FileOffer(op, 3, f"{op}.jpg"))
+    for msg in (FileAccept(1), FileReject(2, Reason.TOO_LARGE, "too big"), FileAccept(3)):
+        [reply] = wire.send(wire.server, msg)
+        wire.client.check_reply(reply.msg)
+    assert list(wire.client.outbound) == [1, 3] and list(wire.server.inbound) == [1, 3]
+    with pytest.raises(LocalProtocolError, match="FileData without an accepted offer"):
+        wire.client._check_sendable(FileData(2, jpeg(3)))  # unguarded: the core goes on
+    for op in (1, 3):
+        stream(wire, op, jpeg(3))
+        [reply] = wire.send(wire.server, FileSaved(op, b"h" * 32, f"{op}.jpg"))
+        wire.client.check_reply(reply.msg)
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+
+
+def test_a_cancel_mid_batch_ends_that_file_only(wire: Wire):
+    for op in (1, 2, 3):
+        offer_accepted(wire, 6, op=op, name=f"{op}.jpg")
+    stream(wire, 1, jpeg(6))
+    wire.send(wire.client, FileData(2, jpeg(3)))
+    assert wire.send(wire.client, FileCancel(2, Reason.CANCELLED, "stop")) == \
+        [FileCancelled(2, "2.jpg", "stop")]
+    assert list(wire.server.inbound) == [1, 3] and list(wire.client.outbound) == [1, 3]
+    assert stream(wire, 3, jpeg(6))[-1] == FileEnded(3, b"h" * 32)
+    for op in (1, 3):
+        [reply] = wire.send(wire.server, FileSaved(op, b"h" * 32, f"{op}.jpg"))
+        wire.client.check_reply(reply.msg)
+    assert wire.client.outbound == {} and wire.server.inbound == {}
+
+
+def test_data_of_two_files_interleaved_is_a_protocol_error(wire: Wire):
+    offer_accepted(wire, 6, op=1)
+    offer_accepted(wire, 6, op=2)
+    wire.send(wire.client, FileData(1, jpeg(3)))
+    with pytest.raises(LocalProtocolError, match="FileData of operation 2 before the stream of 1"):
+        wire.client.seal(FileData(2, jpeg(3)), NOW)
+    with pytest.raises(RemoteProtocolError, match="FileData of operation 2 before the stream of 1"):
+        wire.forge(wire.client, FileData(2, jpeg(3)))
+    assert wire.server.state is State.FAILED
+
+
+def test_a_stream_before_an_earlier_offer_was_answered_is_out_of_order(wire: Wire):
+    wire.send(wire.client, FileOffer(1, 3, "a.jpg"))
+    offer_accepted(wire, 3, op=2, name="b.jpg")
+    with pytest.raises(RemoteProtocolError, match="FileData of operation 2 before the stream of 1"):
+        wire.forge(wire.client, FileData(2, jpeg(3)))
+
+
+def test_an_early_failure_before_the_stream_still_needs_its_end(wire: Wire):
+    offer_accepted(wire, 6, op=1)
+    offer_accepted(wire, 6, op=2)
+    wire.send(wire.client, FileData(1, jpeg(3)))
+    [early] = wire.send(wire.server, FileFailed(1, Reason.NO_SPACE, "full"))
+    wire.client.check_reply(early.msg)
+    assert wire.client.outbound[1].state is session_core.Outbound.FAILED
+    with pytest.raises(LocalProtocolError, match="before the stream of 1 ended"):
+        wire.client._check_sendable(FileData(2, jpeg(3)))  # unguarded: the core goes on
+    assert wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "receiver failed")) == \
+        [FileCancelled(1, "", "receiver failed")]
+    assert stream(wire, 2, jpeg(6))[-1] == FileEnded(2, b"h" * 32)
+
+
+def test_a_file_end_short_of_the_size_is_a_protocol_error(wire: Wire):
+    offer_accepted(wire, 6)
+    wire.send(wire.client, FileData(1, jpeg(3)))
+    with pytest.raises(RemoteProtocolError, match="file ended after 3 of 6 announced bytes"):
+        wire.send(wire.client, FileEnd(1, b"h" * 32))
 
 
 # --- key updates ----------------------------------------------------------------------------
@@ -334,7 +483,7 @@ def test_peer_error_is_its_own_close_kind(wire: Wire):
 def test_a_failed_core_still_says_why_once(wire: Wire):
     offer_accepted(wire, 1)
     with pytest.raises(RemoteProtocolError):
-        wire.send(wire.client, FileData(b"too much"))
+        wire.send(wire.client, FileData(1, b"too much"))
     [ended] = wire.send(wire.server, Error("protocol error: file data beyond the announced size"))
     assert ended.close.kind is CloseKind.PEER_ERROR
     with pytest.raises(LocalProtocolError, match="already failed"):

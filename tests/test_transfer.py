@@ -446,7 +446,7 @@ def test_sizes_beyond_4_gib_are_64_bit_on_the_wire_and_in_the_offer_check(tmp_pa
     from protocol import FileOffer
 
     five_gib = 5 << 30
-    offer = FileOffer.decode(FileOffer(five_gib, "huge.jpg").encode())
+    offer = FileOffer.decode(FileOffer(1, five_gib, "huge.jpg").encode())
     assert offer.size == five_gib
     with pytest.raises(Rejected) as r:
         IncomingFile(tmp_path, "huge.jpg", five_gib, max_size=4 << 30)

@@ -1,0 +1,188 @@
+"""Several files in one go (issue 15): --send-file with many paths and directories,
+pipelined within the window; one line per file; exit 5 at the end if any was not
+delivered; both directions at once; a receiver killed and a sender interrupted
+mid-batch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PY, ROOT, Env, Proc, child_env, files_in, handshake_pair, jpeg_of_size
+from test_local_safety import _receiving_fds
+
+import crypt
+import session
+
+N = 200
+SIZE = 200_000
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def photos(directory: Path, n: int, size: int = SIZE, prefix: str = "p") -> list[Path]:
+    return [jpeg_of_size(directory / f"{prefix}{i:03d}.jpg", size + i) for i in range(n)]
+
+
+def test_a_directory_of_200_photos_arrives_bit_exact_with_one_line_each(env: Env):
+    srv = env.server()
+    sent = photos(env.assets, N)
+    (env.assets / "notes.txt").write_text("not a photo")
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-file", str(env.assets),
+                   timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"skipped: {env.assets / 'notes.txt'} (not a JPG)"
+    assert [line.split(":")[0] for line in lines[1:]] == [f"sent '{p.name}'" for p in sent]
+    srv.wait_for(rf"\] received '{sent[-1].name}': ")
+    assert files_in(env.server_received) == [p.name for p in sent]
+    for p in sent:
+        assert sha(env.server_received / p.name) == sha(p), p.name
+
+
+def test_one_refusal_amid_successes_gets_its_line_and_exit_5_at_the_end(env: Env):
+    srv = env.server("--max-file-size", "60000")
+    small = photos(env.assets, 3, 20_000, "s")
+    big = jpeg_of_size(env.assets / "big.jpg", 70_000)
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--max-file-size", "100000",
+                   "--send-file", str(small[0]), str(big), str(small[1]), "--send-text", "after",
+                   "--send-file", str(small[2]))
+    assert r.returncode == 5, (r.stdout, r.stderr)
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [
+        "sent 's000.jpg'", "sent 's001.jpg'", "delivered", "sent 's002.jpg'"]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error")] == [
+        f"error: file not delivered: {big}: rejected by peer: 70000 bytes exceeds the "
+        f"receiver's limit of 60000"]
+    srv.wait_for(r"\] received 's002.jpg': ")
+    assert files_in(env.server_received) == ["s000.jpg", "s001.jpg", "s002.jpg"]
+
+
+def test_several_paths_after_one_send_file_keep_their_order_with_texts(env: Env):
+    srv = env.server()
+    a, b, c = photos(env.assets, 3, 5_000)
+    r = env.client("--port", str(srv.port), "--accept-new-host", "--send-text", "one",
+                   "--send-file", str(c), str(a), "--send-text", "two", "--send-file", str(b))
+    assert r.returncode == 0, r.stderr
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [
+        "delivered", f"sent '{c.name}'", f"sent '{a.name}'", "delivered", f"sent '{b.name}'"]
+    out = [m.group(1) for m in (srv.wait_for(rf"\] (one|received '{c.name}'|received "
+                                             rf"'{a.name}'|two|received '{b.name}')")
+                                for _ in range(5))]
+    assert out == ["one", f"received '{c.name}'", f"received '{a.name}'", "two",
+                   f"received '{b.name}'"]
+
+
+class Quiet(session.Events):
+    def out(self, line: str) -> None:
+        pass
+
+
+def test_200_files_both_directions_at_once_bit_exact(tmp_path: Path):
+    """Client and server push 200 files each at the same time over one session."""
+    pair = handshake_pair()
+    a, b = socket.socketpair()
+    dirs = {k: tmp_path / k for k in ("up", "down", "client-received", "server-received")}
+    for d in dirs.values():
+        d.mkdir()
+    client = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
+                                label="server", events=Quiet(),
+                                received_dir=str(dirs["client-received"])).start()
+    server = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+                                label="client", events=Quiet(),
+                                received_dir=str(dirs["server-received"])).start()
+    try:
+        up, down = photos(dirs["up"], N, 20_000, "u"), photos(dirs["down"], N, 20_000, "d")
+        results = {}
+        pusher = threading.Thread(target=lambda: results.setdefault(
+            "down", server.send_files([str(p) for p in down])))
+        pusher.start()
+        results["up"] = client.send_files([str(p) for p in up])
+        pusher.join(120)
+        for direction, sent, received in (("up", up, "server-received"),
+                                          ("down", down, "client-received")):
+            outcomes = results[direction]
+            assert [o.name for o in outcomes] == [p.name for p in sent], direction
+            assert files_in(dirs[received]) == [p.name for p in sent]
+            for p, o in zip(sent, outcomes, strict=True):
+                assert o.sha256.hex() == sha(p) == sha(dirs[received] / p.name)
+    finally:
+        client.close(timeout=5)
+        server.close(timeout=5)
+
+
+# --- cut short -----------------------------------------------------------------------------
+def _batch(env: Env) -> tuple[list[Path], Path, Path]:
+    """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""
+    small = photos(env.assets, 3, 30_000, "s")
+    big = env.assets / "s002-big.jpg"
+    with open(big, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0")
+        f.truncate(400 << 20)
+    last = env.assets / "s003.jpg"
+    small[2].rename(last)
+    return small[:2], big, last
+
+
+def _client(env: Env, port: int, *paths: Path) -> Proc:
+    return Proc([PY, "client.py", "--home", str(env.client_home), "--received-dir",
+                 str(env.client_received), "--port", str(port), "--accept-new-host",
+                 "--send-file", *map(str, paths)], env=child_env(), cwd=ROOT)
+
+
+def _wait_receiving(pid: int, directory: Path, at_least: int, output) -> None:
+    deadline = time.monotonic() + 60
+    while not any(size >= at_least for size in _receiving_fds(pid, directory)):
+        assert time.monotonic() < deadline, output()
+        time.sleep(0.002)  # polling a state, not waiting a fixed time
+
+
+def test_the_receiver_killed_mid_batch_leaves_the_saved_files_and_nothing_partial(env: Env):
+    srv = env.server()
+    done, big, last = _batch(env)
+    client = _client(env, srv.port, *done, big, last)
+    try:
+        for p in done:
+            client.wait_for(rf"^sent '{p.name}': ")
+        _wait_receiving(srv.pid, env.server_received, 8 << 20, srv.output)
+        os.kill(srv.pid, signal.SIGKILL)
+        assert client.p.wait(60) == 5, client.output()
+    finally:
+        client.stop()
+    out = client.output()
+    assert f"error: file not delivered: {big}: " in out
+    assert f"error: file not delivered: {last}: " in out
+    # the two confirmed files are there whole; the big one and the last left nothing
+    assert files_in(env.server_received) == [p.name for p in done]
+    for p in done:
+        assert sha(env.server_received / p.name) == sha(p)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_the_sender_interrupted_mid_batch_says_which_files_were_delivered(env: Env, sig: str):
+    srv = env.server()
+    done, big, last = _batch(env)
+    client = _client(env, srv.port, *done, big, last)
+    try:
+        for p in done:
+            client.wait_for(rf"^sent '{p.name}': ")
+        _wait_receiving(srv.pid, env.server_received, 8 << 20, srv.output)
+        os.kill(client.pid, getattr(signal, sig))
+        assert client.p.wait(60) == 130, client.output()
+    finally:
+        client.stop()
+    lines = client.output().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("sent ")] == [
+        f"sent '{p.name}'" for p in done]
+    assert f"not delivered (interrupted): {big}" in lines
+    assert f"not delivered (interrupted): {last}" in lines
+    assert not [line for line in lines if line.startswith("error:")], lines
+    srv.wait_for(r"\] peer said goodbye \(client interrupted\)$")
+    assert files_in(env.server_received) == [p.name for p in done]
