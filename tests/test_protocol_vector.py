@@ -19,6 +19,7 @@ from pathlib import Path
 
 import fixed
 import pytest
+from conftest import run_handshake
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa, mlkem
@@ -239,13 +240,7 @@ def run() -> Run:
     s = server_data.ServerHandshake(
         sid, fixed.FixedKEM(encapsulation=(vb("mlkem_secret"), vb("mlkem_ciphertext"))),
         randomness=fixed.randomness(vb("server_random"), ecdh_scalar=vint("server_ecdh_scalar")))
-    ch = c.create_client_hello()
-    s.consume_client_hello(ch)
-    sh = s.create_server_hello()
-    c.consume_server_hello(sh)
-    ca = c.create_client_auth()
-    s.consume_client_auth(ca)
-    return Run(c, s, cid, sid, ch, sh, ca)
+    return Run(c, s, cid, sid, *run_handshake(c, s))
 
 
 # --- the test vector ---------------------------------------------------------------------
