@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import contextlib
 import ctypes.util
 import dataclasses
@@ -27,6 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import crypt
 import transfer
@@ -73,6 +73,9 @@ from session_core import (
     State,
     TextReceived,
 )
+
+if TYPE_CHECKING:  # imported lazily where used: see IncomingFile._finishers
+    from concurrent.futures import ThreadPoolExecutor
 
 KEYLOG_ENV = "QSOCKET_KEYLOGFILE"
 # the session's limits, named here for the code below (all of them are in limits.py)
@@ -833,7 +836,7 @@ class IncomingFile:
             self.free.put(PlainBuffer())
         self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
         self._files: dict[int, _Receiving] = {}  # by operation id
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None
         # files finish in parallel but are reported (line, then reply) in the order they ended
         self._ending: deque = deque()
         self._ready: dict = {}
@@ -883,9 +886,11 @@ class IncomingFile:
             self._ending.append(op)
         self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
 
-    def _finishers(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _finishers(self) -> ThreadPoolExecutor:
         if self._pool is None:  # created with the first file: chat costs no threads
-            self._pool = concurrent.futures.ThreadPoolExecutor(
+            # imported here: it pulls in logging (~5 ms), and a text-only run never needs it
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+            self._pool = ThreadPoolExecutor(
                 FINISHERS, thread_name_prefix=f"finish {self._conn.label}")
         return self._pool
 
