@@ -1344,12 +1344,23 @@ class Connection:
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"reader {label}")
         self._writer = self._sending.thread
+        # start() and a shutdown's finish_close() may race (the server registers a session
+        # before its thread starts it): this lock orders them, and a close that gave up
+        # waiting for the start makes a late start() end the session instead
+        self._life = threading.Lock()
+        self._started = threading.Event()
+        self._abandoned = False
 
     def start(self) -> Connection:
-        self._core.start_clock(time.monotonic())  # the hour of a key epoch counts from here
-        set_send_deadline(self.sock, self.send_timeout)
-        self._writer.start()
-        self._reader.start()
+        with self._life:
+            if self._abandoned:
+                self._end(Close(CloseKind.LOCAL_SHUTDOWN, Side.LOCAL, "closed before it started"))
+                return self
+            self._core.start_clock(time.monotonic())  # a key epoch's hour counts from here
+            set_send_deadline(self.sock, self.send_timeout)
+            self._writer.start()
+            self._reader.start()
+            self._started.set()
         return self
 
     # sending side ------------------------------------------------------------------
@@ -1557,7 +1568,16 @@ class Connection:
         """Wait for the goodbye to go out and the peer to hang up, then close.
 
         Waiting for the peer's EOF (rather than closing at once) keeps the kernel
-        from answering late data with a reset that could destroy our goodbye."""
+        from answering late data with a reset that could destroy our goodbye.
+        A session not started yet gets until `deadline` to start (and send the goodbye
+        queued for it); if it does not, it never will and its socket is closed."""
+        if not self._abandoned:  # (a second close of an abandoned one returns at once)
+            self._started.wait(max(0.0, deadline - time.monotonic()))
+        with self._life:
+            if not self._started.is_set():
+                self._abandoned = True
+                self.sock.close()
+                return
         hang_up(self.sock, self._writer, self._reader, deadline)
 
     def close(self, reason: str = "", timeout: float = LIMITS.close_timeout, *,
@@ -1598,8 +1618,7 @@ def hang_up(sock: socket.socket, writer: threading.Thread, reader: threading.Thr
 
 
 def _join(thread: threading.Thread, deadline: float) -> None:
-    if thread.ident is not None:  # shutdown may meet a session that is still starting
-        thread.join(max(0.0, deadline - time.monotonic()))
+    thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # --- ML-KEM provider choice (the shell's: it reads the environment and the disk) ------

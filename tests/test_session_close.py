@@ -5,6 +5,7 @@ as aborted, with nothing saved."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import files_in, handshake_pair
 
 import crypt
 import session
-from protocol import CHUNK_SIZE, Bye, FileData, FileOffer, Text
+from protocol import CHUNK_SIZE, Bye, FileData, FileOffer, Text, decode_message
 from session_core import CloseKind, Side
 
 WAIT = 30.0  # generous: only a broken session takes this long
@@ -118,3 +119,63 @@ def test_a_goodbye_is_the_only_clean_close(peer: RawPeer):
     assert peer.conn.close_info.kind is CloseKind.PEER_BYE and peer.conn.close_info.clean
     assert peer.conn.close_reason == "peer said goodbye (done)"
     assert peer.events.lines == ["[c] peer said goodbye (done)"]
+
+
+class Unstarted:
+    """A server-side session registered but not started yet (the server's shutdown
+    can take it from the registry in that moment), and the client's end of it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        pair = handshake_pair()
+        self.sock, theirs = socket.socketpair()
+        _, self.receiver = crypt.record_pair(pair.client.keys, crypt.Role.CLIENT)
+        self.events = Lines()
+        self.conn = session.Connection(theirs, crypt.record_pair(pair.server.keys,
+                                                                  crypt.Role.SERVER),
+                                       label="c", events=self.events,
+                                       received_dir=str(tmp_path))
+        self.errors: list[BaseException] = []
+
+    def finish_close_in_background(self, deadline: float) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.conn.finish_close(deadline)
+            except BaseException as e:  # noqa: BLE001 - the test reports it
+                self.errors.append(e)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+
+def test_a_shutdown_meeting_a_session_still_starting_waits_and_says_goodbye(tmp_path: Path):
+    # the server's shutdown: begin_close, then finish_close from its own thread, while the
+    # session's thread is (or is about to be) in start(); either order must end the same
+    s = Unstarted(tmp_path)
+    s.conn.begin_close("server shutting down")
+    closer = s.finish_close_in_background(time.monotonic() + WAIT)
+    s.conn.start()
+    msg = decode_message(*s.receiver.open(session.read_frame(s.sock, time.monotonic() + WAIT)))
+    assert msg == Bye("server shutting down")
+    s.sock.shutdown(socket.SHUT_WR)  # our EOF lets its reader end
+    closer.join(WAIT)
+    assert not closer.is_alive() and s.errors == []
+    assert not s.conn._reader.is_alive() and not s.conn._writer.is_alive()
+    assert s.sock.recv(1) == b""  # and it closed its end
+    s.sock.close()
+
+
+def test_a_session_that_never_starts_is_closed_by_the_deadline_and_cannot_start_late(
+        tmp_path: Path):
+    s = Unstarted(tmp_path)
+    s.conn.begin_close("server shutting down")
+    s.conn.finish_close(time.monotonic())  # the deadline has come: no start to wait for
+    assert s.sock.recv(1) == b""  # its socket is closed, nothing sent
+    s.conn.start()  # too late: the session ends instead of starting
+    assert s.conn.closed.is_set()
+    assert not s.conn._reader.is_alive() and not s.conn._writer.is_alive()
+    assert s.conn._reader.ident is None and s.conn._writer.ident is None
+    assert s.conn.close_info.kind is CloseKind.LOCAL_SHUTDOWN
+    # the session's own thread then closes it as usual: nothing left to wait for
+    s.conn.close(timeout=WAIT)
+    assert s.conn._started.is_set() is False and s.events.lines == []
+    s.sock.close()
