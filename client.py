@@ -112,10 +112,10 @@ def build_parser() -> session.Parser:
 class ClientEvents(session.Events):
     transfers: Transfers | None = None  # the console's status line, when there is one
 
-    def progress(self, total, desc):
+    def progress(self, total, desc, files=0):
         if self.transfers is not None:
-            return self.transfers.progress(total, desc)
-        return super().progress(total, desc)
+            return self.transfers.progress(total, desc, files)
+        return super().progress(total, desc, files)
 
     def text(self, conn, text):
         self.out(f"[server] {neutralise(text)}")

@@ -26,11 +26,13 @@ class Cancelled(Exception):
 # --- running transfers --------------------------------------------------------------
 class Bar:
     """One transfer's progress, as session.Events.progress hands it out: update()
-    from the thread that moves the bytes, close() when it ends (either way)."""
+    from the thread that moves the bytes, close() when it ends (either way).  A
+    batch's bar (files > 0) also counts the files whose outcome is known."""
 
-    def __init__(self, owner: Transfers, total: int, desc: str) -> None:
+    def __init__(self, owner: Transfers, total: int, desc: str, files: int = 0) -> None:
         self.owner, self.total, self.desc = owner, total, desc
         self.done = 0
+        self.files, self.files_done = files, 0
         self.started = time.monotonic()
 
     def __enter__(self) -> Bar:
@@ -43,15 +45,33 @@ class Bar:
         self.done += n
         self.owner.changed(quietly=True)
 
+    def file_done(self, unsent: int = 0) -> None:
+        self.files_done += 1
+        self.total -= unsent  # a file refused or cut short: its bytes will not move
+        self.owner.changed()
+
     def close(self) -> None:
         self.owner.remove(self)
 
     def line(self) -> str:
-        pct = self.done * 100 // self.total if self.total else 100
+        pct = min(self.done * 100 // self.total, 100) if self.total > 0 else 100
         elapsed = time.monotonic() - self.started
-        rate = f"  {session.human_size(self.done / elapsed)}/s" if elapsed > 0.5 else ""
-        return (f"{self.desc}  {pct:3d}%  {session.human_size(self.done)} of "
+        files = f" {self.files_done}/{self.files}" if self.files else ""  # done of all
+        rate = ""
+        if elapsed > 0.5 and self.done:
+            speed = self.done / elapsed
+            rate = f"  {session.human_size(speed)}/s  {eta(max(self.total - self.done, 0) / speed)}"
+        return (f"{self.desc}{files}  {pct:3d}%  {session.human_size(self.done)} of "
                 f"{session.human_size(self.total)}{rate}")
+
+
+def eta(seconds: float) -> str:
+    """Time left, as people read it: "12 s left", "3:05 left", "1:02:03 left"."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s left"
+    m, s = divmod(s, 60)
+    return f"{m}:{s:02d} left" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d} left"
 
 
 class Transfers:
@@ -63,8 +83,8 @@ class Transfers:
         self._redrawn = 0.0
         self.on_change = lambda: None  # set by the Console: redraw the status line
 
-    def progress(self, total: int, desc: str) -> Bar:
-        bar = Bar(self, total, neutralise(desc))
+    def progress(self, total: int, desc: str, files: int = 0) -> Bar:
+        bar = Bar(self, total, neutralise(desc), files)
         with self._lock:
             self._bars.append(bar)
         self.changed()

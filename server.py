@@ -94,10 +94,10 @@ class ServerEvents(session.Events):
         self.recent = conn
         super().text(conn, text)
 
-    def progress(self, total, desc):
+    def progress(self, total, desc, files=0):
         if self.transfers is not None:
-            return self.transfers.progress(total, desc)
-        return super().progress(total, desc)
+            return self.transfers.progress(total, desc, files)
+        return super().progress(total, desc, files)
 
     def file_saved(self, conn, path, result):
         self.out(f"[{conn.label}] {result.summary('received')} ({session.metadata_note(path)}), "

@@ -440,11 +440,14 @@ class Events:
     def closed(self, conn: Connection, why: str) -> None:
         self.out(f"[{conn.label}] {why}")
 
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str, files: int = 0):
+        """A bar for `total` bytes: update(n) as they move, close() at the end.  With
+        `files` it stands for a batch of that many: file_done(unsent) as each one's
+        outcome is known (unsent: the bytes of it that will not move after all)."""
         if not sys.stdout.isatty():
             # even a disabled tqdm starts tqdm's monitor thread, which then never ends
             return NoProgress()
-        return MiBProgress(total, desc)
+        return MiBProgress(total, desc, files)
 
 
 MIB = 1 << 20
@@ -454,13 +457,14 @@ class MiBProgress:
     """tqdm on stderr counting in MiB, the unit of every other size we print
     (tqdm's own unit_scale is decimal: it would show 210M for 200.0 MiB)."""
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int, desc: str, files: int = 0) -> None:
         from tqdm import tqdm  # noqa: PLC0415 - only needed when a file moves
 
+        self._files, self._done = files, 0
         self._bar = tqdm(total=total / MIB, desc=desc, file=sys.stderr, unit="MiB",
                          dynamic_ncols=True, leave=False,
                          bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MiB "
-                                    "[{elapsed}<{remaining}, {rate_fmt}]")
+                                    "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
     def __enter__(self) -> MiBProgress:
         return self
@@ -470,6 +474,12 @@ class MiBProgress:
 
     def update(self, n: int) -> None:
         self._bar.update(n / MIB)
+
+    def file_done(self, unsent: int = 0) -> None:
+        self._done += 1
+        if unsent:
+            self._bar.total -= unsent / MIB
+        self._bar.set_postfix_str(f"{self._done}/{self._files} photos")
 
     def close(self) -> None:
         self._bar.close()
@@ -485,6 +495,9 @@ class NoProgress:
         return None
 
     def update(self, n: int) -> None:
+        pass
+
+    def file_done(self, unsent: int = 0) -> None:
         pass
 
     def close(self) -> None:
@@ -1016,15 +1029,17 @@ class OutgoingFile:
         for _ in range(DATA_IN_FLIGHT):
             self._pool.put(memoryview(bytearray(CHUNK_SIZE + 16)))
 
-    def stream(self, out: transfer.Outgoing, op: int, early_failure) -> bytes:
+    def stream(self, out: transfer.Outgoing, op: int, early_failure, bar=None) -> bytes:
         """Every FileData and the FileEnd of operation op; the file's SHA-256.
         early_failure() handles the replies that came meanwhile and returns a
-        FileFailed of this operation, if one came."""
+        FileFailed of this operation, if one came.  The bytes count on `bar` (a
+        batch's) or on a bar of the file's own."""
         conn, plain, pool = self._conn, self._plain, self._pool
         h = hashlib.sha256()
         sent = 0
         with transfer.open_outgoing(out) as f, \
-                conn.events.progress(out.size, f"sending {out.name[:30]}") as bar:
+                (conn.events.progress(out.size, f"sending {out.name[:30]}") if bar is None
+                 else contextlib.nullcontext(bar)) as bar:
             while sent < out.size:
                 conn._check_interrupted()
                 failure = early_failure()
@@ -1059,6 +1074,28 @@ class OutgoingFile:
                     raise NoAnswer(f"the peer stopped reading for {STALL_TIMEOUT:g} s") from None
 
 
+def _planned_size(path) -> int:
+    """A batch's bar counts the sizes the files have now (0 for one that is not
+    there: it will be refused); a stripped or changed file corrects it as it ends."""
+    if isinstance(path, transfer.Outgoing):
+        return path.size
+    try:
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return 0
+
+
+class _Share:
+    """One file's part of a batch's bar: what it streamed counts for the batch."""
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self._batch, self._index = batch, index
+
+    def update(self, n: int) -> None:
+        self._batch._sent[self._index] += n
+        self._batch.bar.update(n)
+
+
 class _Batch:
     """The sending side of send_files: offers within the window, streams in offer
     order, replies matched to their operations by id (the core checks each)."""
@@ -1074,6 +1111,11 @@ class _Batch:
         self._turns: deque = deque()  # offered ops whose stream has not gone out, in order
         self._reported = 0
         self._out = OutgoingFile(conn)  # one cipher buffer pool for the whole batch
+        # several files: one bar for all of them (files done, bytes, speed, time left)
+        self._planned = [_planned_size(p) for p in paths]
+        self._sent = [0] * len(paths)
+        self.bar = conn.events.progress(sum(self._planned), "sending photos",
+                                        files=len(paths)) if len(paths) > 1 else None
 
     def run(self) -> None:
         core = self.conn._core
@@ -1124,9 +1166,10 @@ class _Batch:
             self.conn.send(FileCancel(op, Reason.CANCELLED, "receiver failed"))
             self._done(op, self._failed(entry["failed"]))
             return
+        share = None if self.bar is None else _Share(self, entry["index"])
         try:
             entry["digest"] = self._out.stream(entry["out"], op,
-                                               lambda: self._early_failure(op))
+                                               lambda: self._early_failure(op), share)
         except transfer.Rejected as r:
             self._done(op, r)
 
@@ -1174,6 +1217,8 @@ class _Batch:
 
     def _settle(self, index: int, outcome) -> None:
         self.outcomes[index] = outcome
+        if self.bar is not None:
+            self.bar.file_done(self._planned[index] - self._sent[index])
         self._flush()
 
     def _flush(self) -> None:
@@ -1487,6 +1532,9 @@ class Connection:
         except BaseException as e:
             batch.cut_short(e)
             raise
+        finally:
+            if batch.bar is not None:
+                batch.bar.close()
         return batch.outcomes
 
     # closing ---------------------------------------------------------------------------

@@ -118,6 +118,80 @@ def test_200_files_both_directions_at_once_bit_exact(tmp_path: Path):
         server.close(timeout=5)
 
 
+class RecordedBar:
+    def __init__(self, log: list, total: int, desc: str, files: int) -> None:
+        self.log = log
+        log.append(("progress", total, desc, files))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int) -> None:
+        self.log.append(("update", n))
+
+    def file_done(self, unsent: int = 0) -> None:
+        self.log.append(("file_done", unsent))
+
+    def close(self) -> None:
+        self.log.append(("close",))
+
+
+class Recording(Quiet):
+    """What a console would be told: every bar the session asks for and its calls."""
+
+    def __init__(self) -> None:
+        self.log: list = []
+
+    def progress(self, total: int, desc: str, files: int = 0):
+        return RecordedBar(self.log, total, desc, files)
+
+
+def test_a_batch_has_one_bar_for_all_its_files_and_a_single_file_its_own(tmp_path: Path):
+    pair = handshake_pair()
+    a, b = socket.socketpair()
+    received = tmp_path / "received"
+    received.mkdir()
+    events = Recording()
+    sender = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
+                                label="server", events=events,
+                                received_dir=str(tmp_path)).start()
+    receiver = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+                                  label="client", events=Quiet(), received_dir=str(received),
+                                  max_file_size=100_000).start()
+    try:
+        ok = photos(tmp_path, 3, 20_000)
+        too_big = jpeg_of_size(tmp_path / "big.jpg", 150_000)  # the receiver refuses it
+        missing = tmp_path / "missing.jpg"  # refused here, before any offer
+        paths = [ok[0], too_big, ok[1], missing, ok[2]]
+        outcomes = sender.send_files([str(p) for p in paths])
+        assert [type(o).__name__ for o in outcomes] == \
+            ["FileResult", "Rejected", "FileResult", "Rejected", "FileResult"]
+        assert files_in(received) == [p.name for p in ok]
+        sizes = [p.stat().st_size for p in ok]
+        log = events.log
+        # one bar, for all five, asked for before anything moved; closed last
+        assert log[0] == ("progress", sum(sizes) + 150_000, "sending photos", 5)
+        assert [e for e in log if e[0] == "progress"] == [log[0]]
+        assert log[-1] == ("close",) and log.count(("close",)) == 1
+        # the bytes of the three that went, and each file's end: the refused ones
+        # take back what they will not send
+        assert sum(e[1] for e in log if e[0] == "update") == sum(sizes)
+        assert sorted(e[1] for e in log if e[0] == "file_done") == [0, 0, 0, 0, 150_000]
+
+        # one file alone: its own bar, named after it, no file count
+        events.log.clear()
+        sender.send_files([str(ok[0])])
+        assert events.log[0] == ("progress", sizes[0], "sending p000.jpg", 0)
+        assert events.log[-1] == ("close",)
+        assert [e[0] for e in events.log[1:-1]] == ["update"]
+    finally:
+        sender.close(timeout=5)
+        receiver.close(timeout=5)
+
+
 # --- cut short -----------------------------------------------------------------------------
 def _batch(env: Env) -> tuple[list[Path], Path, Path]:
     """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""

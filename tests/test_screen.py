@@ -425,3 +425,26 @@ def test_a_number_outside_the_photo_list_says_so(rig: Rig):
     cli.answer("number or path: ", "9")
     cli.row(r"not sent: no photo number 9 \(the list has 1-1\)")
     cli.at_prompt("> ")
+
+
+# --- several photos from one menu pick: one status row for the batch -----------------------
+def test_a_pick_of_several_photos_has_one_status_row_for_the_batch(rig: Rig):
+    srv, port = rig.console()
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    for name in names:
+        big_jpeg(rig.env.assets / name, 8 << 20)
+    cli = rig.client(port)
+    os.kill(srv.child.pid, signal.SIGSTOP)  # the receiver answers nothing until resumed
+    cli.type("2")
+    cli.answer("number or path: ", "all")
+    # waiting for the first accept: the batch's row, no file's own
+    cli.shows(r"sending photos 0/3    0%  0 B of 24\.0 MiB.*")
+    assert status_rows(cli) == [r for r in cli.rows() if r.startswith("sending photos 0/3 ")]
+    assert len(status_rows(cli)) == 1
+    assert_no_mixed_rows(cli)
+    os.kill(srv.child.pid, signal.SIGCONT)
+    cli.line(r"sent 3 of 3 photos: 24\.0 MiB in \d+\.\d\d s(, [\d.]+ (KiB|MiB|GiB)/s)?")
+    cli.until("no status row", lambda: not status_rows(cli))
+    cli.at_prompt("> ")
+    assert_no_mixed_rows(cli)
+    assert files_in(rig.env.server_received) == names

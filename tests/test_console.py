@@ -1,0 +1,58 @@
+"""The status row of a transfer, as console.Bar words it: one file, or a batch with
+its files done of all, the bytes, the speed and the time left."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import console
+
+MIB = 1 << 20
+
+
+def bar(total: int, desc: str, files: int = 0, elapsed: float = 0.0) -> console.Bar:
+    b = console.Transfers().progress(total, desc, files)
+    b.started = time.monotonic() - elapsed
+    return b
+
+
+def test_a_single_file_shows_percent_and_bytes_then_speed_and_time_left():
+    b = bar(45 * MIB, "sending big.jpg")
+    b.update(15 * MIB)
+    assert b.line() == "sending big.jpg   33%  15.0 MiB of 45.0 MiB"  # no speed yet
+    b.started -= 10  # ten seconds in: 1.5 MiB/s, 30 MiB to go
+    assert b.line() == "sending big.jpg   33%  15.0 MiB of 45.0 MiB  1.5 MiB/s  20 s left"
+
+
+def test_a_batch_counts_files_and_takes_back_the_bytes_of_one_refused():
+    b = bar(60 * MIB, "sending photos", files=4, elapsed=10)
+    b.update(15 * MIB)
+    b.file_done()
+    assert b.line() == \
+        "sending photos 1/4   25%  15.0 MiB of 60.0 MiB  1.5 MiB/s  30 s left"
+    b.file_done(unsent=15 * MIB)  # refused: its 15 MiB will not move
+    assert b.line() == \
+        "sending photos 2/4   33%  15.0 MiB of 45.0 MiB  1.5 MiB/s  20 s left"
+    b.update(30 * MIB)
+    b.file_done()
+    b.file_done()
+    assert b.line().startswith("sending photos 4/4  100%  45.0 MiB of 45.0 MiB")
+
+
+def test_the_status_holds_one_row_per_bar_until_it_closes():
+    t = console.Transfers()
+    one, batch = t.progress(MIB, "receiving a.jpg"), t.progress(2 * MIB, "sending photos", 2)
+    assert t.status(80).splitlines() == ["receiving a.jpg    0%  0 B of 1.0 MiB",
+                                         "sending photos 0/2    0%  0 B of 2.0 MiB"]
+    one.close()
+    batch.close()
+    assert t.status(80) == ""
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 s left"), (59.4, "59 s left"), (60, "1:00 left"), (185, "3:05 left"),
+    (3723, "1:02:03 left")])
+def test_time_left_reads_like_a_clock(seconds: float, text: str):
+    assert console.eta(seconds) == text
