@@ -160,6 +160,7 @@ class IncomingFile:
         self.name = sanitise_name(offered_name)
         self.size = size
         self.received = 0
+        self._flush_error: OSError | None = None  # see flush
         self._hash = hashlib.sha256()
         self._head = b""
         self._fd: int | None = None
@@ -232,13 +233,15 @@ class IncomingFile:
         self.received += len(chunk)
 
     def flush(self) -> None:
-        """Flush the data written so far (finish does it again, cheaply, and reports
-        any error): lets several files' flushes run at once."""
-        try:
-            if self._fd is not None:
+        """Flush the data written so far: lets several files' flushes run at once.
+        A failure is kept for finish to report: once fsync has failed, a second
+        fsync may succeed although the data never reached the disk (the kernel
+        forgets the error, and may drop the pages, once it has reported it)."""
+        if self._fd is not None and self._flush_error is None:
+            try:
                 os.fsync(self._fd)
-        except OSError:
-            pass
+            except OSError as e:
+                self._flush_error = e
 
     def finish(self, sender_sha256: bytes, sync_dir: bool = True) -> tuple[str, bytes]:
         """Flush, verify and move into place; returns (saved name, SHA-256).  Without
@@ -250,6 +253,8 @@ class IncomingFile:
                 f"file ended after {self.received} of {self.size} announced bytes")
         digest = self._hash.digest()
         try:
+            if self._flush_error is not None:
+                raise self._flush_error
             os.fchmod(self._fd, RECEIVED_MODE)
             os.fsync(self._fd)
         except OSError as e:

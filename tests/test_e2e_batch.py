@@ -192,6 +192,55 @@ def test_a_batch_has_one_bar_for_all_its_files_and_a_single_file_its_own(tmp_pat
         receiver.close(timeout=5)
 
 
+class SavedLog(Quiet):
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def file_saved(self, conn, path: str, result) -> None:
+        self.log.append(("saved", Path(path).name))
+
+
+def test_each_file_is_in_a_flushed_directory_before_it_is_reported_saved(tmp_path: Path,
+                                                                          monkeypatch):
+    """Durability of a batch (DESIGN 3.8): every file's link is followed by an fsync
+    of the directory before the receiver says saved (and then sends FileSaved)."""
+    pair = handshake_pair()
+    a, b = socket.socketpair()
+    received = tmp_path / "received"
+    received.mkdir()
+    log: list = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def link(src, dst, **kw) -> None:
+        real_link(src, dst, **kw)
+        log.append(("link", Path(dst).name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    sender = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
+                                label="server", events=Quiet(),
+                                received_dir=str(tmp_path)).start()
+    receiver = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+                                  label="client", events=SavedLog(log),
+                                  received_dir=str(received)).start()
+    try:
+        (tmp_path / "out").mkdir()
+        sent = photos(tmp_path / "out", 8, 20_000)
+        outcomes = sender.send_files([str(p) for p in sent])
+        assert [o.name for o in outcomes] == [p.name for p in sent]
+    finally:
+        sender.close(timeout=5)
+        receiver.close(timeout=5)
+    directory = ("fsync", str(received))
+    for p in sent:
+        linked, saved = log.index(("link", p.name)), log.index(("saved", p.name))
+        assert directory in log[linked:saved], (p.name, log)
+
+
 # --- cut short -----------------------------------------------------------------------------
 def _batch(env: Env) -> tuple[list[Path], Path, Path]:
     """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""

@@ -355,6 +355,30 @@ def test_a_failing_fsync_is_rejected_and_nothing_appears(tmp_path, monkeypatch):
     assert files_in(tmp_path) == []
 
 
+def test_an_early_flush_that_failed_fails_the_file_even_if_a_later_fsync_succeeds(
+        tmp_path, monkeypatch):
+    # a batch flushes each file early (several at once), then finishes it: the error
+    # of that first fsync must not be lost, as a second fsync can succeed although
+    # the data never reached the disk
+    inc = IncomingFile(tmp_path, "photo.jpg", len(JPEG))
+    inc.write(JPEG)
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(transfer.os, "fsync", fsync)
+    inc.flush()
+    with pytest.raises(Rejected) as e:
+        inc.finish(sha(JPEG))
+    assert (e.value.reason, e.value.detail) == \
+        (Reason.WRITE_FAILED, "receiver cannot write the file: Input/output error")
+    assert files_in(tmp_path) == []
+
+
 def test_a_received_dir_that_cannot_take_files_is_rejected(tmp_path: Path):
     missing = tmp_path / "gone"
     with pytest.raises(Rejected) as e:
