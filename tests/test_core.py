@@ -1274,18 +1274,45 @@ def test_liboqs_provider_without_the_library_is_a_clear_local_error(monkeypatch)
         session.kem_provider("kyber")
 
 
+def test_auto_without_liboqs_python_does_not_look_for_the_library(monkeypatch):
+    # every start-up runs it: looking (ctypes.util: ~20 ms to import, ~15 ms to run
+    # ldconfig) is only worth it when liboqs-python could use what it finds
+    def no_lookup():
+        raise AssertionError("looked for liboqs although liboqs-python is not installed")
+    monkeypatch.setattr(session, "liboqs_library", no_lookup)
+    monkeypatch.delitem(sys.modules, "oqs", raising=False)
+    monkeypatch.setattr(session.importlib.util, "find_spec",
+                        lambda name: None if name == "oqs" else pytest.fail(name))
+    assert isinstance(session.kem_provider("auto"), crypt.CryptographyKEM)
+    # installed: then it looks, and without the library still picks cryptography
+    monkeypatch.setattr(session.importlib.util, "find_spec", lambda name: object())
+    looked = []
+    monkeypatch.setattr(session, "liboqs_library", lambda: looked.append(1))
+    assert isinstance(session.kem_provider("auto"), crypt.CryptographyKEM)
+    assert looked == [1]
+
+
 def test_crypt_never_imports_oqs_without_the_library():
     """oqs's import clones and builds liboqs when the library is missing: never trigger it."""
     script = """
+import importlib.machinery
 import sys
 
 attempts = []
 
-class NoOqs:  # records (and blocks) any attempt to import oqs, even a caught one
+class Blocked:  # the import of an installed liboqs-python, recorded (and blocked)
+    def create_module(self, spec):
+        attempts.append(spec.name)
+        raise ImportError("oqs must not be imported here")
+
+    def exec_module(self, module):
+        raise AssertionError("unreachable")
+
+
+class NoOqs:  # oqs is found (as if installed), but importing it, even caught, is recorded
     def find_spec(self, name, path=None, target=None):
         if name == "oqs" or name.startswith("oqs."):
-            attempts.append(name)
-            raise ImportError("oqs must not be imported here")
+            return importlib.machinery.ModuleSpec(name, Blocked())
         return None
 
 sys.meta_path.insert(0, NoOqs())
