@@ -53,7 +53,9 @@ class Bar:
     def close(self) -> None:
         self.owner.remove(self)
 
-    def line(self) -> str:
+    def line(self, width: int | None = None) -> str:
+        """The row; within `width` columns the name gives way first, so the
+        figures (and the speed and time left after them) stay in view."""
         pct = min(self.done * 100 // self.total, 100) if self.total > 0 else 100
         elapsed = time.monotonic() - self.started
         files = f" {self.files_done}/{self.files}" if self.files else ""  # done of all
@@ -61,8 +63,13 @@ class Bar:
         if elapsed > 0.5 and self.done:
             speed = self.done / elapsed
             rate = f"  {session.human_size(speed)}/s  {eta(max(self.total - self.done, 0) / speed)}"
-        return (f"{self.desc}{files}  {pct:3d}%  {session.human_size(self.done)} of "
-                f"{session.human_size(self.total)}{rate}")
+        figures = (f"{files}  {pct:3d}%  {session.human_size(self.done)} of "
+                   f"{session.human_size(self.total)}{rate}")
+        desc = self.desc
+        if width is not None and len(desc) + len(figures) > width - 1:
+            keep = max(width - 1 - len(figures), 12)  # "sending " and a few letters at least
+            desc = desc[: keep - 1] + "…" if keep < len(desc) else desc
+        return desc + figures
 
 
 def eta(seconds: float) -> str:
@@ -107,7 +114,7 @@ class Transfers:
     def status(self, width: int) -> str:
         """One line per transfer, each cut to the terminal's width; "" when idle."""
         with self._lock:
-            lines = [bar.line() for bar in self._bars]
+            lines = [bar.line(width) for bar in self._bars]
         return "\n".join(line[: max(width - 1, 1)] for line in lines)
 
 

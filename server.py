@@ -344,12 +344,15 @@ class Server:
             self.log(f"[{label}] fingerprint {fp}")
         if self.args.verbose or not self.args.headless:
             self.log(f"[{label}] verification code: {hs.code}")
-        conn.start()
-        if key is None:  # shutdown began meanwhile
-            conn.close("server shutting down")
-            return
-        conn.closed.wait()
-        self.registry.remove(key)
+        try:
+            conn.start()
+            if key is None:  # shutdown began meanwhile
+                conn.close("server shutting down")
+                return
+            conn.closed.wait()
+        finally:  # also when the session could not start: it leaves the registry
+            if key is not None:
+                self.registry.remove(key)
         conn.close()
 
     def _welcome(self, sock: socket.socket, core: SessionCore, peer: str, fp: str) -> bool:

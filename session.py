@@ -465,6 +465,8 @@ class MiBProgress:
                          dynamic_ncols=True, leave=False,
                          bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MiB "
                                     "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+        if files:
+            self._bar.set_postfix_str(f"0/{files} photos")
 
     def __enter__(self) -> MiBProgress:
         return self
@@ -937,7 +939,10 @@ class IncomingFile:
         result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started)
 
         def report(dir_error: transfer.Rejected | None) -> None:
-            if dir_error is not None:  # linked, but the link may not survive a crash
+            if dir_error is not None:  # linked, but the link may not survive a crash:
+                # not saved, so it must not stay (DESIGN 3.8: whole and durable, or nothing)
+                with contextlib.suppress(OSError):
+                    os.unlink(incoming.directory / saved)
                 self._failed_report(op, incoming.name, dir_error)(None)
                 return
             # said here first: what the sender does after our reply is shown after it
@@ -1114,8 +1119,12 @@ class _Batch:
         # several files: one bar for all of them (files done, bytes, speed, time left)
         self._planned = [_planned_size(p) for p in paths]
         self._sent = [0] * len(paths)
-        self.bar = conn.events.progress(sum(self._planned), "sending photos",
-                                        files=len(paths)) if len(paths) > 1 else None
+        self.bar = None  # see run
+
+    def open_bar(self) -> None:
+        if len(self.outcomes) > 1:
+            self.bar = self.conn.events.progress(sum(self._planned), "sending photos",
+                                                 files=len(self.outcomes))
 
     def run(self) -> None:
         core = self.conn._core
@@ -1358,8 +1367,16 @@ class Connection:
                 return self
             self._core.start_clock(time.monotonic())  # a key epoch's hour counts from here
             set_send_deadline(self.sock, self.send_timeout)
-            self._writer.start()
-            self._reader.start()
+            try:
+                self._writer.start()
+                self._reader.start()
+            except BaseException:  # e.g. RuntimeError: can't start new thread
+                # never started: a close returns at once, and a writer that did start
+                # finds the end of its queue (put by _end) and exits
+                self._abandoned = True
+                self._end(Close(CloseKind.INTERNAL_ERROR, Side.LOCAL,
+                                "the session's threads could not start"))
+                raise
             self._started.set()
         return self
 
@@ -1528,6 +1545,7 @@ class Connection:
         batch = _Batch(self, paths, max_size, strip, report)
         try:
             with self._operation():
+                batch.open_bar()  # in here: the bar's clock starts with the operation
                 batch.run()
         except BaseException as e:
             batch.cut_short(e)

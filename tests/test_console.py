@@ -3,8 +3,6 @@ its files done of all, the bytes, the speed and the time left."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 import console
@@ -12,21 +10,36 @@ import console
 MIB = 1 << 20
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(console.time, "monotonic", c)
+    return c
+
+
 def bar(total: int, desc: str, files: int = 0, elapsed: float = 0.0) -> console.Bar:
     b = console.Transfers().progress(total, desc, files)
-    b.started = time.monotonic() - elapsed
+    b.started -= elapsed
     return b
 
 
-def test_a_single_file_shows_percent_and_bytes_then_speed_and_time_left():
+def test_a_single_file_shows_percent_and_bytes_then_speed_and_time_left(clock: Clock):
     b = bar(45 * MIB, "sending big.jpg")
     b.update(15 * MIB)
     assert b.line() == "sending big.jpg   33%  15.0 MiB of 45.0 MiB"  # no speed yet
-    b.started -= 10  # ten seconds in: 1.5 MiB/s, 30 MiB to go
+    clock.now += 10  # ten seconds in: 1.5 MiB/s, 30 MiB to go
     assert b.line() == "sending big.jpg   33%  15.0 MiB of 45.0 MiB  1.5 MiB/s  20 s left"
 
 
-def test_a_batch_counts_files_and_takes_back_the_bytes_of_one_refused():
+def test_a_batch_counts_files_and_takes_back_the_bytes_of_one_refused(clock: Clock):
     b = bar(60 * MIB, "sending photos", files=4, elapsed=10)
     b.update(15 * MIB)
     b.file_done()
@@ -41,7 +54,17 @@ def test_a_batch_counts_files_and_takes_back_the_bytes_of_one_refused():
     assert b.line().startswith("sending photos 4/4  100%  45.0 MiB of 45.0 MiB")
 
 
-def test_the_status_holds_one_row_per_bar_until_it_closes():
+def test_a_long_name_gives_way_so_the_speed_and_time_left_stay_in_80_columns(clock: Clock):
+    b = bar(45 * MIB, "sending " + "a-very-long-holiday-photo-name"[:30] + ".jpg")
+    b.update(15 * MIB)
+    clock.now += 10
+    row = console.Transfers.status(b.owner, 80)
+    assert len(row) == 79
+    assert row == \
+        "sending a-very-long-holiday-…   33%  15.0 MiB of 45.0 MiB  1.5 MiB/s  20 s left"
+
+
+def test_the_status_holds_one_row_per_bar_until_it_closes(clock: Clock):
     t = console.Transfers()
     one, batch = t.progress(MIB, "receiving a.jpg"), t.progress(2 * MIB, "sending photos", 2)
     assert t.status(80).splitlines() == ["receiving a.jpg    0%  0 B of 1.0 MiB",

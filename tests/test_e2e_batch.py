@@ -5,6 +5,7 @@ mid-batch."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -239,6 +240,35 @@ def test_each_file_is_in_a_flushed_directory_before_it_is_reported_saved(tmp_pat
     for p in sent:
         linked, saved = log.index(("link", p.name)), log.index(("saved", p.name))
         assert directory in log[linked:saved], (p.name, log)
+
+
+def test_files_whose_directory_cannot_be_flushed_fail_and_do_not_stay(tmp_path: Path,
+                                                                        monkeypatch):
+    pair = handshake_pair()
+    a, b = socket.socketpair()
+    received = tmp_path / "received"
+    received.mkdir()
+
+    def flush_dir(directory) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(session.transfer, "flush_dir", flush_dir)
+    sender = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
+                                label="server", events=Quiet(),
+                                received_dir=str(tmp_path)).start()
+    receiver = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+                                  label="client", events=Quiet(),
+                                  received_dir=str(received)).start()
+    try:
+        (tmp_path / "out").mkdir()
+        sent = photos(tmp_path / "out", 3, 20_000)
+        outcomes = sender.send_files([str(p) for p in sent])
+    finally:
+        sender.close(timeout=5)
+        receiver.close(timeout=5)
+    assert [o.detail for o in outcomes] == \
+        ["peer could not save it: cannot flush the directory: Input/output error"] * 3
+    assert files_in(received) == []  # linked, not durable: removed again
 
 
 # --- cut short -----------------------------------------------------------------------------

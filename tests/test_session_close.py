@@ -151,8 +151,17 @@ def test_a_shutdown_meeting_a_session_still_starting_waits_and_says_goodbye(tmp_
     # the server's shutdown: begin_close, then finish_close from its own thread, while the
     # session's thread is (or is about to be) in start(); either order must end the same
     s = Unstarted(tmp_path)
+    waiting = threading.Event()
+
+    class Started(threading.Event):  # says when the close is waiting for the start
+        def wait(self, timeout=None):
+            waiting.set()
+            return super().wait(timeout)
+
+    s.conn._started = Started()
     s.conn.begin_close("server shutting down")
     closer = s.finish_close_in_background(time.monotonic() + WAIT)
+    assert waiting.wait(WAIT)  # the close is waiting: now the session's thread starts it
     s.conn.start()
     msg = decode_message(*s.receiver.open(session.read_frame(s.sock, time.monotonic() + WAIT)))
     assert msg == Bye("server shutting down")
@@ -178,4 +187,23 @@ def test_a_session_that_never_starts_is_closed_by_the_deadline_and_cannot_start_
     # the session's own thread then closes it as usual: nothing left to wait for
     s.conn.close(timeout=WAIT)
     assert s.conn._started.is_set() is False and s.events.lines == []
+    s.sock.close()
+
+
+def test_a_session_whose_threads_cannot_start_ends_and_leaves_no_thread(tmp_path: Path):
+    s = Unstarted(tmp_path)
+
+    def cannot_start() -> None:
+        raise RuntimeError("can't start new thread")
+
+    s.conn._reader.start = cannot_start  # the writer starts, the reader cannot
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        s.conn.start()
+    s.conn._writer.join(WAIT)
+    assert not s.conn._writer.is_alive()  # it found the end of its queue
+    assert s.conn.closed.is_set()
+    assert s.conn.close_info.kind is CloseKind.INTERNAL_ERROR
+    assert s.events.lines == ["[c] the session's threads could not start"]
+    s.conn.close(timeout=WAIT)  # returns at once: nothing to wait for
+    assert s.sock.recv(1) == b""  # its socket is closed
     s.sock.close()
