@@ -304,12 +304,19 @@ class Server:
 
     # one connection ------------------------------------------------------------------------
     def serve(self, sock: socket.socket, peer: str, source: str) -> None:
+        ended = False
+
+        def end_handshake() -> None:  # once: a session (or a closed one) is no startup
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.admission.end_handshake(source)
         try:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                result = self.handshake(sock, peer)
+                result = self.handshake(sock, peer, end_handshake)
             finally:
-                self.admission.end_handshake(source)  # a session is no startup any more
+                end_handshake()
             if result is not None:
                 self._serve(sock, peer, *result)
         except Exception as e:  # a bad peer must never take the server down
@@ -370,8 +377,10 @@ class Server:
         sock.settimeout(None)
         return True
 
-    def handshake(self, sock: socket.socket, peer: str):
-        """Returns (ServerHandshake, client fingerprint), or None after logging why."""
+    def handshake(self, sock: socket.socket, peer: str, ended=lambda: None):
+        """Returns (ServerHandshake, client fingerprint), or None after logging why;
+        a failed one calls ended() first, so that when its line is logged the address
+        may start another handshake."""
         hs = ServerHandshake(self.identity, self.kem)
         deadline = time.monotonic() + self.args.handshake_timeout
         try:
@@ -392,6 +401,7 @@ class Server:
             kind = "" if isinstance(e, RemoteProtocolError) else "protocol error: "
             why, alert = f"{kind}{e}", Alert(AlertCode.BAD_MESSAGE, str(e)[:200])
         hs.fail()
+        ended()
         self.log(f"connection from {peer} closed: {neutralise(why)}")
         if alert is not None:
             refuse(sock, alert)

@@ -430,6 +430,28 @@ def test_one_address_cannot_hold_more_than_its_share_of_handshakes(env: Env):
     assert "Traceback" not in srv.output()
 
 
+def test_a_failed_handshake_gives_its_address_back_before_its_line_is_logged(tmp_path: Path):
+    # whoever reads "closed" in the log (a person, a script, the test above) may connect
+    # again from that address at once: the per-source count must already be down
+    srv, _ = in_process_server(tmp_path, "--max-startups-per-source", "1")
+    order: list[tuple[str, str]] = []
+    real_end = srv.admission.end_handshake
+    srv.admission.end_handshake = lambda source: (order.append(("end", source)),
+                                                  real_end(source))
+    srv.events.out = lambda line: order.append(("log", line))
+    run_accept_loop(srv)
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.listener.getsockname()[1]),
+                                        timeout=IO_TIMEOUT)
+        port = sock.getsockname()[1]
+        sock.close()  # before its ClientHello
+        closed = ("log", f"connection from 127.0.0.1:{port} closed: connection closed by peer")
+        wait_until(lambda: closed in order, IO_TIMEOUT, "the closed line")
+        assert order.index(("end", "127.0.0.1")) < order.index(closed), order
+    finally:
+        srv.shutdown()
+
+
 def test_max_startups_per_source_must_be_positive(env: Env):
     r = subprocess.run([PY, "server.py", "--max-startups-per-source", "0", "--port", "0",
                         "--home", str(env.server_home)], cwd=ROOT, capture_output=True,
