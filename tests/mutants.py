@@ -321,7 +321,8 @@ MUTANTS: list[dict] = [
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
     dict(id="per-source-released", file="server.py",
          property="3.7 a finished handshake no longer counts against its address",
-         original="                ended = True\n                self.admission.end_handshake(source)",
+         original="                ended = True\n"
+                  "                self.admission.end_handshake(source)",
          replacement="                ended = True\n                pass",
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
     dict(id="refused-not-recorded", file="server.py",
