@@ -5,16 +5,19 @@ queue, time or file module.  Sealed records come out of `seal`, received record
 bodies go into `open_record`, decoded messages go into `receive`, which returns
 what happened as events; the caller passes `now` (its monotonic clock) where the
 key-update rule needs the time.  The ordering rules of PROTOCOL.md section 11
-(first record, one file per direction, data only after an accepted offer and within
-its size, replies only when someone waits, nothing after Bye) are checked here and
-only here.  Any exception in a step moves the core to FAILED for good (one guard,
-as h11's _process_error): a session that broke once is never used again.
+(first record, a window of files per direction, data only after an accepted offer
+and within its size, replies only when someone waits, nothing after Bye) are
+checked here and only here.  Any exception in a step moves the core to FAILED for
+good (one guard, as h11's _process_error): a session that broke once is never used
+again.
 
 File operations are kept per operation id in a dict (insertion order = offer
-order): up to WINDOW_FILES per direction at once (and WINDOW_BYTES of announced
-sizes), answered in any order, their data one stream at a time in offer order
-(PROTOCOL.md 11.2).  An offer beyond the window, a reused id, data out of order
-or a reply for no open operation is a protocol error.
+order), one per direction: an _Incoming for the peer's files and an _Outgoing for
+ours, both held by the SessionCore and run under its one guard.  Up to WINDOW_FILES
+per direction at once (and WINDOW_BYTES of announced sizes), answered in any order,
+their data one stream at a time in offer order (PROTOCOL.md 11.2).  An offer
+beyond the window, a reused id, data out of order or a reply for no open operation
+is a protocol error.
 """
 
 from __future__ import annotations
@@ -199,6 +202,175 @@ def _in_window(files: dict, size: int, max_files: int, max_bytes: int) -> bool:
     return len(files) < max_files and sum(f.size for f in files.values()) + size <= max_bytes
 
 
+def _check_stream(files: dict, msg, error, streaming) -> None:
+    """Data, end or cancel of an accepted operation whose turn it is: every
+    operation offered before it has ended its stream (one stream at a time,
+    in offer order)."""
+    name = type(msg).__name__
+    current = files.get(msg.op)
+    if current is None or current.state not in streaming:
+        if error is LocalProtocolError:
+            raise error(f"{name} without an accepted offer")
+        if isinstance(msg, FileCancel):
+            raise error("FileCancel without a transfer")
+        what = "file data" if isinstance(msg, FileData) else "file end"
+        raise error(f"{what} without an accepted offer")
+    for op, f in files.items():
+        if op == msg.op:
+            return
+        if f.state in streaming or f.state in (Outbound.ACCEPT, Inbound.OFFERED):
+            raise error(f"{name} of operation {msg.op} before the stream of {op} ended")
+
+
+class _Incoming:
+    """The files coming to us, by operation id: what the peer may send for them
+    (an offer within the window, then data in offer order and within the announced
+    size) and which of our answers each one waits for.  The SessionCore calls it
+    from its guarded steps: a failure here fails the session."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, _InFile] = {}
+        self._last_op = -1  # the peer's last offered id: ids only grow
+
+    def check_answer(self, msg) -> None:
+        """Our FileAccept, FileReject, FileSaved or FileFailed answers a file waiting for it."""
+        name = type(msg).__name__
+        current = self.files.get(msg.op)
+        if isinstance(msg, FileAccept | FileReject) and \
+                (current is None or current.state is not Inbound.OFFERED):
+            raise LocalProtocolError(f"{name} without an offer to answer")
+        if isinstance(msg, FileSaved) and (current is None or
+                                           current.state is not Inbound.ENDED):
+            raise LocalProtocolError("FileSaved before the file ended")
+        if isinstance(msg, FileFailed) and (current is None or current.state not in (
+                Inbound.RECEIVING, Inbound.ENDED)):
+            raise LocalProtocolError("FileFailed without a file being received")
+
+    def answered(self, msg) -> None:
+        """Our answer went out: the file moves on, or is over."""
+        if isinstance(msg, FileAccept):
+            self.files[msg.op].state = Inbound.RECEIVING
+        elif isinstance(msg, FileReject | FileSaved) or self.files[msg.op].state is Inbound.ENDED:
+            del self.files[msg.op]
+        else:  # FileFailed during the transfer
+            self.files[msg.op].state = Inbound.DRAINING
+
+    def receive(self, msg) -> list:
+        """The peer's FileOffer, FileData, FileEnd or FileCancel; the events."""
+        if isinstance(msg, FileOffer):
+            if msg.op <= self._last_op:
+                raise RemoteProtocolError(f"FileOffer reuses operation id {msg.op}")
+            if not _in_window(self.files, msg.size, WINDOW_FILES, WINDOW_BYTES):
+                raise RemoteProtocolError("file offer beyond the window")
+            self._last_op = msg.op
+            self.files[msg.op] = _InFile(msg.name, msg.size)
+            return [FileOffered(msg.op, msg.name, msg.size)]
+        # also data after our FileReject, or before our FileAccept went out
+        _check_stream(self.files, msg, RemoteProtocolError, (Inbound.RECEIVING, Inbound.DRAINING))
+        current = self.files[msg.op]
+        if isinstance(msg, FileCancel):
+            del self.files[msg.op]
+            name = current.name if current.state is Inbound.RECEIVING else ""
+            return [FileCancelled(msg.op, name, msg.detail)]
+        if current.state is Inbound.DRAINING:
+            if isinstance(msg, FileEnd):
+                del self.files[msg.op]
+                return []
+            return [FileDiscarded(msg.op)]
+        if isinstance(msg, FileEnd):
+            if current.received != current.size:
+                raise RemoteProtocolError(f"file ended after {current.received} of "
+                                          f"{current.size} announced bytes")
+            current.state = Inbound.ENDED
+            return [FileEnded(msg.op, msg.sha256)]
+        current.received += len(msg.data)
+        if current.received > current.size:
+            raise RemoteProtocolError("file data beyond the announced size")
+        return [FileChunk(msg.op, msg.data)]
+
+    def receiving(self, op: int) -> tuple[str, int] | None:
+        """(name, bytes received) of a file coming in and not failed, else None."""
+        current = self.files.get(op)
+        if current is None or current.state is not Inbound.RECEIVING:
+            return None
+        return current.name, current.received
+
+
+class _Outgoing:
+    """Our own file operations, by operation id: what we may send for them (a new
+    id within our window, then data in offer order) and which reply each one waits
+    for.  The SessionCore calls it from its guarded steps: a failure here fails the
+    session."""
+
+    def __init__(self, window: tuple[int, int]) -> None:
+        self.files: dict[int, _OutFile] = {}
+        self.next_op = 0  # our last file operation's id
+        self._sent_op = -1  # our last offered id
+        # our own sending window (files, bytes): at most the protocol's
+        self.window = (min(window[0], WINDOW_FILES), min(window[1], WINDOW_BYTES))
+
+    def check_send(self, msg) -> None:
+        """Our FileOffer, or the FileData, FileEnd or FileCancel of its stream, may go out."""
+        if isinstance(msg, FileOffer):
+            if msg.op in self.files or msg.op <= self._sent_op:
+                raise LocalProtocolError(f"FileOffer reuses operation id {msg.op}")
+            if not self.offer_fits(msg.size):
+                raise LocalProtocolError("FileOffer beyond the window")
+        else:
+            _check_stream(self.files, msg, LocalProtocolError, _OPEN_STREAM)
+
+    def sent(self, msg) -> None:
+        """It went out: the operation opens, streams or ends."""
+        if isinstance(msg, FileOffer):
+            self.files[msg.op] = _OutFile(msg.size)
+            self._sent_op = msg.op
+        elif isinstance(msg, FileData):
+            if self.files[msg.op].state is Outbound.ACCEPTED:
+                self.files[msg.op].state = Outbound.STREAMING
+        elif isinstance(msg, FileEnd):
+            if self.files[msg.op].state is Outbound.FAILED:
+                del self.files[msg.op]  # the early FileFailed was its answer
+            else:
+                self.files[msg.op].state = Outbound.SAVED
+        else:  # FileCancel
+            del self.files[msg.op]
+
+    def offer_fits(self, size: int) -> bool:
+        """Our next FileOffer of `size` bytes stays within our window."""
+        return _in_window(self.files, size, *self.window)
+
+    def file_op(self) -> int:
+        """The id of our next file operation: 1, 2, 3, ... per session."""
+        self.next_op += 1
+        return self.next_op
+
+    def check_reply(self, msg):
+        """A reply to one of our file operations fits what that operation waits for."""
+        name = type(msg).__name__
+        current = self.files.get(msg.op) if hasattr(msg, "op") else None
+        if current is None:
+            raise RemoteProtocolError(f"unexpected {name}: no file operation "
+                                      f"{getattr(msg, 'op', '')} is waiting for a reply")
+        if current.state is Outbound.ACCEPT:
+            if isinstance(msg, FileReject):
+                del self.files[msg.op]
+            elif isinstance(msg, FileAccept):
+                current.state = Outbound.ACCEPTED
+            else:
+                raise RemoteProtocolError(f"expected FileAccept, got {name}")
+        elif current.state in (Outbound.ACCEPTED, Outbound.STREAMING):
+            if not isinstance(msg, FileFailed):
+                raise RemoteProtocolError(f"unexpected {name} during a transfer")
+            current.state = Outbound.FAILED
+        elif current.state is Outbound.SAVED:
+            del self.files[msg.op]
+            if not isinstance(msg, FileSaved | FileFailed):
+                raise RemoteProtocolError(f"expected FileSaved, got {name}")
+        else:
+            raise RemoteProtocolError(f"unexpected {name}: operation {msg.op} was answered")
+        return msg
+
+
 _REPLIES = (Delivered, FileAccept, FileReject, FileSaved, FileFailed)
 
 
@@ -224,7 +396,9 @@ class SessionCore:
     """One side of a session after the handshake.  `records` is the (sender,
     receiver) pair of crypt's record layer; `client` says which side speaks first
     (the server sends Welcome or Refused, the client waits for it); `opened` makes
-    a core whose first record has already been exchanged."""
+    a core whose first record has already been exchanged.  The session's state,
+    texts and the one guard are kept here; the files each way are an _Incoming and
+    an _Outgoing that it holds (`inbound` and `outbound` are their files)."""
 
     def __init__(self, records, *, client: bool, opened: bool = False,
                  window: tuple[int, int] = (WINDOW_FILES, WINDOW_BYTES)) -> None:
@@ -232,15 +406,20 @@ class SessionCore:
         self.client = client
         self.state = State.AWAIT_FIRST if client and not opened else State.OPEN
         self._first_sent = client or opened  # the server's first record: Welcome or Refused
-        self.inbound: dict[int, _InFile] = {}  # files coming in, by operation id
-        self.outbound: dict[int, _OutFile] = {}  # our file operations, by operation id
+        self._incoming = _Incoming()  # files coming in
+        self._outgoing = _Outgoing(window)  # our file operations; window: at most the protocol's
         self.texts: set[int] = set()  # msg_ids of our texts waiting for Delivered
         self.next_msg_id = 0
-        self.next_op = 0  # our last file operation's id
-        self._last_in_op = -1  # the peer's last offered id: ids only grow
-        self._sent_op = -1  # our last offered id
-        # our own sending window (files, bytes): at most the protocol's
-        self.window = (min(window[0], WINDOW_FILES), min(window[1], WINDOW_BYTES))
+
+    @property
+    def inbound(self) -> dict[int, _InFile]:
+        """Files coming in, by operation id (insertion order = offer order)."""
+        return self._incoming.files
+
+    @property
+    def outbound(self) -> dict[int, _OutFile]:
+        """Our file operations, by operation id (insertion order = offer order)."""
+        return self._outgoing.files
 
     # records in and out ---------------------------------------------------------------
     def start_clock(self, now: float) -> None:
@@ -282,44 +461,10 @@ class SessionCore:
             raise LocalProtocolError(f"{name} before Welcome or Refused")
         if self.state in (State.CLOSING, State.CLOSED) and not isinstance(msg, Error | Bye):
             raise LocalProtocolError(f"{name} after the session closed")
-        if isinstance(msg, FileOffer):
-            if msg.op in self.outbound or msg.op <= self._sent_op:
-                raise LocalProtocolError(f"FileOffer reuses operation id {msg.op}")
-            if not self.offer_fits(msg.size):
-                raise LocalProtocolError("FileOffer beyond the window")
-        if isinstance(msg, FileData | FileEnd | FileCancel):
-            self._check_stream(self.outbound, msg, LocalProtocolError, _OPEN_STREAM)
+        if isinstance(msg, FileOffer | FileData | FileEnd | FileCancel):
+            self._outgoing.check_send(msg)
         if isinstance(msg, FileAccept | FileReject | FileSaved | FileFailed):
-            current = self.inbound.get(msg.op)
-            if isinstance(msg, FileAccept | FileReject) and \
-                    (current is None or current.state is not Inbound.OFFERED):
-                raise LocalProtocolError(f"{name} without an offer to answer")
-            if isinstance(msg, FileSaved) and (current is None or
-                                               current.state is not Inbound.ENDED):
-                raise LocalProtocolError("FileSaved before the file ended")
-            if isinstance(msg, FileFailed) and (current is None or current.state not in (
-                    Inbound.RECEIVING, Inbound.ENDED)):
-                raise LocalProtocolError("FileFailed without a file being received")
-
-    @staticmethod
-    def _check_stream(files: dict, msg, error, streaming) -> None:
-        """Data, end or cancel of an accepted operation whose turn it is: every
-        operation offered before it has ended its stream (one stream at a time,
-        in offer order)."""
-        name = type(msg).__name__
-        current = files.get(msg.op)
-        if current is None or current.state not in streaming:
-            if error is LocalProtocolError:
-                raise error(f"{name} without an accepted offer")
-            if isinstance(msg, FileCancel):
-                raise error("FileCancel without a transfer")
-            what = "file data" if isinstance(msg, FileData) else "file end"
-            raise error(f"{what} without an accepted offer")
-        for op, f in files.items():
-            if op == msg.op:
-                return
-            if f.state in streaming or f.state in (Outbound.ACCEPT, Inbound.OFFERED):
-                raise error(f"{name} of operation {msg.op} before the stream of {op} ended")
+            self._incoming.check_answer(msg)
 
     def _sent(self, msg) -> None:
         if isinstance(msg, Welcome | Refused):
@@ -328,37 +473,20 @@ class SessionCore:
                 self.state = State.CLOSING
         elif isinstance(msg, Text):
             self.texts.add(msg.msg_id)
-        elif isinstance(msg, FileOffer):
-            self.outbound[msg.op] = _OutFile(msg.size)
-            self._sent_op = msg.op
-        elif isinstance(msg, FileData):
-            if self.outbound[msg.op].state is Outbound.ACCEPTED:
-                self.outbound[msg.op].state = Outbound.STREAMING
-        elif isinstance(msg, FileEnd):
-            if self.outbound[msg.op].state is Outbound.FAILED:
-                del self.outbound[msg.op]  # the early FileFailed was its answer
-            else:
-                self.outbound[msg.op].state = Outbound.SAVED
-        elif isinstance(msg, FileCancel):
-            del self.outbound[msg.op]
-        elif isinstance(msg, FileAccept):
-            self.inbound[msg.op].state = Inbound.RECEIVING
-        elif isinstance(msg, FileReject | FileSaved) or (
-                isinstance(msg, FileFailed) and self.inbound[msg.op].state is Inbound.ENDED):
-            del self.inbound[msg.op]
-        elif isinstance(msg, FileFailed):
-            self.inbound[msg.op].state = Inbound.DRAINING
+        elif isinstance(msg, FileOffer | FileData | FileEnd | FileCancel):
+            self._outgoing.sent(msg)
+        elif isinstance(msg, FileAccept | FileReject | FileSaved | FileFailed):
+            self._incoming.answered(msg)
         elif isinstance(msg, Bye | Error) and self.state is State.OPEN:
             self.state = State.CLOSING
 
     def offer_fits(self, size: int) -> bool:
         """Our next FileOffer of `size` bytes stays within our window."""
-        return _in_window(self.outbound, size, *self.window)
+        return self._outgoing.offer_fits(size)
 
     def file_op(self) -> int:
         """The id of our next file operation: 1, 2, 3, ... per session."""
-        self.next_op += 1
-        return self.next_op
+        return self._outgoing.file_op()
 
     def text_id(self) -> int:
         """The msg_id of our next text: 1, 2, 3, ... per session."""
@@ -376,7 +504,7 @@ class SessionCore:
         if isinstance(msg, Text):
             return [TextReceived(msg.msg_id, msg.text)]
         if isinstance(msg, FileOffer | FileData | FileEnd | FileCancel):
-            return self._inbound_file(msg)
+            return self._incoming.receive(msg)
         if isinstance(msg, _REPLIES):
             if not self.texts and not self.outbound:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "
@@ -403,46 +531,10 @@ class SessionCore:
             return [WasRefused(msg.reason, msg.detail)]
         raise RemoteProtocolError(f"{type(msg).__name__} instead of Welcome or Refused")
 
-    def _inbound_file(self, msg) -> list:
-        if isinstance(msg, FileOffer):
-            if msg.op <= self._last_in_op:
-                raise RemoteProtocolError(f"FileOffer reuses operation id {msg.op}")
-            if not _in_window(self.inbound, msg.size, WINDOW_FILES, WINDOW_BYTES):
-                raise RemoteProtocolError("file offer beyond the window")
-            self._last_in_op = msg.op
-            self.inbound[msg.op] = _InFile(msg.name, msg.size)
-            return [FileOffered(msg.op, msg.name, msg.size)]
-        # also data after our FileReject, or before our FileAccept went out
-        self._check_stream(self.inbound, msg, RemoteProtocolError,
-                           (Inbound.RECEIVING, Inbound.DRAINING))
-        current = self.inbound[msg.op]
-        if isinstance(msg, FileCancel):
-            del self.inbound[msg.op]
-            name = current.name if current.state is Inbound.RECEIVING else ""
-            return [FileCancelled(msg.op, name, msg.detail)]
-        if current.state is Inbound.DRAINING:
-            if isinstance(msg, FileEnd):
-                del self.inbound[msg.op]
-                return []
-            return [FileDiscarded(msg.op)]
-        if isinstance(msg, FileEnd):
-            if current.received != current.size:
-                raise RemoteProtocolError(f"file ended after {current.received} of "
-                                          f"{current.size} announced bytes")
-            current.state = Inbound.ENDED
-            return [FileEnded(msg.op, msg.sha256)]
-        current.received += len(msg.data)
-        if current.received > current.size:
-            raise RemoteProtocolError("file data beyond the announced size")
-        return [FileChunk(msg.op, msg.data)]
-
     # what the plumbing asks ----------------------------------------------------------------
     def receiving(self, op: int) -> tuple[str, int] | None:
         """(name, bytes received) of a file coming in and not failed, else None."""
-        current = self.inbound.get(op)
-        if current is None or current.state is not Inbound.RECEIVING:
-            return None
-        return current.name, current.received
+        return self._incoming.receiving(op)
 
     # replies to our operations, checked by the operation that waits for them ----------------
     @_step
@@ -454,29 +546,7 @@ class SessionCore:
             if not isinstance(msg, Delivered) or msg.msg_id != msg_id:
                 raise RemoteProtocolError(f"expected Delivered({msg_id}), got {msg}")
             return msg
-        name = type(msg).__name__
-        current = self.outbound.get(msg.op) if hasattr(msg, "op") else None
-        if current is None:
-            raise RemoteProtocolError(f"unexpected {name}: no file operation "
-                                      f"{getattr(msg, 'op', '')} is waiting for a reply")
-        if current.state is Outbound.ACCEPT:
-            if isinstance(msg, FileReject):
-                del self.outbound[msg.op]
-            elif isinstance(msg, FileAccept):
-                current.state = Outbound.ACCEPTED
-            else:
-                raise RemoteProtocolError(f"expected FileAccept, got {name}")
-        elif current.state in (Outbound.ACCEPTED, Outbound.STREAMING):
-            if not isinstance(msg, FileFailed):
-                raise RemoteProtocolError(f"unexpected {name} during a transfer")
-            current.state = Outbound.FAILED
-        elif current.state is Outbound.SAVED:
-            del self.outbound[msg.op]
-            if not isinstance(msg, FileSaved | FileFailed):
-                raise RemoteProtocolError(f"expected FileSaved, got {name}")
-        else:
-            raise RemoteProtocolError(f"unexpected {name}: operation {msg.op} was answered")
-        return msg
+        return self._outgoing.check_reply(msg)
 
     def operation_over(self) -> None:
         """Our operation ended (answered, failed or given up): it waits for nothing."""

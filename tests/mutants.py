@@ -426,7 +426,7 @@ MUTANTS: list[dict] = [
     # --- issue 15: several files in flight ------------------------------------------------------
     dict(id="file-window", file="session_core.py",
          property="3.7 bounded resources: an offer beyond the file window is a protocol error",
-         original="if not _in_window(self.inbound, msg.size, WINDOW_FILES, WINDOW_BYTES):",
+         original="if not _in_window(self.files, msg.size, WINDOW_FILES, WINDOW_BYTES):",
          replacement="if False:",
          tests=["tests/test_session_core.py"]),
     dict(id="dir-fsync-before-saved", file="session.py",
