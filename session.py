@@ -1139,7 +1139,8 @@ class _Batch:
                 self._stream(head, state)
                 continue
             waiting_accept = state is Outbound.ACCEPT
-            self._handle(self.conn._reply(REPLY_TIMEOUT if waiting_accept else SAVED_TIMEOUT))
+            self._handle(self.conn.replies.get(REPLY_TIMEOUT if waiting_accept
+                                               else SAVED_TIMEOUT))
 
     def _offer(self) -> None:
         """Offer what fits the window; a file refused here gets its outcome at once."""
@@ -1184,19 +1185,12 @@ class _Batch:
 
     def _early_failure(self, op: int) -> FileFailed | None:
         """Between chunks: handle every reply that came; this op's FileFailed, if any."""
-        conn = self.conn
-        while True:
-            try:
-                msg = conn._replies.get_nowait()
-            except queue.Empty:
-                return self._ops[op]["failed"] if op in self._ops else None
-            if msg is None:
-                conn._replies.put(None)
-                raise ConnectionLost(conn.close_reason or "connection closed")
+        while (msg := self.conn.replies.get_nowait()) is not None:
             self._handle(msg)
+        return self._ops[op]["failed"] if op in self._ops else None
 
     def _handle(self, reply) -> None:
-        reply = self.conn._check_reply(reply)  # matched to its operation by the core
+        reply = self.conn.replies.check(reply)  # matched to its operation by the core
         entry = self._ops[reply.op]
         if isinstance(reply, FileAccept):
             return
@@ -1274,6 +1268,17 @@ class SocketWriter:
         self.progressed = 0.0  # time.monotonic() when the last record was sent whole
         self.thread = threading.Thread(target=self._run, daemon=True, name=name)
 
+    def sent_or_stalled(self, patience: float) -> float:
+        """Wait until the writer has sent all that is queued, or has sent no record for
+        `patience` s (at most send_timeout in all); the deadline for the rest of the close."""
+        started = time.monotonic()
+        limit = started + self.send_timeout
+        while True:
+            deadline = min(limit, max(started, self.progressed) + patience)
+            if not self.thread.is_alive() or time.monotonic() >= deadline:
+                return deadline
+            _join(self.thread, deadline)
+
     def _run(self) -> None:
         failed = False
         while (item := self.queue.get()) is not None:
@@ -1319,11 +1324,141 @@ def reader_close(e: Exception) -> tuple[Close, Error | None]:
                   f"connection closed: internal error: {e!r}"), Error("internal error"))
 
 
+class RecordReader:
+    """The reader thread of a Connection: it receives every record into one reused
+    frame, opens it through the core and acts on the events (the ordering rules were
+    checked there); a received chunk goes on to the incoming file's disk thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def run(self) -> None:
+        conn = self.conn
+        close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
+        frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
+        try:
+            while (ended := self._read_one(frame)) is None:
+                pass
+            close = ended
+        except Exception as e:  # also a bug: it must end this session only, with one line
+            close, last_word = reader_close(e)
+            if last_word is not None:
+                conn._send_quietly(last_word)
+        finally:
+            conn._in.aborted(conn.close_info or close)
+            conn._end(close)
+
+    def _read_one(self, frame: memoryview) -> Close | None:
+        """Receive one record and act on it; the Close when the peer ended the session."""
+        conn = self.conn
+        body = read_frame_into(conn.sock, frame)
+        buf = conn._in.free.get()
+        msg = None
+        try:
+            msg = conn._core.open_record(body, buf.plain)
+            with conn._seal_lock:
+                events = conn._core.receive(msg)
+        except BaseException:
+            if isinstance(msg, FileData):
+                msg.data.release()
+            conn._in.free.put(buf)
+            raise
+        if not isinstance(msg, FileData):
+            conn._in.free.put(buf)  # decode_message copied everything else
+        for event in events:
+            if isinstance(event, SessionEnded):
+                return event.close
+            self._handle(event, buf)
+        return None
+
+    def _handle(self, event, buf: PlainBuffer) -> None:
+        conn, incoming = self.conn, self.conn._in
+        if isinstance(event, TextReceived):
+            conn.events.text(conn, event.text)
+            conn.send(Delivered(event.msg_id))
+        elif isinstance(event, FileChunk):
+            incoming.chunk(event.op, event.data, buf)  # the disk thread gives buf back
+        elif isinstance(event, FileDiscarded):
+            incoming.free.put(buf)  # the receiver already failed; the sender ends the stream
+        elif isinstance(event, FileOffered):
+            incoming.offered(event)
+        elif isinstance(event, FileEnded):
+            incoming.ended(event.op, event.sha256)
+        elif isinstance(event, FileCancelled):
+            incoming.cancelled(event)
+        elif isinstance(event, ReplyReceived):
+            conn.replies.queue.put(event.msg)
+
+
+class Replies:
+    """The caller's side of a Connection: one operation at a time, and the replies
+    it waits for (put by the reader; None once the session has ended)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def operation(self):
+        """One caller operation at a time.  A peer that breaks the exchange or never
+        answers loses the session: any violation closes, as in the reader."""
+        conn = self.conn
+        with self._lock:
+            try:
+                yield
+            except RemoteProtocolError as e:
+                conn._send_quietly(Error(f"protocol error: {e}"))
+                conn.begin_close(kind=CloseKind.PROTOCOL_ERROR)
+                raise
+            except NoAnswer:
+                conn.begin_close("no answer", kind=CloseKind.TIMEOUT)
+                raise
+            finally:
+                with conn._seal_lock:
+                    conn._core.operation_over()  # a late reply is the peer's error
+
+    def check(self, reply, *, msg_id: int | None = None):
+        """The reply, checked by the core against what the operation waits for."""
+        with self.conn._seal_lock:
+            return self.conn._core.check_reply(reply, msg_id=msg_id)
+
+    def get(self, timeout: float | None = None):
+        """The next reply; NoAnswer after `timeout` s, ConnectionLost once it ended."""
+        conn = self.conn
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            conn._check_interrupted()
+            left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+            try:
+                msg = self.queue.get(timeout=max(0.0, left))
+                break
+            except queue.Empty as e:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
+        if msg is None:
+            self.queue.put(None)  # keep waking later waiters
+            raise ConnectionLost(conn.close_reason or "connection closed")
+        return msg
+
+    def get_nowait(self):
+        """A reply that has come, or None; ConnectionLost once the session ended."""
+        try:
+            msg = self.queue.get_nowait()
+        except queue.Empty:
+            return None
+        if msg is None:
+            self.queue.put(None)
+            raise ConnectionLost(self.conn.close_reason or "connection closed")
+        return msg
+
+
 # --- the encrypted session ------------------------------------------------------------
 class Connection:
-    """One authenticated session: a reader thread that handles what the peer sends,
-    a writer thread that owns the socket's send side, and blocking operations
-    (send_text, send_file) for the caller, one at a time."""
+    """One authenticated session: a reader thread (RecordReader) that handles what
+    the peer sends, a writer thread (SocketWriter) that owns the socket's send side,
+    and blocking operations (send_text, send_file(s)) for the caller, one at a time
+    (Replies).  The protocol's state is the SessionCore's; this is its plumbing."""
 
     def __init__(self, sock: socket.socket, records, *, label: str, events: Events,
                  received_dir: str, max_file_size: int = transfer.DEFAULT_MAX_FILE_SIZE,
@@ -1343,14 +1478,13 @@ class Connection:
         self._sending = SocketWriter(sock, f"writer {label}", send_timeout, self._end)
         self._out = self._sending.queue  # (pieces, on_sent) of each sealed record; None ends
         self._in = IncomingFile(self)
-        self._replies: queue.Queue = queue.Queue()
-        self._op_lock = threading.Lock()
+        self.replies = Replies(self)
         self.closed = threading.Event()
         self.close_reason = ""  # for people; logic looks at close_info
         self._seen_close: Close | None = None  # what ended the reader or the writer
         self._local_close: Close | None = None  # begin_close, when we ended it first
         self._closing = False  # we ended it: no "peer disconnected" report
-        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+        self._reader = threading.Thread(target=RecordReader(self).run, daemon=True,
                                         name=f"reader {label}")
         self._writer = self._sending.thread
         # start() and a shutdown's finish_close() may race (the server registers a session
@@ -1409,118 +1543,24 @@ class Connection:
         with self._seal_lock:
             self._out.put((self._core.seal_key_update(time.monotonic()), None))
 
-    # receiving side ----------------------------------------------------------------
-    def _read_loop(self) -> None:
-        close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
-        frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
-        try:
-            while (ended := self._read_one(frame)) is None:
-                pass
-            close = ended
-        except Exception as e:  # also a bug: it must end this session only, with one line
-            close, last_word = reader_close(e)
-            if last_word is not None:
-                self._send_quietly(last_word)
-        finally:
-            self._in.aborted(self.close_info or close)
-            self._end(close)
-
-    def _read_one(self, frame: memoryview) -> Close | None:
-        """Receive one record and act on it; the Close when the peer ended the session."""
-        body = read_frame_into(self.sock, frame)
-        buf = self._in.free.get()
-        msg = None
-        try:
-            msg = self._core.open_record(body, buf.plain)
-            with self._seal_lock:
-                events = self._core.receive(msg)
-        except BaseException:
-            if isinstance(msg, FileData):
-                msg.data.release()
-            self._in.free.put(buf)
-            raise
-        if not isinstance(msg, FileData):
-            self._in.free.put(buf)  # decode_message copied everything else
-        for event in events:
-            if isinstance(event, SessionEnded):
-                return event.close
-            self._handle(event, buf)
-        return None
-
     def _send_quietly(self, msg) -> None:
         try:
             self.send(msg)
         except (ConnectionLost, ProtocolError):
             pass
 
-    def _handle(self, event, buf: PlainBuffer) -> None:
-        """Act on one event of the core (the ordering rules were checked there)."""
-        if isinstance(event, TextReceived):
-            self.events.text(self, event.text)
-            self.send(Delivered(event.msg_id))
-        elif isinstance(event, FileChunk):
-            self._in.chunk(event.op, event.data, buf)  # the disk thread gives buf back
-        elif isinstance(event, FileDiscarded):
-            self._in.free.put(buf)  # the receiver already failed; the sender ends the stream
-        elif isinstance(event, FileOffered):
-            self._in.offered(event)
-        elif isinstance(event, FileEnded):
-            self._in.ended(event.op, event.sha256)
-        elif isinstance(event, FileCancelled):
-            self._in.cancelled(event)
-        elif isinstance(event, ReplyReceived):
-            self._replies.put(event.msg)
-
     # operations for the caller -------------------------------------------------------
-    @contextlib.contextmanager
-    def _operation(self):
-        """One caller operation at a time.  A peer that breaks the exchange or never
-        answers loses the session: any violation closes, as in the reader."""
-        with self._op_lock:
-            try:
-                yield
-            except RemoteProtocolError as e:
-                self._send_quietly(Error(f"protocol error: {e}"))
-                self.begin_close(kind=CloseKind.PROTOCOL_ERROR)
-                raise
-            except NoAnswer:
-                self.begin_close("no answer", kind=CloseKind.TIMEOUT)
-                raise
-            finally:
-                with self._seal_lock:
-                    self._core.operation_over()  # a late reply is the peer's error
-
-    def _check_reply(self, reply, *, msg_id: int | None = None):
-        with self._seal_lock:
-            return self._core.check_reply(reply, msg_id=msg_id)
-
     def _check_interrupted(self) -> None:
         """Act on Ctrl-C/SIGTERM here, between records, never inside one."""
         if self._interrupted is not None and self._interrupted.is_set():
             raise KeyboardInterrupt
 
-    def _reply(self, timeout: float | None = None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._check_interrupted()
-            left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
-            try:
-                msg = self._replies.get(timeout=max(0.0, left))
-                break
-            except queue.Empty as e:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
-        if msg is None:
-            self._replies.put(None)  # keep waking later waiters
-            raise ConnectionLost(self.close_reason or "connection closed")
-        return msg
-
     def send_text(self, text: str, timeout: float | None = REPLY_TIMEOUT) -> None:
         """Send one text and wait until the peer acknowledges it."""
-        with self._operation():
+        with self.replies.operation():
             msg_id = self._core.text_id()
             self.send(Text(msg_id, text))
-            self._check_reply(self._reply(timeout), msg_id=msg_id)
+            self.replies.check(self.replies.get(timeout), msg_id=msg_id)
 
     def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
                   strip: bool = False) -> FileResult:
@@ -1544,7 +1584,7 @@ class Connection:
         reported first, the rest as not delivered, and the exception propagates."""
         batch = _Batch(self, paths, max_size, strip, report)
         try:
-            with self._operation():
+            with self.replies.operation():
                 batch.open_bar()  # in here: the bar's clock starts with the operation
                 batch.run()
         except BaseException as e:
@@ -1562,7 +1602,7 @@ class Connection:
         self._seen_close = self._seen_close or close
         self.close_reason = self.close_reason or close.detail
         self.closed.set()
-        self._replies.put(None)
+        self.replies.queue.put(None)
         self._out.put(None)
         if not self._closing:
             self.events.closed(self, self.close_reason)
@@ -1603,18 +1643,7 @@ class Connection:
         """Goodbye, then close: the goodbye gets `timeout` s without progress, not in all,
         as up to DATA_IN_FLIGHT file records may be queued ahead of it for a slow peer."""
         self.begin_close(reason, kind)
-        self.finish_close(self._sent_or_stalled(timeout))
-
-    def _sent_or_stalled(self, patience: float) -> float:
-        """Wait until the writer has sent all that is queued, or has sent no record for
-        `patience` s (at most send_timeout in all); the deadline for the rest of the close."""
-        started = time.monotonic()
-        limit = started + self.send_timeout
-        while True:
-            deadline = min(limit, max(started, self._sending.progressed) + patience)
-            if not self._writer.is_alive() or time.monotonic() >= deadline:
-                return deadline
-            _join(self._writer, deadline)
+        self.finish_close(self._sending.sent_or_stalled(timeout))
 
 
 def hang_up(sock: socket.socket, writer: threading.Thread, reader: threading.Thread,
