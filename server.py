@@ -203,6 +203,124 @@ class Registry:
             return list(self.clients.values()), list(self.threads)
 
 
+class Visit:
+    """One accepted connection on its own thread, from the handshake to the end of its
+    session: the handshake (its per-source count given back the moment it ends), then
+    Welcome or Refused, then the session, in the Registry while it runs.  Its
+    --max-clients slot is released only once the session's threads ended."""
+
+    def __init__(self, server: Server, sock: socket.socket, peer: str, source: str) -> None:
+        self.server, self.sock, self.peer, self.source = server, sock, peer, source
+        self.handshake_ended = False
+
+    def serve(self) -> None:
+        srv, sock = self.server, self.sock
+        try:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                result = self.handshake()
+            finally:
+                self.end_handshake()
+            if result is not None:
+                self.run_session(*result)
+        except Exception as e:  # a bad peer must never take the server down
+            srv.log(f"connection from {self.peer} closed: internal error: {e!r}")
+        finally:
+            session.shut_down(sock)
+            sock.close()
+            # the slot is free only now: run_session returned once the session's threads ended
+            srv.admission.release_slot()
+            with srv.lock:
+                srv.registry.threads.discard(threading.current_thread())
+
+    def end_handshake(self) -> None:
+        """Once: a session (or a closed connection) is no startup."""
+        if not self.handshake_ended:
+            self.handshake_ended = True
+            self.server.admission.end_handshake(self.source)
+
+    def handshake(self) -> tuple[ServerHandshake, str] | None:
+        """(ServerHandshake, client fingerprint), or None after logging why; a failed
+        one ends its handshake first, so that when its line is logged the address may
+        start another handshake."""
+        srv, sock = self.server, self.sock
+        hs = ServerHandshake(srv.identity, srv.kem)
+        deadline = time.monotonic() + srv.args.handshake_timeout
+        try:
+            hs.consume_client_hello(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
+            session.send_frame(sock, hs.create_server_hello())
+            info = hs.consume_client_auth(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
+            return hs, info.fingerprint
+        except VersionMismatch as e:
+            why, alert = str(e), Alert(AlertCode.BAD_VERSION, str(e))
+        except AuthError as e:
+            why, alert = f"authentication failed: {e}", Alert(AlertCode.AUTH_FAILED, str(e))
+        except session.HandshakeTimeout:
+            why = f"handshake not finished within {srv.args.handshake_timeout:g} s"
+            alert = Alert(AlertCode.TIMEOUT, "handshake timed out")
+        except (session.ConnectionLost, PeerAlert) as e:
+            why, alert = str(e), None
+        except ProtocolError as e:
+            kind = "" if isinstance(e, RemoteProtocolError) else "protocol error: "
+            why, alert = f"{kind}{e}", Alert(AlertCode.BAD_MESSAGE, str(e)[:200])
+        hs.fail()
+        self.end_handshake()
+        srv.log(f"connection from {self.peer} closed: {neutralise(why)}")
+        if alert is not None:
+            refuse(sock, alert)
+        return None
+
+    def run_session(self, hs: ServerHandshake, fp: str) -> None:
+        """After the handshake: admit or refuse, then the session until it ends."""
+        srv, args, peer = self.server, self.server.args, self.peer
+        core = SessionCore(hs.records(), client=False)  # its first record: Welcome or Refused
+        if not self.welcome(core, fp):
+            return
+        session.write_keylog(hs.client_random, hs.keys)
+        name = (srv.authorized or {}).get(fp, "")
+        label = f"{name} {fp}" if name else fp
+        conn = session.Connection(self.sock, core, label=label, events=srv.events,
+                                  received_dir=str(args.received_dir),
+                                  max_file_size=args.max_file_size,
+                                  interrupted=srv.interrupt.event)
+        client = Client(conn, fp, name, peer)
+        key = srv.registry.add(client)
+        if key is not None and not args.headless:  # the log keeps full fingerprints
+            conn.label = label = handle(key, fp, name)
+        # announced only once the console can pick it (and shutdown can say goodbye to it)
+        srv.log(f"client {label} connected from {peer}")
+        if not args.headless:
+            srv.log(f"[{label}] fingerprint {fp}")
+        if args.verbose or not args.headless:
+            srv.log(f"[{label}] verification code: {hs.code}")
+        try:
+            conn.start()
+            if key is None:  # shutdown began meanwhile
+                conn.close("server shutting down")
+                return
+            conn.closed.wait()
+        finally:  # also when the session could not start: it leaves the registry
+            if key is not None:
+                srv.registry.remove(key)
+        conn.close()
+
+    def welcome(self, core: SessionCore, fp: str) -> bool:
+        """The first record: Refused (not in --authorized-clients) or Welcome."""
+        srv, sock, peer = self.server, self.sock, self.peer
+        if srv.authorized is not None and fp not in srv.authorized:
+            # logged, not recorded: strangers must not grow a file on our disk
+            srv.log(f"client {fp} from {peer} refused: not in {srv.args.authorized_clients}")
+            session.send_records(sock, core.seal(Refused(
+                Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
+            ), time.monotonic()))
+            sock.shutdown(socket.SHUT_WR)
+            return False
+        srv.record_client(fp, peer)
+        session.send_records(sock, core.seal(Welcome(), time.monotonic()))
+        sock.settimeout(None)
+        return True
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket; StartupError when the address cannot be had."""
     try:
@@ -288,7 +406,7 @@ class Server:
             refuse(sock, Alert(AlertCode.BUSY, "too many handshakes from your address, "
                                                "try again later"))
             return
-        t = threading.Thread(target=self.serve, args=(sock, peer, source), daemon=True,
+        t = threading.Thread(target=Visit(self, sock, peer, source).serve, daemon=True,
                              name=f"client {peer}")
         try:
             with self.lock:
@@ -301,111 +419,6 @@ class Server:
             self.admission.release_slot()
             self.log(f"connection from {peer} refused: cannot serve it: {e}")
             refuse(sock, Alert(AlertCode.BUSY, "server busy, try again later"))
-
-    # one connection ------------------------------------------------------------------------
-    def serve(self, sock: socket.socket, peer: str, source: str) -> None:
-        ended = False
-
-        def end_handshake() -> None:  # once: a session (or a closed one) is no startup
-            nonlocal ended
-            if not ended:
-                ended = True
-                self.admission.end_handshake(source)
-        try:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                result = self.handshake(sock, peer, end_handshake)
-            finally:
-                end_handshake()
-            if result is not None:
-                self._serve(sock, peer, *result)
-        except Exception as e:  # a bad peer must never take the server down
-            self.log(f"connection from {peer} closed: internal error: {e!r}")
-        finally:
-            session.shut_down(sock)
-            sock.close()
-            # the slot is free only now: _serve returned once the session's threads ended
-            self.admission.release_slot()
-            with self.lock:
-                self.registry.threads.discard(threading.current_thread())
-
-    def _serve(self, sock: socket.socket, peer: str, hs: ServerHandshake, fp: str) -> None:
-        """After the handshake: admit or refuse, then the session until it ends."""
-        core = SessionCore(hs.records(), client=False)  # its first record: Welcome or Refused
-        if not self._welcome(sock, core, peer, fp):
-            return
-        session.write_keylog(hs.client_random, hs.keys)
-        name = (self.authorized or {}).get(fp, "")
-        label = f"{name} {fp}" if name else fp
-        conn = session.Connection(sock, core, label=label, events=self.events,
-                                  received_dir=str(self.args.received_dir),
-                                  max_file_size=self.args.max_file_size,
-                                  interrupted=self.interrupt.event)
-        client = Client(conn, fp, name, peer)
-        key = self.registry.add(client)
-        if key is not None and not self.args.headless:  # the log keeps full fingerprints
-            conn.label = label = handle(key, fp, name)
-        # announced only once the console can pick it (and shutdown can say goodbye to it)
-        self.log(f"client {label} connected from {peer}")
-        if not self.args.headless:
-            self.log(f"[{label}] fingerprint {fp}")
-        if self.args.verbose or not self.args.headless:
-            self.log(f"[{label}] verification code: {hs.code}")
-        try:
-            conn.start()
-            if key is None:  # shutdown began meanwhile
-                conn.close("server shutting down")
-                return
-            conn.closed.wait()
-        finally:  # also when the session could not start: it leaves the registry
-            if key is not None:
-                self.registry.remove(key)
-        conn.close()
-
-    def _welcome(self, sock: socket.socket, core: SessionCore, peer: str, fp: str) -> bool:
-        """The first record: Refused (not in --authorized-clients) or Welcome."""
-        if self.authorized is not None and fp not in self.authorized:
-            # logged, not recorded: strangers must not grow a file on our disk
-            self.log(f"client {fp} from {peer} refused: not in {self.args.authorized_clients}")
-            session.send_records(sock, core.seal(Refused(
-                Reason.NOT_AUTHORIZED, f"this client ({fp}) is not authorised on this server"
-            ), time.monotonic()))
-            sock.shutdown(socket.SHUT_WR)
-            return False
-        self.record_client(fp, peer)
-        session.send_records(sock, core.seal(Welcome(), time.monotonic()))
-        sock.settimeout(None)
-        return True
-
-    def handshake(self, sock: socket.socket, peer: str, ended=lambda: None):
-        """Returns (ServerHandshake, client fingerprint), or None after logging why;
-        a failed one calls ended() first, so that when its line is logged the address
-        may start another handshake."""
-        hs = ServerHandshake(self.identity, self.kem)
-        deadline = time.monotonic() + self.args.handshake_timeout
-        try:
-            hs.consume_client_hello(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
-            session.send_frame(sock, hs.create_server_hello())
-            info = hs.consume_client_auth(bytes(session.read_frame(sock, deadline, MAX_HANDSHAKE)))
-            return hs, info.fingerprint
-        except VersionMismatch as e:
-            why, alert = str(e), Alert(AlertCode.BAD_VERSION, str(e))
-        except AuthError as e:
-            why, alert = f"authentication failed: {e}", Alert(AlertCode.AUTH_FAILED, str(e))
-        except session.HandshakeTimeout:
-            why = f"handshake not finished within {self.args.handshake_timeout:g} s"
-            alert = Alert(AlertCode.TIMEOUT, "handshake timed out")
-        except (session.ConnectionLost, PeerAlert) as e:
-            why, alert = str(e), None
-        except ProtocolError as e:
-            kind = "" if isinstance(e, RemoteProtocolError) else "protocol error: "
-            why, alert = f"{kind}{e}", Alert(AlertCode.BAD_MESSAGE, str(e)[:200])
-        hs.fail()
-        ended()
-        self.log(f"connection from {peer} closed: {neutralise(why)}")
-        if alert is not None:
-            refuse(sock, alert)
-        return None
 
     def record_client(self, fp: str, peer: str) -> None:
         when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -72,8 +72,8 @@ MUTANTS: list[dict] = [
                 "tests/test_parsers_fuzz.py::test_frame_length"]),
     dict(id="authorized-empty", file="server.py", property="3.3 --authorized-clients admits "
          "only those listed (an empty list admits no one)",
-         original="if self.authorized is not None and fp not in self.authorized:",
-         replacement="if self.authorized and fp not in self.authorized:",
+         original="if srv.authorized is not None and fp not in srv.authorized:",
+         replacement="if srv.authorized and fp not in srv.authorized:",
          tests=[IDENTITY + "test_an_authorized_clients_file_listing_nobody_refuses_everyone"]),
     dict(id="pin-prefix", file="client_data.py", property="3.3 a changed key is refused "
          "(the whole fingerprint compared)",
@@ -166,7 +166,7 @@ MUTANTS: list[dict] = [
          original="    if st.st_mode & 0o077:", replacement="    if st.st_mode & 0o000:",
          tests=[IDENTITY + "test_private_key_readable_by_others_is_refused"]),
     dict(id="handshake-timeout", file="server.py", property="3.7 handshakes have a timeout",
-         original="deadline = time.monotonic() + self.args.handshake_timeout",
+         original="deadline = time.monotonic() + srv.args.handshake_timeout",
          replacement="deadline = None",
          tests=[HOSTILE + "test_slow_and_idle_connections_time_out_while_a_client_is_served"]),
     dict(id="max-clients", file="server.py", property="3.7 the number of connections is capped",
@@ -321,15 +321,15 @@ MUTANTS: list[dict] = [
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
     dict(id="per-source-released", file="server.py",
          property="3.7 a finished handshake no longer counts against its address",
-         original="                ended = True\n"
-                  "                self.admission.end_handshake(source)",
-         replacement="                ended = True\n                pass",
+         original="            self.handshake_ended = True\n"
+                  "            self.server.admission.end_handshake(self.source)",
+         replacement="            self.handshake_ended = True\n            pass",
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
     dict(id="refused-not-recorded", file="server.py",
          property="3.7 a client refused by --authorized-clients is not recorded",
          original="            # logged, not recorded: strangers must not grow a file on our "
                   "disk\n",
-         replacement="            self.record_client(fp, peer)\n",
+         replacement="            srv.record_client(fp, peer)\n",
          tests=[RESOURCES
                 + "test_a_client_refused_by_authorized_clients_is_logged_but_not_recorded"]),
     dict(id="known-clients-cap", file="keystore.py",
@@ -441,8 +441,9 @@ MUTANTS: list[dict] = [
          tests=["tests/test_transfer.py"]),
     dict(id="per-source-before-log", file="server.py",
          property="3.7 a failed handshake gives its address back before its line is logged",
-         original="        ended()\n        self.log(f\"connection from {peer} closed:",
-         replacement="        self.log(f\"connection from {peer} closed:",
+         original="        self.end_handshake()\n"
+                  "        srv.log(f\"connection from {self.peer} closed:",
+         replacement="        srv.log(f\"connection from {self.peer} closed:",
          tests=["tests/test_resources.py::test_a_failed_handshake_gives_its_address_back_before_its_line_is_logged"]),
     dict(id="file-op-order", file="session_core.py",
          property="3.7 one stream at a time in offer order (data of another file is an error)",
