@@ -325,6 +325,12 @@ MUTANTS: list[dict] = [
                   "            self.server.admission.end_handshake(self.source)",
          replacement="            self.handshake_ended = True\n            pass",
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
+    dict(id="slot-after-threads", file="server.py",
+         property="3.7 a --max-clients slot is free only once its session's threads ended",
+         original="                self.end_handshake()\n",
+         replacement="                self.end_handshake()\n"
+                     "                srv.admission.release_slot()  # too early\n",
+         tests=[RESOURCES + "test_a_sessions_slot_is_free_only_once_its_threads_have_ended"]),
     dict(id="refused-not-recorded", file="server.py",
          property="3.7 a client refused by --authorized-clients is not recorded",
          original="            # logged, not recorded: strangers must not grow a file on our "

@@ -452,6 +452,38 @@ def test_a_failed_handshake_gives_its_address_back_before_its_line_is_logged(tmp
         srv.shutdown()
 
 
+def test_a_sessions_slot_is_free_only_once_its_threads_have_ended(tmp_path: Path, monkeypatch):
+    # the --max-clients slot counts threads and sockets, not sessions: a session that has
+    # ended but whose threads are still being joined (hang_up) still holds it
+    srv, lines = in_process_server(tmp_path, "--max-clients", "1")
+    hanging_up, go_on = threading.Event(), threading.Event()
+    real_hang_up = session.hang_up
+
+    def held_hang_up(*args) -> None:
+        hanging_up.set()
+        go_on.wait(IO_TIMEOUT)
+        real_hang_up(*args)
+
+    monkeypatch.setattr(session, "hang_up", held_hang_up)
+    run_accept_loop(srv)
+    port = srv.listener.getsockname()[1]
+    try:
+        first, sender = raw_session(port, "first")
+        send_record(first, sender, Bye("done"))
+        first.close()
+        assert hanging_up.wait(IO_TIMEOUT)  # its session is over, its threads not yet joined
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as second:
+            data, how = read_to_eof(second, IO_TIMEOUT)
+        assert (alert_of(data), how) == (BUSY, "eof")
+        go_on.set()
+        wait_until(lambda: not srv.registry.threads, IO_TIMEOUT, "the first session's thread")
+        third, _ = raw_session(port, "third")  # the slot is free again
+        third.close()
+    finally:
+        go_on.set()
+        srv.shutdown()
+
+
 def test_max_startups_per_source_must_be_positive(env: Env):
     r = subprocess.run([PY, "server.py", "--max-startups-per-source", "0", "--port", "0",
                         "--home", str(env.server_home)], cwd=ROOT, capture_output=True,
