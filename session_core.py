@@ -13,7 +13,8 @@ again.
 
 File operations are kept per operation id in a dict (insertion order = offer
 order), one per direction: an _Incoming for the peer's files and an _Outgoing for
-ours, both held by the SessionCore and run under its one guard.  Up to WINDOW_FILES
+ours, both held by the SessionCore: their checks and state changes run in its
+guarded steps (file_op, offer_fits and receiving are unguarded queries).  Up to WINDOW_FILES
 per direction at once (and WINDOW_BYTES of announced sizes), answered in any order,
 their data one stream at a time in offer order (PROTOCOL.md 11.2).  An offer
 beyond the window, a reused id, data out of order or a reply for no open operation
@@ -225,8 +226,8 @@ def _check_stream(files: dict, msg, error, streaming) -> None:
 class _Incoming:
     """The files coming to us, by operation id: what the peer may send for them
     (an offer within the window, then data in offer order and within the announced
-    size) and which of our answers each one waits for.  The SessionCore calls it
-    from its guarded steps: a failure here fails the session."""
+    size) and which of our answers each one waits for.  Its checks and changes run
+    in the SessionCore's guarded steps: a failure there fails the session."""
 
     def __init__(self) -> None:
         self.files: dict[int, _InFile] = {}
@@ -299,8 +300,8 @@ class _Incoming:
 class _Outgoing:
     """Our own file operations, by operation id: what we may send for them (a new
     id within our window, then data in offer order) and which reply each one waits
-    for.  The SessionCore calls it from its guarded steps: a failure here fails the
-    session."""
+    for.  Its checks and changes run in the SessionCore's guarded steps (a failure
+    there fails the session); file_op and offer_fits are called unguarded."""
 
     def __init__(self, window: tuple[int, int]) -> None:
         self.files: dict[int, _OutFile] = {}

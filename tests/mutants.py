@@ -33,6 +33,20 @@ RESOURCES = "tests/test_resources.py::"
 SAFETY = "tests/test_local_safety.py::"
 METADATA = "tests/test_metadata.py::"
 
+# Visit.serve from the end of the handshake to the release of the slot (slot-after-threads)
+SERVE_TAIL = """\
+                self.end_handshake()
+            if result is not None:
+                self.run_session(*result)
+        except Exception as e:  # a bad peer must never take the server down
+            srv.log(f"connection from {self.peer} closed: internal error: {e!r}")
+        finally:
+            session.shut_down(sock)
+            sock.close()
+            # the slot is free only now: run_session returned once the session's threads ended
+            srv.admission.release_slot()
+"""
+
 MUTANTS: list[dict] = [
     # --- the 15 of issue 14's mutation run --------------------------------------------------
     dict(id="record-mac", file="crypt.py", property="3.4 record MAC verified first",
@@ -327,9 +341,12 @@ MUTANTS: list[dict] = [
          tests=[RESOURCES + "test_one_address_cannot_hold_more_than_its_share_of_handshakes"]),
     dict(id="slot-after-threads", file="server.py",
          property="3.7 a --max-clients slot is free only once its session's threads ended",
-         original="                self.end_handshake()\n",
-         replacement="                self.end_handshake()\n"
-                     "                srv.admission.release_slot()  # too early\n",
+         # moved, not repeated: released once the handshake is over instead of at the end
+         original=SERVE_TAIL,
+         replacement=SERVE_TAIL.removesuffix("            srv.admission.release_slot()\n")
+         .replace("                self.end_handshake()\n",
+                  "                self.end_handshake()\n"
+                  "                srv.admission.release_slot()\n"),
          tests=[RESOURCES + "test_a_sessions_slot_is_free_only_once_its_threads_have_ended"]),
     dict(id="refused-not-recorded", file="server.py",
          property="3.7 a client refused by --authorized-clients is not recorded",
