@@ -367,8 +367,9 @@ def expand_batch(batch: list) -> list:
             out.append((kind, value))
             continue
         jpgs = [path for path, _ in transfer.list_assets(value)]
+        sent = set(jpgs)  # a set: a list here made a big folder cost n² comparisons
         for entry in sorted(Path(value).iterdir(), key=lambda e: e.name.lower()):
-            if entry not in jpgs:
+            if entry not in sent:
                 print(f"skipped: {neutralise(str(entry))} (not a JPG)", flush=True)
         if not jpgs:  # refused before connecting, as a file that cannot be sent
             raise Fatal(EXIT_UNDELIVERED, f"file not sent: {value}: a directory with no JPGs")
