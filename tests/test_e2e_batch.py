@@ -5,6 +5,7 @@ mid-batch."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -86,20 +87,33 @@ class Quiet(session.Events):
         pass
 
 
-def test_200_files_both_directions_at_once_bit_exact(tmp_path: Path):
-    """Client and server push 200 files each at the same time over one session."""
+@contextlib.contextmanager
+def wired(client_dir: Path, server_dir: Path, *, client_events: session.Events | None = None,
+          server_events: session.Events | None = None, **server_kw):
+    """A client and a server Connection after a real handshake, over a socketpair, in
+    process (files both ways; the receiving side's events can be watched); closed at
+    the end."""
     pair = handshake_pair()
     a, b = socket.socketpair()
+    client = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
+                                label="server", events=client_events or Quiet(),
+                                received_dir=str(client_dir)).start()
+    server = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+                                label="client", events=server_events or Quiet(),
+                                received_dir=str(server_dir), **server_kw).start()
+    try:
+        yield client, server
+    finally:
+        client.close(timeout=5)
+        server.close(timeout=5)
+
+
+def test_200_files_both_directions_at_once_bit_exact(tmp_path: Path):
+    """Client and server push 200 files each at the same time over one session."""
     dirs = {k: tmp_path / k for k in ("up", "down", "client-received", "server-received")}
     for d in dirs.values():
         d.mkdir()
-    client = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
-                                label="server", events=Quiet(),
-                                received_dir=str(dirs["client-received"])).start()
-    server = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
-                                label="client", events=Quiet(),
-                                received_dir=str(dirs["server-received"])).start()
-    try:
+    with wired(dirs["client-received"], dirs["server-received"]) as (client, server):
         up, down = photos(dirs["up"], N, 20_000, "u"), photos(dirs["down"], N, 20_000, "d")
         results = {}
         pusher = threading.Thread(target=lambda: results.setdefault(
@@ -114,9 +128,6 @@ def test_200_files_both_directions_at_once_bit_exact(tmp_path: Path):
             assert files_in(dirs[received]) == [p.name for p in sent]
             for p, o in zip(sent, outcomes, strict=True):
                 assert o.sha256.hex() == sha(p) == sha(dirs[received] / p.name)
-    finally:
-        client.close(timeout=5)
-        server.close(timeout=5)
 
 
 class RecordedBar:
@@ -151,18 +162,10 @@ class Recording(Quiet):
 
 
 def test_a_batch_has_one_bar_for_all_its_files_and_a_single_file_its_own(tmp_path: Path):
-    pair = handshake_pair()
-    a, b = socket.socketpair()
     received = tmp_path / "received"
     received.mkdir()
     events = Recording()
-    sender = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
-                                label="server", events=events,
-                                received_dir=str(tmp_path)).start()
-    receiver = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
-                                  label="client", events=Quiet(), received_dir=str(received),
-                                  max_file_size=100_000).start()
-    try:
+    with wired(tmp_path, received, client_events=events, max_file_size=100_000) as (sender, _):
         ok = photos(tmp_path, 3, 20_000)
         too_big = jpeg_of_size(tmp_path / "big.jpg", 150_000)  # the receiver refuses it
         missing = tmp_path / "missing.jpg"  # refused here, before any offer
@@ -188,9 +191,6 @@ def test_a_batch_has_one_bar_for_all_its_files_and_a_single_file_its_own(tmp_pat
         assert events.log[0] == ("progress", sizes[0], "sending p000.jpg", 0)
         assert events.log[-1] == ("close",)
         assert [e[0] for e in events.log[1:-1]] == ["update"]
-    finally:
-        sender.close(timeout=5)
-        receiver.close(timeout=5)
 
 
 class SavedLog(Quiet):
@@ -205,8 +205,6 @@ def test_each_file_is_in_a_flushed_directory_before_it_is_reported_saved(tmp_pat
                                                                           monkeypatch):
     """Durability of a batch (DESIGN 3.8): every file's link is followed by an fsync
     of the directory before the receiver says saved (and then sends FileSaved)."""
-    pair = handshake_pair()
-    a, b = socket.socketpair()
     received = tmp_path / "received"
     received.mkdir()
     log: list = []
@@ -222,20 +220,11 @@ def test_each_file_is_in_a_flushed_directory_before_it_is_reported_saved(tmp_pat
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "link", link)
-    sender = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
-                                label="server", events=Quiet(),
-                                received_dir=str(tmp_path)).start()
-    receiver = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
-                                  label="client", events=SavedLog(log),
-                                  received_dir=str(received)).start()
-    try:
-        (tmp_path / "out").mkdir()
-        sent = photos(tmp_path / "out", 8, 20_000)
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 8, 20_000)
+    with wired(tmp_path, received, server_events=SavedLog(log)) as (sender, _):
         outcomes = sender.send_files([str(p) for p in sent])
-        assert [o.name for o in outcomes] == [p.name for p in sent]
-    finally:
-        sender.close(timeout=5)
-        receiver.close(timeout=5)
+    assert [o.name for o in outcomes] == [p.name for p in sent]
     directory = ("fsync", str(received))
     for p in sent:
         linked, saved = log.index(("link", p.name)), log.index(("saved", p.name))
@@ -244,8 +233,6 @@ def test_each_file_is_in_a_flushed_directory_before_it_is_reported_saved(tmp_pat
 
 def test_files_whose_directory_cannot_be_flushed_fail_and_do_not_stay(tmp_path: Path,
                                                                         monkeypatch):
-    pair = handshake_pair()
-    a, b = socket.socketpair()
     received = tmp_path / "received"
     received.mkdir()
 
@@ -253,19 +240,10 @@ def test_files_whose_directory_cannot_be_flushed_fail_and_do_not_stay(tmp_path: 
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(session.transfer, "flush_dir", flush_dir)
-    sender = session.Connection(a, crypt.record_pair(pair.client.keys, crypt.Role.CLIENT),
-                                label="server", events=Quiet(),
-                                received_dir=str(tmp_path)).start()
-    receiver = session.Connection(b, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
-                                  label="client", events=Quiet(),
-                                  received_dir=str(received)).start()
-    try:
-        (tmp_path / "out").mkdir()
-        sent = photos(tmp_path / "out", 3, 20_000)
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 3, 20_000)
+    with wired(tmp_path, received) as (sender, _):
         outcomes = sender.send_files([str(p) for p in sent])
-    finally:
-        sender.close(timeout=5)
-        receiver.close(timeout=5)
     assert [o.detail for o in outcomes] == \
         ["peer could not save it: cannot flush the directory: Input/output error"] * 3
     assert files_in(received) == []  # linked, not durable: removed again
