@@ -1436,17 +1436,18 @@ class Replies:
             except queue.Empty as e:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise NoAnswer(f"no answer from the peer within {timeout:g} s") from e
-        if msg is None:
-            self.queue.put(None)  # keep waking later waiters
-            raise ConnectionLost(conn.close_reason or "connection closed")
-        return msg
+        return self._live(msg)
 
     def get_nowait(self):
         """A reply that has come, or None; ConnectionLost once the session ended."""
         try:
-            msg = self.queue.get_nowait()
+            return self._live(self.queue.get_nowait())
         except queue.Empty:
             return None
+
+    def _live(self, msg):
+        """msg, unless it is the end (None): then ConnectionLost, and the end stays
+        queued to wake later waiters."""
         if msg is None:
             self.queue.put(None)
             raise ConnectionLost(self.conn.close_reason or "connection closed")
