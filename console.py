@@ -123,10 +123,13 @@ class _Router:
     through prompt_toolkit's StdoutProxy, which prints above a running prompt.  The
     main thread prints only between prompts (lists, results): its lines are written
     at once, so they are on the screen before the next prompt is painted rather
-    than pushed in by the proxy's thread a moment later, possibly onto that prompt."""
+    than pushed in by the proxy's thread a moment later, possibly onto that prompt.
+    They go out a whole line at a time: print() writes a line and its newline
+    separately, and the proxy's thread could put its line between the two."""
 
     def __init__(self, proxy, real, busy) -> None:
         self._proxy, self._real, self._busy = proxy, real, busy
+        self._partial = ""  # the main thread's text after its last newline
 
     def _target(self):
         if threading.current_thread() is threading.main_thread() and not self._busy():
@@ -135,13 +138,20 @@ class _Router:
 
     def write(self, text: str) -> int:
         target = self._target()
-        n = target.write(text)
-        if target is self._real:
+        if target is not self._real:
+            return target.write(text)
+        lines, newline, self._partial = (self._partial + text).rpartition("\n")
+        if newline:
+            self._real.write(lines + newline)
             self._real.flush()
-        return n
+        return len(text)
 
     def flush(self) -> None:
-        self._target().flush()
+        target = self._target()
+        if target is self._real and self._partial:  # print(..., end="", flush=True)
+            self._real.write(self._partial)
+            self._partial = ""
+        target.flush()
 
     def isatty(self) -> bool:
         return self._real.isatty()

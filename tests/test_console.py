@@ -79,3 +79,30 @@ def test_the_status_holds_one_row_per_bar_until_it_closes(clock: Clock):
     (3723, "1:02:03 left")])
 def test_time_left_reads_like_a_clock(seconds: float, text: str):
     assert console.eta(seconds) == text
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_main_threads_lines_reach_the_terminal_whole():
+    # print() writes a line and its newline separately; a line from another thread
+    # (through prompt_toolkit's proxy, onto the same terminal) must not land between
+    real, proxy = Stream(), Stream()
+    out = console._Router(proxy, real, lambda: False)
+    print("delivered", file=out)
+    print("two\nlines", file=out)
+    print("no newline yet", end="", file=out)
+    assert real.writes == ["delivered\n", "two\n", "lines\n"]  # whole lines only
+    print(" - now", file=out)
+    print("asked: ", end="", file=out, flush=True)
+    assert real.writes[3:] == ["no newline yet - now\n", "asked: "]
+    assert proxy.writes == []
