@@ -733,6 +733,10 @@ class DiskWriter:
     def write(self, target: _Receiving, data: memoryview, buf: PlainBuffer) -> None:
         self._put((target, data, buf))
 
+    def write_here(self, target: _Receiving, data: memoryview, buf: PlainBuffer) -> None:
+        """write, on the caller's thread (see _Receiving.inline)."""
+        self._write(target, data, buf)
+
     def run(self, job) -> None:
         """Run job() after everything queued before it (a file's finish)."""
         self._put(job)
@@ -833,6 +837,9 @@ class _Receiving:
     started: float
     bar: object
     failure: Exception | None = None  # set by the disk thread
+    # a file of one chunk is written by the reader itself: handing a chunk to the
+    # disk thread and back costs more than it saves unless more chunks follow
+    inline: bool = False
 
 
 class IncomingFile:
@@ -873,7 +880,8 @@ class IncomingFile:
         conn.events.file_offered(conn, offer.name, offer.size)
         bar = conn.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
         with self._lock:
-            self._files[offer.op] = _Receiving(incoming, started, bar)
+            self._files[offer.op] = _Receiving(incoming, started, bar,
+                                               inline=offer.size <= CHUNK_SIZE)
         conn.send(FileAccept(offer.op))
 
     def chunk(self, op: int, data: memoryview, buf: PlainBuffer) -> None:
@@ -889,7 +897,10 @@ class IncomingFile:
             self._fail(op, target.failure)
             return
         n = len(data)  # the disk thread releases `data` once written
-        self._disk.write(target, data, buf)
+        if target.inline:
+            self._disk.write_here(target, data, buf)
+        else:
+            self._disk.write(target, data, buf)
         target.bar.update(n)
 
     def ended(self, op: int, sha256: bytes) -> None:
@@ -899,7 +910,10 @@ class IncomingFile:
         target = self._files[op]
         with self._lock:
             self._ending.append(op)
-        self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
+        if target.inline:  # its data is written already
+            self._finishers().submit(self._finish, op, target, sha256)
+        else:
+            self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
 
     def _finishers(self) -> ThreadPoolExecutor:
         if self._pool is None:  # created with the first file: chat costs no threads
@@ -957,23 +971,38 @@ class IncomingFile:
         return report
 
     def _in_order(self, op: int, report) -> None:
-        """Run the completions of the flushed files in the order the files ended."""
-        with self._report_lock:
+        """Run the completions of the flushed files in the order the files ended.
+        One finisher at a time runs them, for every file whose turn it is; another
+        that finds it busy leaves its file to it rather than wait (the busy one looks
+        again after it is done, so none is left behind)."""
+        with self._lock:
             self._ready[op] = report
-            done = []  # every file whose turn it is: linked now, one directory fsync for all
-            while self._ending and self._ending[0] in self._ready:
-                with self._lock:
-                    head = self._ending.popleft()
-                done.append(self._ready.pop(head)())
-            dir_error = None
-            if any(linked for _, linked in done):
-                try:
-                    transfer.flush_dir(self._conn.received_dir)  # before any FileSaved
-                except OSError as e:
-                    dir_error = transfer.Rejected(Reason.WRITE_FAILED,
-                                                  f"cannot flush the directory: {e.strerror}")
-            for report, _ in done:
-                report(dir_error)
+        while self._report_lock.acquire(blocking=False):
+            try:
+                self._complete_ready()
+            finally:
+                self._report_lock.release()
+            with self._lock:
+                if not (self._ending and self._ending[0] in self._ready):
+                    return
+
+    def _complete_ready(self) -> None:
+        done = []  # every file whose turn it is: linked now, one directory fsync for all
+        while True:
+            with self._lock:
+                if not (self._ending and self._ending[0] in self._ready):
+                    break
+                report = self._ready.pop(self._ending.popleft())
+            done.append(report())
+        dir_error = None
+        if any(linked for _, linked in done):
+            try:
+                transfer.flush_dir(self._conn.received_dir)  # before any FileSaved
+            except OSError as e:
+                dir_error = transfer.Rejected(Reason.WRITE_FAILED,
+                                              f"cannot flush the directory: {e.strerror}")
+        for report, _ in done:
+            report(dir_error)
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -1256,9 +1285,14 @@ class NotDelivered(transfer.Rejected):
 
 # --- the socket's two directions --------------------------------------------------------------
 class SocketWriter:
-    """The writer thread: it owns the socket's send side and sends each queued record
-    whole (gathered, never joined).  After a failure the rest is dropped, never
-    retried, and `on_failure` gets the Close; at the end the send side is shut down."""
+    """The socket's send side: each sealed record goes out whole (gathered, never
+    joined), in the order it was put.  A record put while nothing waits goes out at
+    once from the caller's thread, as far as the socket takes it without blocking
+    (asyncio's transports do the same); the rest, and everything behind it, is sent
+    by the writer thread, which may block.  Handing every record to the thread
+    cost two thread switches per record, most of a small file's cost.  After a
+    failure the rest is dropped, never retried, and `on_failure` gets the Close; at
+    the end the send side is shut down."""
 
     def __init__(self, sock: socket.socket, name: str, send_timeout: float, on_failure) -> None:
         self.sock = sock
@@ -1267,6 +1301,49 @@ class SocketWriter:
         self._on_failure = on_failure
         self.progressed = 0.0  # time.monotonic() when the last record was sent whole
         self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._waiting = 0  # records put for the thread that it has not sent yet
+        self._count = threading.Lock()  # around _waiting
+        self._failed = False
+        self._ended = False
+
+    def end(self) -> None:
+        """Nothing more goes out after what was put so far (a record put later is
+        dropped, as after a failure)."""
+        with self._count:
+            self._ended = True
+        self.queue.put(None)
+
+    def put(self, pieces: list, on_sent=None) -> None:
+        """Send a sealed record after those put before it; the callers serialise
+        their puts (the session's seal lock), which keeps the records in order."""
+        with self._count:
+            direct = not (self._waiting or self._failed or self._ended) and self.thread.is_alive()
+        if direct:
+            pieces = self._send_now(pieces)
+            if not pieces:
+                if on_sent is not None:
+                    on_sent()
+                return
+        with self._count:
+            self._waiting += 1
+        self.queue.put((pieces, on_sent))
+
+    def _send_now(self, pieces: list) -> list:
+        """What the socket takes without blocking; returns the rest (the writer
+        thread sends it, or meets the same error and ends the session)."""
+        views = [memoryview(p).cast("B") for p in pieces]
+        try:
+            sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError (full), or a failure the thread will report
+            return views
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+        if not views:
+            self.progressed = time.monotonic()
+        return views
 
     def sent_or_stalled(self, patience: float) -> float:
         """Wait until the writer has sent all that is queued, or has sent no record for
@@ -1299,6 +1376,9 @@ class SocketWriter:
                                        f"connection lost: {e.strerror or e}"))
                 shut_down(self.sock)
             finally:
+                with self._count:
+                    self._waiting -= 1
+                    self._failed = failed
                 if on_sent is not None:
                     on_sent()
         try:
@@ -1534,15 +1614,15 @@ class Connection:
                 return
             *key_update, pieces = self._core.seal(msg, time.monotonic(), out)
             for record in key_update:  # a KeyUpdate when one is due
-                self._out.put((record, None))
-            self._out.put((pieces, on_sent))
+                self._sending.put(record)
+            self._sending.put(pieces, on_sent)
 
     def update_keys(self) -> None:
         """Send a KeyUpdate now (on demand): our direction moves to its next key epoch."""
         if self.closed.is_set():
             raise ConnectionLost(self.close_reason or "connection closed")
         with self._seal_lock:
-            self._out.put((self._core.seal_key_update(time.monotonic()), None))
+            self._sending.put(self._core.seal_key_update(time.monotonic()))
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -1604,7 +1684,7 @@ class Connection:
         self.close_reason = self.close_reason or close.detail
         self.closed.set()
         self.replies.queue.put(None)
-        self._out.put(None)
+        self._sending.end()
         if not self._closing:
             self.events.closed(self, self.close_reason)
 
@@ -1621,7 +1701,7 @@ class Connection:
         self._closing = True
         if not self.closed.is_set():
             self._send_quietly(Bye(reason))
-        self._out.put(None)
+        self._sending.end()
 
     def finish_close(self, deadline: float) -> None:
         """Wait for the goodbye to go out and the peer to hang up, then close.
