@@ -3,7 +3,6 @@ queued for the writer thread, so records leave in the order they were put, also
 when the socket is full; after end() nothing more goes out."""
 
 import socket
-import threading
 
 from session import Close, SocketWriter
 
