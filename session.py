@@ -956,11 +956,11 @@ class IncomingFile:
             if dir_error is not None:  # linked, but the link may not survive a crash:
                 # not saved, so it must not stay (DESIGN 3.8: whole and durable, or nothing)
                 with contextlib.suppress(OSError):
-                    os.unlink(incoming.directory / saved)
+                    os.unlink(os.path.join(incoming.directory, saved))
                 self._failed_report(op, incoming.name, dir_error)(None)
                 return
             # said here first: what the sender does after our reply is shown after it
-            conn.events.file_saved(conn, str(incoming.directory / saved), result)
+            conn.events.file_saved(conn, os.path.join(incoming.directory, saved), result)
             self._send_quietly(FileSaved(op, digest, saved))
         return report, True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -159,7 +160,7 @@ class IncomingFile:
 
     def __init__(self, directory: str | os.PathLike, offered_name: str, size: int,
                  max_size: int = DEFAULT_MAX_FILE_SIZE) -> None:
-        self.directory = Path(directory)
+        self.directory = os.fspath(directory)  # a str: path objects cost on every file
         self.name = sanitise_name(offered_name)
         self.size = size
         self.received = 0
@@ -291,22 +292,17 @@ class IncomingFile:
         # an unnamed file is linked through its /proc/self/fd entry: linkat with
         # AT_SYMLINK_FOLLOW needs no privilege (AT_EMPTY_PATH does).  os.link calls
         # plain link(), which would not follow, unless a dir fd is given.
-        proc_fd = None if self.temp else os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for n in range(10_000):
-                candidate = numbered(self.name, n)
-                try:
-                    if proc_fd is None:
-                        os.link(self.temp, self.directory / candidate)
-                    else:
-                        os.link(str(self._fd), self.directory / candidate,
-                                src_dir_fd=proc_fd, follow_symlinks=True)
-                    return candidate
-                except FileExistsError:
-                    continue
-        finally:
-            if proc_fd is not None:
-                os.close(proc_fd)
+        for n in range(10_000):
+            candidate = numbered(self.name, n)
+            target = os.path.join(self.directory, candidate)
+            try:
+                if self.temp:
+                    os.link(self.temp, target)
+                else:
+                    os.link(str(self._fd), target, src_dir_fd=_proc_fds(), follow_symlinks=True)
+                return candidate
+            except FileExistsError:
+                continue
         raise OSError(errno.EEXIST, "too many files with this name")
 
     def abort(self) -> None:
@@ -322,10 +318,20 @@ class IncomingFile:
             self._fd = None
 
 
-def _open_unnamed(directory: Path) -> int | None:
+@functools.cache
+def _proc_fds() -> int | None:
+    """/proc/self/fd, opened once for the process (an unnamed file is linked through
+    it); None where there is none."""
+    try:
+        return os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _open_unnamed(directory: str) -> int | None:
     """An O_TMPFILE file in directory, or None where that is not supported."""
     flag = getattr(os, "O_TMPFILE", 0)
-    if not (USE_O_TMPFILE and flag and os.path.isdir("/proc/self/fd")):
+    if not (USE_O_TMPFILE and flag and _proc_fds() is not None):
         return None
     try:
         return os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
@@ -396,7 +402,7 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str | os.PathLike) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -406,7 +412,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def flush_dir(directory: str | os.PathLike) -> None:
     """fsync a directory: the files linked into it before survive a crash."""
-    _fsync_dir(Path(directory))
+    _fsync_dir(directory)
 
 
 # --- photo metadata: what a JPEG carries, and the same JPEG without it ---------------
