@@ -292,17 +292,22 @@ class IncomingFile:
         # an unnamed file is linked through its /proc/self/fd entry: linkat with
         # AT_SYMLINK_FOLLOW needs no privilege (AT_EMPTY_PATH does).  os.link calls
         # plain link(), which would not follow, unless a dir fd is given.
-        for n in range(10_000):
-            candidate = numbered(self.name, n)
-            target = os.path.join(self.directory, candidate)
-            try:
-                if self.temp:
-                    os.link(self.temp, target)
-                else:
-                    os.link(str(self._fd), target, src_dir_fd=_proc_fds(), follow_symlinks=True)
-                return candidate
-            except FileExistsError:
-                continue
+        proc_fd = None if self.temp else os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for n in range(10_000):
+                candidate = numbered(self.name, n)
+                target = os.path.join(self.directory, candidate)
+                try:
+                    if proc_fd is None:
+                        os.link(self.temp, target)
+                    else:
+                        os.link(str(self._fd), target, src_dir_fd=proc_fd, follow_symlinks=True)
+                    return candidate
+                except FileExistsError:
+                    continue
+        finally:
+            if proc_fd is not None:
+                os.close(proc_fd)
         raise OSError(errno.EEXIST, "too many files with this name")
 
     def abort(self) -> None:
@@ -319,19 +324,15 @@ class IncomingFile:
 
 
 @functools.cache
-def _proc_fds() -> int | None:
-    """/proc/self/fd, opened once for the process (an unnamed file is linked through
-    it); None where there is none."""
-    try:
-        return os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
+def _have_proc_fds() -> bool:
+    """Whether /proc/self/fd exists (an unnamed file is linked through it)."""
+    return os.path.isdir("/proc/self/fd")
 
 
 def _open_unnamed(directory: str) -> int | None:
     """An O_TMPFILE file in directory, or None where that is not supported."""
     flag = getattr(os, "O_TMPFILE", 0)
-    if not (USE_O_TMPFILE and flag and _proc_fds() is not None):
+    if not (USE_O_TMPFILE and flag and _have_proc_fds()):
         return None
     try:
         return os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)

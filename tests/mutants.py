@@ -403,7 +403,7 @@ MUTANTS: list[dict] = [
          tests=[SAFETY + "test_a_signal_outside_a_prompt_only_sets_the_flag"]),
     dict(id="o-tmpfile-used", file="transfer.py",
          property="3.8 an incoming file is an unnamed O_TMPFILE file where supported",
-         original="    if not (USE_O_TMPFILE and flag and _proc_fds() is not None):",
+         original="    if not (USE_O_TMPFILE and flag and _have_proc_fds()):",
          replacement="    if True:",
          tests=["tests/test_transfer.py::test_a_full_receive_writes_the_exact_bytes",
                 SAFETY + "test_a_receiver_killed_mid_transfer_leaves_no_file"]),
