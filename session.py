@@ -226,6 +226,7 @@ def fingerprint(text: str) -> str:
 
 
 # --- frames on a socket --------------------------------------------------------------
+READ_AHEAD = 64 << 10  # bytes a session's reader may take beyond the frame it needs
 def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     """Read exactly n bytes; EOF mid-way is ConnectionLost.  With a deadline the
     whole read must finish by then (a byte a second does not keep it alive)."""
@@ -262,12 +263,48 @@ def read_frame(sock: socket.socket, deadline: float | None = None,
     return recv_exact(sock, length, deadline)
 
 
-def read_frame_into(sock: socket.socket, frame: memoryview) -> memoryview:
-    """read_frame into a reused buffer (of MAX_FRAME bytes); returns the body's view."""
-    length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size)))
-    body = frame[:length]
-    _recv_into(sock, body)
-    return body
+class FrameReader:
+    """The session's frames from one socket through one reused buffer: a recv takes
+    every small frame that has come (a photo's offer, data and end are three frames,
+    six recv calls one by one, each a hand-over of the GIL in a busy process), a
+    large body is received where it lies, never copied.  Only the frames after the
+    handshake come through here: it may read ahead."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._view = memoryview(bytearray(FRAME_HEADER.size + MAX_FRAME + READ_AHEAD))
+        self._start = self._end = 0  # the bytes received and not yet handed out
+
+    def next(self) -> memoryview:
+        """The next frame's body, valid until the next call."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._have(FRAME_HEADER.size)
+        start = self._start
+        length = frame_length(bytes(self._view[start : start + FRAME_HEADER.size]))
+        whole = FRAME_HEADER.size + length
+        if start + whole > len(self._view):  # no room behind it: move what came forward
+            n = self._end - start
+            self._view[:n] = self._view[start : self._end]
+            self._start, self._end, start = 0, n, 0
+        self._have(whole)
+        self._start = start + whole
+        return self._view[start + FRAME_HEADER.size : start + whole]
+
+    def _have(self, n: int) -> None:
+        """Receive until n bytes from _start are here; read ahead only behind a small
+        frame, so that a large body arrives in place and nothing has to move."""
+        while self._end - self._start < n:
+            stop = len(self._view) if n <= READ_AHEAD else self._start + n
+            try:
+                k = self._sock.recv_into(self._view[self._end : stop])
+            except OSError as e:
+                raise ConnectionLost(f"connection lost: {e.strerror or e}") from e
+            if k == 0:
+                if self._end == self._start:
+                    raise PeerClosed("connection closed by peer")
+                raise ConnectionLost("connection closed in the middle of a frame")
+            self._end += k
 
 
 def send_frame(sock: socket.socket, body: bytes) -> None:
@@ -1415,9 +1452,9 @@ class RecordReader:
     def run(self) -> None:
         conn = self.conn
         close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
-        frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
+        frames = FrameReader(conn.sock)  # every record is received into its buffer
         try:
-            while (ended := self._read_one(frame)) is None:
+            while (ended := self._read_one(frames)) is None:
                 pass
             close = ended
         except Exception as e:  # also a bug: it must end this session only, with one line
@@ -1428,10 +1465,10 @@ class RecordReader:
             conn._in.aborted(conn.close_info or close)
             conn._end(close)
 
-    def _read_one(self, frame: memoryview) -> Close | None:
+    def _read_one(self, frames: FrameReader) -> Close | None:
         """Receive one record and act on it; the Close when the peer ended the session."""
         conn = self.conn
-        body = read_frame_into(conn.sock, frame)
+        body = frames.next()
         buf = conn._in.free.get()
         msg = None
         try:
