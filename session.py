@@ -770,10 +770,6 @@ class DiskWriter:
     def write(self, target: _Receiving, data: memoryview, buf: PlainBuffer) -> None:
         self._put((target, data, buf))
 
-    def write_here(self, target: _Receiving, data: memoryview, buf: PlainBuffer) -> None:
-        """write, on the caller's thread (see _Receiving.inline)."""
-        self._write(target, data, buf)
-
     def run(self, job) -> None:
         """Run job() after everything queued before it (a file's finish)."""
         self._put(job)
@@ -874,9 +870,6 @@ class _Receiving:
     started: float
     bar: object
     failure: Exception | None = None  # set by the disk thread
-    # a file of one chunk is written by the reader itself: handing a chunk to the
-    # disk thread and back costs more than it saves unless more chunks follow
-    inline: bool = False
 
 
 class IncomingFile:
@@ -917,8 +910,7 @@ class IncomingFile:
         conn.events.file_offered(conn, offer.name, offer.size)
         bar = conn.events.progress(offer.size, f"receiving {neutralise(offer.name)[:30]}")
         with self._lock:
-            self._files[offer.op] = _Receiving(incoming, started, bar,
-                                               inline=offer.size <= CHUNK_SIZE)
+            self._files[offer.op] = _Receiving(incoming, started, bar)
         conn.send(FileAccept(offer.op))
 
     def chunk(self, op: int, data: memoryview, buf: PlainBuffer) -> None:
@@ -934,10 +926,7 @@ class IncomingFile:
             self._fail(op, target.failure)
             return
         n = len(data)  # the disk thread releases `data` once written
-        if target.inline:
-            self._disk.write_here(target, data, buf)
-        else:
-            self._disk.write(target, data, buf)
+        self._disk.write(target, data, buf)
         target.bar.update(n)
 
     def ended(self, op: int, sha256: bytes) -> None:
@@ -947,10 +936,7 @@ class IncomingFile:
         target = self._files[op]
         with self._lock:
             self._ending.append(op)
-        if target.inline:  # its data is written already
-            self._finishers().submit(self._finish, op, target, sha256)
-        else:
-            self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
+        self._disk.run(lambda: self._finishers().submit(self._finish, op, target, sha256))
 
     def _finishers(self) -> ThreadPoolExecutor:
         if self._pool is None:  # created with the first file: chat costs no threads
