@@ -493,7 +493,9 @@ class _RecordLayer:
     def _install(self, enc_key: bytes, mac_key: bytes, iv_mask: bytes) -> None:
         if len(enc_key) != KEY_SIZE or len(mac_key) != KEY_SIZE or len(iv_mask) != 8:
             raise LocalProtocolError("record keys have the wrong length")
-        self._aes = algorithms.AES(enc_key)
+        # one AES-CTR context per key, set to each record's own IV with reset_nonce:
+        # a new context per record cost more than encrypting a small record
+        self._ctr = self._context(Cipher(algorithms.AES(enc_key), modes.CTR(bytes(IV_SIZE))))
         self._mac = hmac.new(mac_key, digestmod=hashlib.sha256)
         self._iv_mask = iv_mask
         self.seq = 0
@@ -527,6 +529,10 @@ class _RecordLayer:
 
 class RecordSender(_RecordLayer):
     """Seals records: IV || AES-256-CTR(type || payload) || HMAC-SHA-256."""
+
+    @staticmethod
+    def _context(cipher: Cipher):
+        return cipher.encryptor()
 
     _epoch_start: float | None = None
 
@@ -567,7 +573,8 @@ class RecordSender(_RecordLayer):
         seq, iv, mac = self._peek()
         # CTR is a stream: the type byte and the payload are encrypted in one
         # keystream without first copying them into one buffer.
-        enc = Cipher(self._aes, modes.CTR(iv)).encryptor()
+        enc = self._ctr
+        enc.reset_nonce(iv)
         pieces = [enc.update(bytes([msg_type]) + head)]
         if payload and out is not None:
             pieces.append(out[: enc.update_into(payload, out)])
@@ -583,6 +590,10 @@ class RecordSender(_RecordLayer):
 
 class RecordReceiver(_RecordLayer):
     """Opens records in order; any failure is fatal to the connection."""
+
+    @staticmethod
+    def _context(cipher: Cipher):
+        return cipher.decryptor()
 
     def open(self, body: bytes | memoryview,
              out: memoryview | None = None) -> tuple[int, bytes | memoryview]:
@@ -603,7 +614,8 @@ class RecordReceiver(_RecordLayer):
         mac.update(ct)
         if not hmac.compare_digest(mac.digest(), tag) or iv != expected_iv:
             raise AuthError(AUTH_FAILED)
-        dec = Cipher(self._aes, modes.CTR(expected_iv)).decryptor()
+        dec = self._ctr
+        dec.reset_nonce(expected_iv)
         if out is None:
             plain = dec.update(ct)
             msg_type, payload = plain[0], plain[1:]

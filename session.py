@@ -226,6 +226,7 @@ def fingerprint(text: str) -> str:
 
 
 # --- frames on a socket --------------------------------------------------------------
+READ_AHEAD = 64 << 10  # bytes a session's reader may take beyond the frame it needs
 def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     """Read exactly n bytes; EOF mid-way is ConnectionLost.  With a deadline the
     whole read must finish by then (a byte a second does not keep it alive)."""
@@ -262,12 +263,48 @@ def read_frame(sock: socket.socket, deadline: float | None = None,
     return recv_exact(sock, length, deadline)
 
 
-def read_frame_into(sock: socket.socket, frame: memoryview) -> memoryview:
-    """read_frame into a reused buffer (of MAX_FRAME bytes); returns the body's view."""
-    length = frame_length(bytes(recv_exact(sock, FRAME_HEADER.size)))
-    body = frame[:length]
-    _recv_into(sock, body)
-    return body
+class FrameReader:
+    """The session's frames from one socket through one reused buffer: a recv takes
+    every small frame that has come (a photo's offer, data and end are three frames,
+    six recv calls one by one, each a hand-over of the GIL in a busy process), a
+    large body is received where it lies, never copied.  Only the frames after the
+    handshake come through here: it may read ahead."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._view = memoryview(bytearray(FRAME_HEADER.size + MAX_FRAME + READ_AHEAD))
+        self._start = self._end = 0  # the bytes received and not yet handed out
+
+    def next(self) -> memoryview:
+        """The next frame's body, valid until the next call."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._have(FRAME_HEADER.size)
+        start = self._start
+        length = frame_length(bytes(self._view[start : start + FRAME_HEADER.size]))
+        whole = FRAME_HEADER.size + length
+        if start + whole > len(self._view):  # no room behind it: move what came forward
+            n = self._end - start
+            self._view[:n] = self._view[start : self._end]
+            self._start, self._end, start = 0, n, 0
+        self._have(whole)
+        self._start = start + whole
+        return self._view[start + FRAME_HEADER.size : start + whole]
+
+    def _have(self, n: int) -> None:
+        """Receive until n bytes from _start are here; read ahead only behind a small
+        frame, so that a large body arrives in place and nothing has to move."""
+        while self._end - self._start < n:
+            stop = len(self._view) if n <= READ_AHEAD else self._start + n
+            try:
+                k = self._sock.recv_into(self._view[self._end : stop])
+            except OSError as e:
+                raise ConnectionLost(f"connection lost: {e.strerror or e}") from e
+            if k == 0:
+                if self._end == self._start:
+                    raise PeerClosed("connection closed by peer")
+                raise ConnectionLost("connection closed in the middle of a frame")
+            self._end += k
 
 
 def send_frame(sock: socket.socket, body: bytes) -> None:
@@ -942,11 +979,11 @@ class IncomingFile:
             if dir_error is not None:  # linked, but the link may not survive a crash:
                 # not saved, so it must not stay (DESIGN 3.8: whole and durable, or nothing)
                 with contextlib.suppress(OSError):
-                    os.unlink(incoming.directory / saved)
+                    os.unlink(os.path.join(incoming.directory, saved))
                 self._failed_report(op, incoming.name, dir_error)(None)
                 return
             # said here first: what the sender does after our reply is shown after it
-            conn.events.file_saved(conn, str(incoming.directory / saved), result)
+            conn.events.file_saved(conn, os.path.join(incoming.directory, saved), result)
             self._send_quietly(FileSaved(op, digest, saved))
         return report, True
 
@@ -957,23 +994,38 @@ class IncomingFile:
         return report
 
     def _in_order(self, op: int, report) -> None:
-        """Run the completions of the flushed files in the order the files ended."""
-        with self._report_lock:
+        """Run the completions of the flushed files in the order the files ended.
+        One finisher at a time runs them, for every file whose turn it is; another
+        that finds it busy leaves its file to it rather than wait (the busy one looks
+        again after it is done, so none is left behind)."""
+        with self._lock:
             self._ready[op] = report
-            done = []  # every file whose turn it is: linked now, one directory fsync for all
-            while self._ending and self._ending[0] in self._ready:
-                with self._lock:
-                    head = self._ending.popleft()
-                done.append(self._ready.pop(head)())
-            dir_error = None
-            if any(linked for _, linked in done):
-                try:
-                    transfer.flush_dir(self._conn.received_dir)  # before any FileSaved
-                except OSError as e:
-                    dir_error = transfer.Rejected(Reason.WRITE_FAILED,
-                                                  f"cannot flush the directory: {e.strerror}")
-            for report, _ in done:
-                report(dir_error)
+        while self._report_lock.acquire(blocking=False):
+            try:
+                self._complete_ready()
+            finally:
+                self._report_lock.release()
+            with self._lock:
+                if not (self._ending and self._ending[0] in self._ready):
+                    return
+
+    def _complete_ready(self) -> None:
+        done = []  # every file whose turn it is: linked now, one directory fsync for all
+        while True:
+            with self._lock:
+                if not (self._ending and self._ending[0] in self._ready):
+                    break
+                report = self._ready.pop(self._ending.popleft())
+            done.append(report())
+        dir_error = None
+        if any(linked for _, linked in done):
+            try:
+                transfer.flush_dir(self._conn.received_dir)  # before any FileSaved
+            except OSError as e:
+                dir_error = transfer.Rejected(Reason.WRITE_FAILED,
+                                              f"cannot flush the directory: {e.strerror}")
+        for report, _ in done:
+            report(dir_error)
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -1256,9 +1308,14 @@ class NotDelivered(transfer.Rejected):
 
 # --- the socket's two directions --------------------------------------------------------------
 class SocketWriter:
-    """The writer thread: it owns the socket's send side and sends each queued record
-    whole (gathered, never joined).  After a failure the rest is dropped, never
-    retried, and `on_failure` gets the Close; at the end the send side is shut down."""
+    """The socket's send side: each sealed record goes out whole (gathered, never
+    joined), in the order it was put.  A record put while nothing waits goes out at
+    once from the caller's thread, as far as the socket takes it without blocking
+    (asyncio's transports do the same); the rest, and everything behind it, is sent
+    by the writer thread, which may block.  Handing every record to the thread
+    cost two thread switches per record, most of a small file's cost.  After a
+    failure the rest is dropped, never retried, and `on_failure` gets the Close; at
+    the end the send side is shut down."""
 
     def __init__(self, sock: socket.socket, name: str, send_timeout: float, on_failure) -> None:
         self.sock = sock
@@ -1267,6 +1324,49 @@ class SocketWriter:
         self._on_failure = on_failure
         self.progressed = 0.0  # time.monotonic() when the last record was sent whole
         self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._waiting = 0  # records put for the thread that it has not sent yet
+        self._count = threading.Lock()  # around _waiting
+        self._failed = False
+        self._ended = False
+
+    def end(self) -> None:
+        """Nothing more goes out after what was put so far (a record put later is
+        dropped, as after a failure)."""
+        with self._count:
+            self._ended = True
+        self.queue.put(None)
+
+    def put(self, pieces: list, on_sent=None) -> None:
+        """Send a sealed record after those put before it; the callers serialise
+        their puts (the session's seal lock), which keeps the records in order."""
+        with self._count:
+            direct = not (self._waiting or self._failed or self._ended) and self.thread.is_alive()
+        if direct:
+            pieces = self._send_now(pieces)
+            if not pieces:
+                if on_sent is not None:
+                    on_sent()
+                return
+        with self._count:
+            self._waiting += 1
+        self.queue.put((pieces, on_sent))
+
+    def _send_now(self, pieces: list) -> list:
+        """What the socket takes without blocking; returns the rest (the writer
+        thread sends it, or meets the same error and ends the session)."""
+        views = [memoryview(p).cast("B") for p in pieces]
+        try:
+            sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError (full), or a failure the thread will report
+            return views
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+        if not views:
+            self.progressed = time.monotonic()
+        return views
 
     def sent_or_stalled(self, patience: float) -> float:
         """Wait until the writer has sent all that is queued, or has sent no record for
@@ -1299,6 +1399,9 @@ class SocketWriter:
                                        f"connection lost: {e.strerror or e}"))
                 shut_down(self.sock)
             finally:
+                with self._count:
+                    self._waiting -= 1
+                    self._failed = failed
                 if on_sent is not None:
                     on_sent()
         try:
@@ -1335,9 +1438,9 @@ class RecordReader:
     def run(self) -> None:
         conn = self.conn
         close = Close(CloseKind.PEER_VANISHED, Side.PEER, "connection closed")
-        frame = memoryview(bytearray(MAX_FRAME))  # every record is received into this
+        frames = FrameReader(conn.sock)  # every record is received into its buffer
         try:
-            while (ended := self._read_one(frame)) is None:
+            while (ended := self._read_one(frames)) is None:
                 pass
             close = ended
         except Exception as e:  # also a bug: it must end this session only, with one line
@@ -1348,10 +1451,10 @@ class RecordReader:
             conn._in.aborted(conn.close_info or close)
             conn._end(close)
 
-    def _read_one(self, frame: memoryview) -> Close | None:
+    def _read_one(self, frames: FrameReader) -> Close | None:
         """Receive one record and act on it; the Close when the peer ended the session."""
         conn = self.conn
-        body = read_frame_into(conn.sock, frame)
+        body = frames.next()
         buf = conn._in.free.get()
         msg = None
         try:
@@ -1534,15 +1637,15 @@ class Connection:
                 return
             *key_update, pieces = self._core.seal(msg, time.monotonic(), out)
             for record in key_update:  # a KeyUpdate when one is due
-                self._out.put((record, None))
-            self._out.put((pieces, on_sent))
+                self._sending.put(record)
+            self._sending.put(pieces, on_sent)
 
     def update_keys(self) -> None:
         """Send a KeyUpdate now (on demand): our direction moves to its next key epoch."""
         if self.closed.is_set():
             raise ConnectionLost(self.close_reason or "connection closed")
         with self._seal_lock:
-            self._out.put((self._core.seal_key_update(time.monotonic()), None))
+            self._sending.put(self._core.seal_key_update(time.monotonic()))
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -1604,7 +1707,7 @@ class Connection:
         self.close_reason = self.close_reason or close.detail
         self.closed.set()
         self.replies.queue.put(None)
-        self._out.put(None)
+        self._sending.end()
         if not self._closing:
             self.events.closed(self, self.close_reason)
 
@@ -1621,7 +1724,7 @@ class Connection:
         self._closing = True
         if not self.closed.is_set():
             self._send_quietly(Bye(reason))
-        self._out.put(None)
+        self._sending.end()
 
     def finish_close(self, deadline: float) -> None:
         """Wait for the goodbye to go out and the peer to hang up, then close.

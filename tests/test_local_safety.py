@@ -392,35 +392,26 @@ def test_a_receiver_killed_mid_transfer_leaves_no_file(env: Env, unnamed: bool):
 def test_an_exception_inside_seal_uses_up_no_sequence_number(monkeypatch):
     from conftest import handshake_pair
 
-    import crypt
     from protocol import Bye, FileData, decode_message
 
     p = handshake_pair()
     sender, receiver = p.client.records()[0], p.server.records()[1]
     first = sender.seal(FileData.TYPE, FileData(1, b"a" * 100).encode())
-    real_cipher = crypt.Cipher
+    real = sender._ctr  # the layer's AES-CTR context, set to each record's IV in turn
 
-    class Interrupted:  # a cipher whose payload encryption is cut short by Ctrl-C
-        def __init__(self, *a):
-            self._real = real_cipher(*a)
+    class Interrupted:  # payload encryption cut short by Ctrl-C, the context left mid-stream
+        reset_nonce = real.reset_nonce
+        update = real.update
 
-        def encryptor(self):
-            enc = self._real.encryptor()
+        def update_into(self, data, out):
+            real.update_into(data[:10], out)
+            raise KeyboardInterrupt
 
-            class Enc:
-                update = enc.update
-
-                def update_into(self, data, out):
-                    enc.update_into(data[:10], out)
-                    raise KeyboardInterrupt
-
-            return Enc()
-
-    monkeypatch.setattr(crypt, "Cipher", Interrupted)
+    sender._ctr = Interrupted()
     with pytest.raises(KeyboardInterrupt):
         sender.seal(FileData.TYPE, FileData(1, b"b" * 100).encode(), memoryview(bytearray(200)))
     assert sender.seq == 1
-    monkeypatch.setattr(crypt, "Cipher", real_cipher)
+    sender._ctr = real
     bye = sender.seal(Bye.TYPE, Bye("client interrupted").encode())
     assert sender.seq == 2
     for frame, expected in ((first, FileData(1, b"a" * 100)), (bye, Bye("client interrupted"))):
