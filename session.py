@@ -227,6 +227,7 @@ def fingerprint(text: str) -> str:
 
 # --- frames on a socket --------------------------------------------------------------
 READ_AHEAD = 64 << 10  # bytes a session's reader may take beyond the frame it needs
+DIRECT_MAX = 64 << 10  # a record up to this size may be sent from its caller's thread
 def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     """Read exactly n bytes; EOF mid-way is ConnectionLost.  With a deadline the
     whole read must finish by then (a byte a second does not keep it alive)."""
@@ -1309,11 +1310,11 @@ class NotDelivered(transfer.Rejected):
 # --- the socket's two directions --------------------------------------------------------------
 class SocketWriter:
     """The socket's send side: each sealed record goes out whole (gathered, never
-    joined), in the order it was put.  A record put while nothing waits goes out at
-    once from the caller's thread, as far as the socket takes it without blocking
-    (asyncio's transports do the same); the rest, and everything behind it, is sent
-    by the writer thread, which may block.  Handing every record to the thread
-    cost two thread switches per record, most of a small file's cost.  After a
+    joined), in the order it was put.  A small record put while nothing waits goes
+    out at once from the caller's thread, as far as the socket takes it without
+    blocking (asyncio's transports do the same); the rest, and everything behind
+    it, is sent by the writer thread, which may block.  Handing every record to the
+    thread cost two thread switches per record, most of a small file's cost.  After a
     failure the rest is dropped, never retried, and `on_failure` gets the Close; at
     the end the send side is shut down."""
 
@@ -1338,10 +1339,12 @@ class SocketWriter:
 
     def put(self, pieces: list, on_sent=None) -> None:
         """Send a sealed record after those put before it; the callers serialise
-        their puts (the session's seal lock), which keeps the records in order."""
+        their puts (the session's seal lock), which keeps the records in order.
+        A large record always goes to the thread: its caller prepares the next one
+        meanwhile (a bulk transfer is slower when the caller sends itself)."""
         with self._count:
             direct = not (self._waiting or self._failed or self._ended) and self.thread.is_alive()
-        if direct:
+        if direct and sum(map(len, pieces)) <= DIRECT_MAX:
             pieces = self._send_now(pieces)
             if not pieces:
                 if on_sent is not None:

@@ -4,7 +4,7 @@ when the socket is full; after end() nothing more goes out."""
 
 import socket
 
-from session import Close, SocketWriter
+from session import DIRECT_MAX, Close, SocketWriter
 
 
 def _pair():
@@ -85,7 +85,7 @@ def _available(sock: socket.socket) -> bytes:
 def test_a_record_put_while_one_waits_for_the_writer_goes_behind_it():
     a, b = _pair()
     w, held = _held_writer(a)
-    big, small = b"B" * 400_000, b"s" * 10
+    big, small = b"B" * DIRECT_MAX, b"s" * 10  # big: as large as goes at once
     w.put([big])  # what the socket takes goes at once, the rest waits for the thread
     head = _available(b)  # room again, but the rest of big is still queued
     assert 0 < len(head) < len(big)
@@ -94,6 +94,20 @@ def test_a_record_put_while_one_waits_for_the_writer_goes_behind_it():
     held.release()
     got = head + _read(b, len(big) - len(head) + len(small))
     assert got == big + small
+    w.end()
+    w.thread.join(10)
+    a.close()
+    b.close()
+
+
+def test_a_large_record_always_goes_to_the_writer_thread():
+    a, b = _pair()
+    w, held = _held_writer(a)
+    large = b"L" * (DIRECT_MAX + 1)  # its caller prepares the next one meanwhile
+    w.put([large])
+    assert _available(b) == b""
+    held.release()
+    assert _read(b, len(large)) == large
     w.end()
     w.thread.join(10)
     a.close()
