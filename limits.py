@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class Limits:
     # the session (session.py)
     data_in_flight: int = 4  # file records queued for the writer at most
-    finishers: int = 8  # threads flushing and linking received files at once (fsyncs overlap)
+    finishers: int = 3  # threads flushing received files at once (fsyncs overlap; more contend)
     max_backlog: int = 64  # records waiting for the writer before the peer counts as not reading
     reply_timeout: float = 30.0  # s for Delivered and FileAccept, answered at once by the peer
     saved_timeout: float = 600.0  # s for FileSaved: the receiver flushes the whole file first
