@@ -7,6 +7,7 @@ Interactive menu by default; batch mode with --send-text / --send-file.
 from __future__ import annotations
 
 import argparse
+import gc
 import socket
 import sys
 import time
@@ -539,4 +540,9 @@ GOODBYE = {EXIT_OK: ("client done", CloseKind.LOCAL_SHUTDOWN),
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Exit would next collect and free, one by one, the ~20,000 objects our imports made,
+    # which the OS frees at once anyway: ~15 ms of every run (measured, issue 15).  Frozen,
+    # the collector leaves them alone; stdout is still flushed and threads still joined.
+    gc.freeze()
+    sys.exit(code)

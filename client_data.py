@@ -129,6 +129,8 @@ class Trust(enum.Enum):
 
 @dataclass(frozen=True)
 class TrustResult:
+    """What known_hosts says of a server's identity."""
+
     trust: Trust
     expected: str | None = None  # pinned fingerprint, when there is one
     line: int | None = None  # 1-based line of the pin in known_hosts

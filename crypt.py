@@ -351,6 +351,8 @@ def next_traffic_secret(secret: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class SessionKeys:
+    """The handshake's keys and secrets, as derive_keys makes them."""
+
     c2s_traffic: bytes  # epoch 0 traffic secrets; the keys below derive from them
     s2c_traffic: bytes
     c2s_enc: bytes

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Limits:
+    """The reference implementation's local policy (see the module docstring)."""
+
     # the session (session.py)
     data_in_flight: int = 4  # file records queued for the writer at most
     finishers: int = 3  # threads flushing received files at once (fsyncs overlap; more contend)

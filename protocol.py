@@ -180,6 +180,8 @@ _VERSION = struct.Struct(">4sH")
 
 @dataclass(frozen=True, slots=True)
 class ClientHello:
+    """Client -> server, first: its key shares and the commitment to its code nonce."""
+
     random: bytes
     ecdh_share: bytes
     mlkem_ek: bytes
@@ -335,6 +337,8 @@ MAX_HANDSHAKE = ServerHello.SIZE
 
 @dataclass(frozen=True, slots=True)
 class Alert:
+    """Plaintext and unauthenticated: why a handshake ends (shown by its code only)."""
+
     code: AlertCode
     reason: str
 
@@ -432,6 +436,8 @@ def _reason(code: int) -> Reason:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """Server -> client, the first record: the client is admitted."""
+
     TYPE = MsgType.WELCOME
 
     def encode(self) -> bytes:
@@ -483,6 +489,8 @@ class _Reasoned:
 
 @dataclass(frozen=True, slots=True)
 class Refused(_Reasoned):
+    """Server -> client, the first record: the client authenticated but is not admitted."""
+
     TYPE = MsgType.REFUSED
 
 
@@ -524,11 +532,15 @@ class _OpReasoned:
 
 @dataclass(frozen=True, slots=True)
 class FileReject(_OpReasoned):
+    """Receiver -> sender: the offered file is not taken."""
+
     TYPE = MsgType.FILE_REJECT
 
 
 @dataclass(frozen=True, slots=True)
 class FileFailed(_OpReasoned):
+    """Receiver -> sender: the file was not saved."""
+
     TYPE = MsgType.FILE_FAILED
 
 
@@ -541,6 +553,8 @@ class FileCancel(_OpReasoned):
 
 @dataclass(frozen=True, slots=True)
 class Text:
+    """A text message; the peer answers with Delivered and the same msg_id."""
+
     TYPE = MsgType.TEXT
     msg_id: int
     text: str
@@ -562,6 +576,8 @@ class Text:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
+    """The answer to a Text: it reached the peer."""
+
     TYPE = MsgType.DELIVERED
     msg_id: int
 
@@ -576,6 +592,8 @@ class Delivered:
 
 @dataclass(frozen=True, slots=True)
 class FileOffer:
+    """Sender -> receiver: a file operation begins, with its id, size and name."""
+
     TYPE = MsgType.FILE_OFFER
     op: int
     size: int
@@ -602,6 +620,8 @@ class FileOffer:
 
 @dataclass(frozen=True, slots=True)
 class FileAccept:
+    """Receiver -> sender: the offer is taken, its data may come."""
+
     TYPE = MsgType.FILE_ACCEPT
     op: int
 
@@ -639,6 +659,8 @@ class FileData:
 
 @dataclass(frozen=True, slots=True)
 class FileEnd:
+    """Sender -> receiver: all of the file's data was sent; its SHA-256."""
+
     TYPE = MsgType.FILE_END
     op: int
     sha256: bytes
@@ -654,6 +676,8 @@ class FileEnd:
 
 @dataclass(frozen=True, slots=True)
 class FileSaved:
+    """Receiver -> sender: the file is on disk and durable, under this name."""
+
     TYPE = MsgType.FILE_SAVED
     op: int
     sha256: bytes
@@ -672,6 +696,8 @@ class FileSaved:
 
 @dataclass(frozen=True, slots=True)
 class Bye:
+    """The sender ends the session cleanly: nothing more comes from it."""
+
     TYPE = MsgType.BYE
     reason: str = ""
 
@@ -685,6 +711,8 @@ class Bye:
 
 @dataclass(frozen=True, slots=True)
 class Error:
+    """The sender ends the session on an error: nothing more comes from it."""
+
     TYPE = MsgType.ERROR
     reason: str = ""
 

@@ -418,6 +418,8 @@ def human_size(n: float) -> str:
 
 @dataclass(frozen=True)
 class FileResult:
+    """A file delivered (sent or received), for its one summary line."""
+
     name: str  # as saved by the receiver (neutralised for display by the caller)
     size: int
     sha256: bytes

@@ -92,23 +92,29 @@ class Close:
 # --- events returned by receive -----------------------------------------------------------
 @dataclass(frozen=True)
 class Welcomed:
-    pass
+    """The server admitted us (client side)."""
 
 
 @dataclass(frozen=True)
 class WasRefused:
+    """The server refused us after the handshake (client side)."""
+
     reason: int
     detail: str
 
 
 @dataclass(frozen=True)
 class TextReceived:
+    """A text from the peer."""
+
     msg_id: int
     text: str
 
 
 @dataclass(frozen=True)
 class FileOffered:
+    """The peer offers a file: ours to accept or reject."""
+
     op: int
     name: str
     size: int
@@ -116,6 +122,8 @@ class FileOffered:
 
 @dataclass(frozen=True)
 class FileChunk:
+    """Data of a file the peer is sending us."""
+
     op: int
     data: memoryview
 
@@ -129,12 +137,16 @@ class FileDiscarded:
 
 @dataclass(frozen=True)
 class FileEnded:
+    """The peer's file is complete: its data is to be checked against `sha256`."""
+
     op: int
     sha256: bytes
 
 
 @dataclass(frozen=True)
 class FileCancelled:
+    """The peer gave up on its file: nothing of it is to be saved."""
+
     op: int
     name: str  # "" when the transfer was being discarded
     detail: str
@@ -149,6 +161,8 @@ class ReplyReceived:
 
 @dataclass(frozen=True)
 class SessionEnded:
+    """The session is over; `close` says why."""
+
     close: Close
 
 
@@ -184,6 +198,8 @@ _OPEN_STREAM = (Outbound.ACCEPTED, Outbound.STREAMING, Outbound.FAILED)
 
 @dataclass
 class _InFile:
+    """A file the peer is sending us."""
+
     name: str
     size: int
     state: Inbound = Inbound.OFFERED
@@ -192,6 +208,8 @@ class _InFile:
 
 @dataclass
 class _OutFile:
+    """A file we are sending."""
+
     size: int
     state: Outbound = Outbound.ACCEPT
 

@@ -59,6 +59,8 @@ def is_jpeg_name(name: str) -> bool:
 # --- sending -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Outgoing:
+    """A file that passed the sender's checks (check_outgoing)."""
+
     path: Path
     name: str
     size: int  # of the bytes to send
