@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +194,10 @@ class IncomingFile:
         try:
             fd = _open_unnamed(self.directory)
             while fd is None:
+                # imported here: only this fallback needs it, and it pulls in shutil,
+                # bz2, lzma and zlib (~4 ms of every client's start)
+                import tempfile  # noqa: PLC0415
+
                 fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX,
                                             dir=self.directory)
                 if _lock_if_still_there(fd, path):

@@ -305,7 +305,7 @@ def test_a_clean_up_between_creating_and_locking_the_temp_file_is_survived(tmp_p
             assert transfer.remove_stale_temps(tmp_path) == [os.path.basename(path)]
         return fd, path
 
-    monkeypatch.setattr(transfer.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # the module transfer imports
     data = b"\xff\xd8\xff" + os.urandom(5000)
     inc = transfer.IncomingFile(tmp_path, "photo.jpg", len(data))
     assert len(made) == 2 and inc.temp == Path(made[1])
