@@ -4,6 +4,8 @@ when the socket is full; after end() nothing more goes out."""
 
 import socket
 
+import pytest
+
 from session import DIRECT_MAX, Close, SocketWriter
 
 
@@ -65,9 +67,20 @@ class _Held:
         self._real.start()
 
 
-def _held_writer(sock):
-    w = SocketWriter(sock, "writer test", 30.0, lambda close: None)
-    return w, _Held(w)
+@pytest.fixture
+def held():
+    """A writer whose thread is held (see _Held), its socket's far end, and at the
+    end the writer stopped and both ends closed."""
+    a, b = _pair()
+    w = SocketWriter(a, "writer test", 30.0, lambda close: None)
+    gate = _Held(w)
+    yield w, gate, b
+    w.end()
+    if w.thread is gate:
+        gate.release()
+    w.thread.join(10)
+    a.close()
+    b.close()
 
 
 def _available(sock: socket.socket) -> bytes:
@@ -82,48 +95,35 @@ def _available(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
-def test_a_record_put_while_one_waits_for_the_writer_goes_behind_it():
-    a, b = _pair()
-    w, held = _held_writer(a)
+def test_a_record_put_while_one_waits_for_the_writer_goes_behind_it(held):
+    w, gate, b = held
     big, small = b"B" * DIRECT_MAX, b"s" * 10  # big: as large as goes at once
     w.put([big])  # what the socket takes goes at once, the rest waits for the thread
     head = _available(b)  # room again, but the rest of big is still queued
     assert 0 < len(head) < len(big)
     w.put([small])  # must not overtake the rest of big
     assert _available(b) == b""
-    held.release()
+    gate.release()
     got = head + _read(b, len(big) - len(head) + len(small))
     assert got == big + small
-    w.end()
-    w.thread.join(10)
-    a.close()
-    b.close()
 
 
-def test_a_large_record_always_goes_to_the_writer_thread():
-    a, b = _pair()
-    w, held = _held_writer(a)
+def test_a_large_record_always_goes_to_the_writer_thread(held):
+    w, gate, b = held
     large = b"L" * (DIRECT_MAX + 1)  # its caller prepares the next one meanwhile
     w.put([large])
     assert _available(b) == b""
-    held.release()
+    gate.release()
     assert _read(b, len(large)) == large
-    w.end()
-    w.thread.join(10)
-    a.close()
-    b.close()
 
 
-def test_nothing_goes_out_after_end():
-    a, b = _pair()
-    w, held = _held_writer(a)
+def test_nothing_goes_out_after_end(held):
+    w, gate, b = held
     w.put([b"first"])
     assert _read(b, 5) == b"first"
     w.end()  # the thread has not taken the end from its queue yet
     w.put([b"late"])  # queued behind the end: never sent
     assert _available(b) == b""
-    held.release()
+    gate.release()
     w.thread.join(10)
     assert b.recv(100) == b""  # the writer shut the send side down, "late" unsent
-    a.close()
-    b.close()
