@@ -280,17 +280,24 @@ class FrameReader:
         """The next frame's body, valid until the next call."""
         if self._start == self._end:
             self._start = self._end = 0
+        self._room(FRAME_HEADER.size)  # a header may be cut by the buffer's end too
         self._have(FRAME_HEADER.size)
         start = self._start
         length = frame_length(bytes(self._view[start : start + FRAME_HEADER.size]))
         whole = FRAME_HEADER.size + length
-        if start + whole > len(self._view):  # no room behind it: move what came forward
-            n = self._end - start
-            self._view[:n] = self._view[start : self._end]
-            self._start, self._end, start = 0, n, 0
+        self._room(whole)
         self._have(whole)
+        start = self._start
         self._start = start + whole
         return self._view[start + FRAME_HEADER.size : start + whole]
+
+    def _room(self, n: int) -> None:
+        """Room for n bytes from _start: if they would pass the buffer's end, move
+        what has come to the front."""
+        if self._start + n > len(self._view):
+            k = self._end - self._start
+            self._view[:k] = self._view[self._start : self._end]
+            self._start, self._end = 0, k
 
     def _have(self, n: int) -> None:
         """Receive until n bytes from _start are here; read ahead only behind a small

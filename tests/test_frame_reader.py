@@ -78,3 +78,28 @@ def test_a_frame_length_out_of_bounds_is_refused_before_its_body_is_read(length)
         FrameReader(b).next()
     a.close()
     b.close()
+
+
+class _Arrived:
+    """A socket whose peer's bytes have all arrived: recv_into takes what fits."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def recv_into(self, view) -> int:
+        n = min(len(view), len(self._data) - self._pos)
+        view[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4])
+def test_a_header_cut_by_the_end_of_the_buffer_is_read_whole(cut):
+    """A reader behind its peer fills the buffer to its end: the next header's first
+    `cut` bytes end up there, the rest comes with the next recv."""
+    size = FRAME_HEADER.size + MAX_FRAME + READ_AHEAD  # the reader's buffer
+    sizes = [1000] * ((size - cut) // 1004 - 1)
+    sizes.append(size - cut - 1004 * len(sizes) - FRAME_HEADER.size)  # next header at size - cut
+    sizes += [50] * 3
+    reader = FrameReader(_Arrived(b"".join(frame(bytes([len(sizes) % 251]) * n) for n in sizes)))
+    assert [len(reader.next()) for _ in sizes] == sizes
