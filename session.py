@@ -1353,14 +1353,16 @@ class SocketWriter:
         meanwhile (a bulk transfer is slower when the caller sends itself)."""
         with self._count:
             direct = not (self._waiting or self._failed or self._ended) and self.thread.is_alive()
-        if direct and sum(map(len, pieces)) <= DIRECT_MAX:
-            pieces = self._send_now(pieces)
-            if not pieces:
-                if on_sent is not None:
-                    on_sent()
-                return
-        with self._count:
-            self._waiting += 1
+            if direct and sum(map(len, pieces)) <= DIRECT_MAX:
+                # under the lock (it never blocks): an end() cannot come between the
+                # check and the send, so nothing goes out after the end
+                pieces = self._send_now(pieces)
+            if pieces:
+                self._waiting += 1
+        if not pieces:
+            if on_sent is not None:
+                on_sent()
+            return
         self.queue.put((pieces, on_sent))
 
     def _send_now(self, pieces: list) -> list:
