@@ -247,12 +247,13 @@ class IncomingFile:
         A failure is kept for finish to report: once fsync has failed, a second
         fsync may succeed although the data never reached the disk (the kernel
         forgets the error, and may drop the pages, once it has reported it).
-        Once every byte is in, the file gets its final mode first (as finish would
-        give it), so that finish, which runs for one file after the other, has
-        nothing left to flush."""
+        Once every byte is in, an unnamed file gets its final mode first (as finish
+        would give it), so that finish, which runs for one file after the other, has
+        nothing left to flush.  A named fallback temp file keeps 0600 until it is
+        verified: others could read it in the directory meanwhile."""
         if self._fd is not None and self._flush_error is None:
             try:
-                whole = self.received == self.size
+                whole = self.received == self.size and self.temp is None
                 if whole:
                     os.fchmod(self._fd, RECEIVED_MODE)
                 os.fsync(self._fd)

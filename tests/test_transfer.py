@@ -476,3 +476,25 @@ def test_sizes_beyond_4_gib_are_64_bit_on_the_wire_and_in_the_offer_check(tmp_pa
         IncomingFile(tmp_path, "huge.jpg", five_gib, max_size=4 << 30)
     assert r.value.reason == Reason.TOO_LARGE
     assert files_in(tmp_path) == []
+
+
+def test_a_named_temp_file_stays_private_until_it_is_verified(tmp_path, monkeypatch):
+    """Where there is no O_TMPFILE the temp file has a name in the directory: flushed
+    whole, it still waits (its turn, then the SHA-256 check) as 0600, and a file
+    whose check fails is never readable by others."""
+    monkeypatch.setattr(transfer, "USE_O_TMPFILE", False)
+    data = b"\xff\xd8\xff" + os.urandom(5000)
+    inc = transfer.IncomingFile(tmp_path, "photo.jpg", len(data))
+    inc.write(data)
+    inc.flush()
+    assert inc.temp is not None and inc.temp.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(transfer.Rejected) as e:
+        inc.finish(hashlib.sha256(b"something else").digest())
+    assert e.value.reason == Reason.HASH_MISMATCH
+    assert files_in(tmp_path) == []
+    inc = transfer.IncomingFile(tmp_path, "photo.jpg", len(data))
+    inc.write(data)
+    inc.flush()
+    assert inc.temp.stat().st_mode & 0o777 == 0o600
+    saved, _ = inc.finish(hashlib.sha256(data).digest())
+    assert (tmp_path / saved).stat().st_mode & 0o777 == transfer.RECEIVED_MODE
