@@ -228,6 +228,8 @@ def fingerprint(text: str) -> str:
 # --- frames on a socket --------------------------------------------------------------
 READ_AHEAD = 64 << 10  # bytes a session's reader may take beyond the frame it needs
 DIRECT_MAX = 64 << 10  # a record up to this size may be sent from its caller's thread
+
+
 def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     """Read exactly n bytes; EOF mid-way is ConnectionLost.  With a deadline the
     whole read must finish by then (a byte a second does not keep it alive)."""
@@ -324,14 +326,22 @@ def send_frame(sock: socket.socket, body: bytes) -> None:
 
 def send_pieces(sock: socket.socket, pieces: list) -> None:
     """Gathered send of one sealed record without joining its pieces."""
-    views = [memoryview(p).cast("B") for p in pieces]
+    views = byte_views(pieces)
     while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
+        drop_sent(views, sock.sendmsg(views))
+
+
+def byte_views(pieces: list) -> list:
+    return [memoryview(p).cast("B") for p in pieces]
+
+
+def drop_sent(views: list, sent: int) -> None:
+    """Remove from views (in place) the first `sent` bytes, which went out."""
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if sent:
+        views[0] = views[0][sent:]
 
 
 def send_records(sock: socket.socket, records: list) -> None:
@@ -1016,14 +1026,18 @@ class IncomingFile:
             finally:
                 self._report_lock.release()
             with self._lock:
-                if not (self._ending and self._ending[0] in self._ready):
+                if not self._head_ready():
                     return
+
+    def _head_ready(self) -> bool:
+        """Whether the next file to complete is flushed (called under _lock)."""
+        return bool(self._ending) and self._ending[0] in self._ready
 
     def _complete_ready(self) -> None:
         done = []  # every file whose turn it is: linked now, one directory fsync for all
         while True:
             with self._lock:
-                if not (self._ending and self._ending[0] in self._ready):
+                if not self._head_ready():
                     break
                 report = self._ready.pop(self._ending.popleft())
             done.append(report())
@@ -1368,16 +1382,11 @@ class SocketWriter:
     def _send_now(self, pieces: list) -> list:
         """What the socket takes without blocking; returns the rest (the writer
         thread sends it, or meets the same error and ends the session)."""
-        views = [memoryview(p).cast("B") for p in pieces]
+        views = byte_views(pieces)
         try:
-            sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+            drop_sent(views, self.sock.sendmsg(views, (), socket.MSG_DONTWAIT))
         except OSError:  # BlockingIOError (full), or a failure the thread will report
             return views
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
         if not views:
             self.progressed = time.monotonic()
         return views

@@ -285,7 +285,7 @@ class IncomingFile:
         try:
             saved = self._link_into_place()
             if sync_dir:
-                _fsync_dir(self.directory)
+                flush_dir(self.directory)
         except OSError as e:
             raise _disk_reason(e) from e
         finally:
@@ -409,17 +409,13 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def _fsync_dir(directory: str | os.PathLike) -> None:
+def flush_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory: the files linked into it before survive a crash."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def flush_dir(directory: str | os.PathLike) -> None:
-    """fsync a directory: the files linked into it before survive a crash."""
-    _fsync_dir(directory)
 
 
 # --- photo metadata: what a JPEG carries, and the same JPEG without it ---------------
