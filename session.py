@@ -1531,6 +1531,7 @@ class Replies:
         answers loses the session: any violation closes, as in the reader."""
         conn = self.conn
         with self._lock:
+            interrupted = False
             try:
                 yield
             except RemoteProtocolError as e:
@@ -1540,9 +1541,15 @@ class Replies:
             except NoAnswer:
                 conn.begin_close("no answer", kind=CloseKind.TIMEOUT)
                 raise
+            except KeyboardInterrupt:
+                # the session ends (its goodbye follows), but what we sent is still open
+                # for the peer (PROTOCOL.md 11.2): its reply may come before our Bye
+                interrupted = True
+                raise
             finally:
-                with conn._seal_lock:
-                    conn._core.operation_over()  # a late reply is the peer's error
+                if not interrupted:
+                    with conn._seal_lock:
+                        conn._core.operation_over()  # a late reply is the peer's error
 
     def check(self, reply, *, msg_id: int | None = None):
         """The reply, checked by the core against what the operation waits for."""

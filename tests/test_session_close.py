@@ -207,3 +207,50 @@ def test_a_session_whose_threads_cannot_start_ends_and_leaves_no_thread(tmp_path
     s.conn.close(timeout=WAIT)  # returns at once: nothing to wait for
     assert s.sock.recv(1) == b""  # its socket is closed
     s.sock.close()
+
+
+def test_a_reply_to_an_interrupted_operation_is_no_error_before_the_goodbye(tmp_path: Path):
+    """Interrupted while waiting for a FileAccept, the operation ends, but the offer
+    is still open for the peer (PROTOCOL.md 11.2): its FileAccept may come before our
+    Bye, and the session must take it and go on to say goodbye, not fail."""
+    from protocol import Delivered, FileAccept, FileOffer
+
+    pair = handshake_pair()
+    sock, theirs = socket.socketpair()
+    sender, receiver = crypt.record_pair(pair.client.keys, crypt.Role.CLIENT)
+    interrupted = threading.Event()
+    received = tmp_path / "received"
+    received.mkdir()
+    conn = session.Connection(theirs, crypt.record_pair(pair.server.keys, crypt.Role.SERVER),
+                              label="c", events=Lines(), received_dir=str(received),
+                              interrupted=interrupted).start()
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"\xff\xd8\xff" + bytes(5000))
+    outcome = []
+
+    def send():
+        try:
+            conn.send_files([str(photo)])
+        except KeyboardInterrupt:
+            outcome.append("interrupted")
+
+    def read():
+        return decode_message(*receiver.open(session.read_frame(sock, time.monotonic() + WAIT)))
+
+    t = threading.Thread(target=send)
+    t.start()
+    offer = read()
+    assert isinstance(offer, FileOffer)
+    interrupted.set()  # Ctrl-C while the operation waits for the answer to its offer
+    t.join(WAIT)
+    assert outcome == ["interrupted"]
+    for msg in (FileAccept(offer.op), Text(1, "still there?")):
+        session.send_pieces(sock, sender.seal(msg.TYPE, msg.encode()))
+    assert read() == Delivered(1)  # the late FileAccept was taken: no protocol error
+    conn.begin_close("interrupted")
+    assert read() == Bye("interrupted")
+    sock.shutdown(socket.SHUT_WR)
+    assert conn.closed.wait(WAIT)
+    conn.finish_close(time.monotonic() + WAIT)
+    assert conn.close_info.kind is CloseKind.LOCAL_SHUTDOWN
+    sock.close()
