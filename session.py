@@ -970,9 +970,14 @@ class IncomingFile:
         """On a finisher thread: flush the file's data (the slow part, several files at
         once), then verify, link and reply in the order the files ended (the same name
         twice is numbered in that order)."""
-        if target.failure is None:
-            target.file.flush()
-        self._in_order(op, lambda: self._complete(op, target, sha256))
+        try:
+            if target.failure is None:
+                target.file.flush()
+            self._in_order(op, lambda: self._complete(op, target, sha256))
+        except Exception as e:  # a bug, or a line that could not be written (stdout full):
+            # the pool would keep it to itself, and the sender would wait for replies that
+            # never come; it ends this session as on the reader thread
+            self._conn._fail(e)
 
     def _complete(self, op: int, target: _Receiving, sha256: bytes):
         """Verify and link (its fsync is cheap now); returns (report, linked): the
@@ -1682,6 +1687,13 @@ class Connection:
             self.send(msg)
         except (ConnectionLost, ProtocolError):
             pass
+
+    def _fail(self, e: Exception) -> None:
+        """End the session for an exception on one of its threads (the reader's way)."""
+        close, last_word = reader_close(e)
+        if last_word is not None:
+            self._send_quietly(last_word)
+        self._end(close)
 
     # operations for the caller -------------------------------------------------------
     def _check_interrupted(self) -> None:
