@@ -776,8 +776,9 @@ class DiskWriter:
     (hashlib, os.write and fsync release the GIL).  A write failure is kept on the
     file it belongs to until the reader collects it."""
 
-    def __init__(self, free: queue.Queue, name: str) -> None:
+    def __init__(self, free: queue.Queue, name: str, on_failure) -> None:
         self._free = free
+        self._on_failure = on_failure  # an unexpected exception in a job ends the session
         self._jobs: queue.Queue = queue.Queue()
         # started with the first job: a chat-only session costs no extra thread
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
@@ -801,6 +802,9 @@ class DiskWriter:
                     job()
                 else:
                     self._write(*job)
+            except Exception as e:  # e.g. no thread for the finishers: this thread goes on,
+                # or the reader would wait forever for the buffers queued behind it
+                self._on_failure(e)
             finally:
                 self._jobs.task_done()
         self._jobs.task_done()
@@ -906,7 +910,7 @@ class IncomingFile:
         self.free: queue.Queue = queue.Queue()
         for _ in range(DATA_IN_FLIGHT + 1):
             self.free.put(PlainBuffer())
-        self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
+        self._disk = DiskWriter(self.free, f"disk {conn.label}", conn._fail)
         self._files: dict[int, _Receiving] = {}  # by operation id
         self._pool: ThreadPoolExecutor | None = None
         # files finish in parallel but are reported (line, then reply) in the order they ended

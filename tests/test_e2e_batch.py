@@ -298,6 +298,38 @@ def test_a_failure_while_finishing_a_file_ends_the_session_and_the_sender_is_tol
     assert all(sha(received / p.name) == sha(p) for p in sent[:len(names)])
 
 
+def test_no_thread_for_the_finishers_ends_the_session_and_the_sender_is_told(
+        tmp_path: Path, monkeypatch):
+    """The disk thread hands each ended file to the finishers; when their threads
+    cannot start (the process is out of threads) the session ends with an internal
+    error at once, and the disk thread lives on to give back the buffers it holds."""
+    monkeypatch.setattr(session, "SAVED_TIMEOUT", 60.0)  # what a stuck sender would wait
+
+    def no_threads(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(session.IncomingFile, "_finishers", no_threads)
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 2, 20_000)
+    reported: list = []
+    with wired(tmp_path, received) as (sender, receiver):
+        with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
+                                                         "error$"):
+            sender.send_files([str(p) for p in sent],
+                              report=lambda i, outcome: reported.append((i, outcome)))
+        assert receiver.closed.wait(10)
+        assert receiver.close_reason == ("connection closed: internal error: "
+                                         "RuntimeError(\"can't start new thread\")")
+    # the reader has ended (and stopped the disk thread): every buffer came back
+    assert not receiver._reader.is_alive()
+    assert receiver._in.free.qsize() == session.DATA_IN_FLIGHT + 1
+    assert [(i, type(o), o.detail) for i, o in reported] == [
+        (i, session.NotDelivered, "peer reported an error: internal error") for i in (0, 1)]
+    assert files_in(received) == []
+
+
 # --- cut short -----------------------------------------------------------------------------
 def _batch(env: Env) -> tuple[list[Path], Path, Path]:
     """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""
