@@ -585,15 +585,15 @@ def parse_picks(text: str, count: int) -> list[int] | None:
     if not re.fullmatch(r"\d+\s*(-\s*\d+)?(\s*,\s*\d+\s*(-\s*\d+)?)*", text) or \
             text.isdigit():
         return None
-    picks: list[int] = []
+    picks: dict[int, None] = {}  # in the order given, each once (a list here: n² for 1-5000)
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         first, last = int(lo), int(hi or lo)
         if not 1 <= first <= last <= count:
             raise ValueError(f"no photo number {part.strip()} (the list has "
                              f"{f'1-{count}' if count else 'none'})")
-        picks += [i for i in range(first, last + 1) if i not in picks]
-    return picks
+        picks.update(dict.fromkeys(range(first, last + 1)))
+    return list(picks)
 
 
 def choose_jpgs(assets_dir: Path, max_size: int, prompt,
