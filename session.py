@@ -585,15 +585,15 @@ def parse_picks(text: str, count: int) -> list[int] | None:
     if not re.fullmatch(r"\d+\s*(-\s*\d+)?(\s*,\s*\d+\s*(-\s*\d+)?)*", text) or \
             text.isdigit():
         return None
-    picks: list[int] = []
+    picks: dict[int, None] = {}  # in the order given, each once (a list here: n² for 1-5000)
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         first, last = int(lo), int(hi or lo)
         if not 1 <= first <= last <= count:
             raise ValueError(f"no photo number {part.strip()} (the list has "
                              f"{f'1-{count}' if count else 'none'})")
-        picks += [i for i in range(first, last + 1) if i not in picks]
-    return picks
+        picks.update(dict.fromkeys(range(first, last + 1)))
+    return list(picks)
 
 
 def choose_jpgs(assets_dir: Path, max_size: int, prompt,
@@ -776,8 +776,9 @@ class DiskWriter:
     (hashlib, os.write and fsync release the GIL).  A write failure is kept on the
     file it belongs to until the reader collects it."""
 
-    def __init__(self, free: queue.Queue, name: str) -> None:
+    def __init__(self, free: queue.Queue, name: str, on_failure) -> None:
         self._free = free
+        self._on_failure = on_failure  # an unexpected exception in a job ends the session
         self._jobs: queue.Queue = queue.Queue()
         # started with the first job: a chat-only session costs no extra thread
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
@@ -801,6 +802,9 @@ class DiskWriter:
                     job()
                 else:
                     self._write(*job)
+            except Exception as e:  # e.g. no thread for the finishers: this thread goes on,
+                # or the reader would wait forever for the buffers queued behind it
+                self._on_failure(e)
             finally:
                 self._jobs.task_done()
         self._jobs.task_done()
@@ -906,7 +910,7 @@ class IncomingFile:
         self.free: queue.Queue = queue.Queue()
         for _ in range(DATA_IN_FLIGHT + 1):
             self.free.put(PlainBuffer())
-        self._disk = DiskWriter(self.free, name=f"disk {conn.label}")
+        self._disk = DiskWriter(self.free, f"disk {conn.label}", conn._fail)
         self._files: dict[int, _Receiving] = {}  # by operation id
         self._pool: ThreadPoolExecutor | None = None
         # files finish in parallel but are reported (line, then reply) in the order they ended
@@ -970,9 +974,14 @@ class IncomingFile:
         """On a finisher thread: flush the file's data (the slow part, several files at
         once), then verify, link and reply in the order the files ended (the same name
         twice is numbered in that order)."""
-        if target.failure is None:
-            target.file.flush()
-        self._in_order(op, lambda: self._complete(op, target, sha256))
+        try:
+            if target.failure is None:
+                target.file.flush()
+            self._in_order(op, lambda: self._complete(op, target, sha256))
+        except Exception as e:  # a bug, or a line that could not be written (stdout full):
+            # the pool would keep it to itself, and the sender would wait for replies that
+            # never come; it ends this session as on the reader thread
+            self._conn._fail(e)
 
     def _complete(self, op: int, target: _Receiving, sha256: bytes):
         """Verify and link (its fsync is cheap now); returns (report, linked): the
@@ -1682,6 +1691,13 @@ class Connection:
             self.send(msg)
         except (ConnectionLost, ProtocolError):
             pass
+
+    def _fail(self, e: Exception) -> None:
+        """End the session for an exception on one of its threads (the reader's way)."""
+        close, last_word = reader_close(e)
+        if last_word is not None:
+            self._send_quietly(last_word)
+        self._end(close)
 
     # operations for the caller -------------------------------------------------------
     def _check_interrupted(self) -> None:

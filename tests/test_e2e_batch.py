@@ -249,6 +249,87 @@ def test_files_whose_directory_cannot_be_flushed_fail_and_do_not_stay(tmp_path: 
     assert files_in(received) == []  # linked, not durable: removed again
 
 
+class UnwritableLog(Quiet):
+    """A receiver whose line for the second saved file cannot be written (its
+    standard output full, say)."""
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+
+    def file_saved(self, conn, path: str, result) -> None:
+        if len(self.saved) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.saved.append(Path(path).name)
+
+
+def test_a_failure_while_finishing_a_file_ends_the_session_and_the_sender_is_told(
+        tmp_path: Path, monkeypatch):
+    """An unexpected error on a finisher thread (here: the second file's saved line
+    cannot be written) ends the session as one on the reader thread does: the
+    sender gets the Error at once and reports every file still unanswered as not
+    delivered, instead of waiting (SAVED_TIMEOUT, 600 s) for replies that never come.
+    Nothing partial stays."""
+    monkeypatch.setattr(session, "SAVED_TIMEOUT", 60.0)  # what a stuck sender would wait
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 3, 20_000)
+    log = UnwritableLog()
+    reported: list = []
+    with wired(tmp_path, received, server_events=log) as (sender, receiver):
+        with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
+                                                         "error$"):
+            sender.send_files([str(p) for p in sent],
+                              report=lambda i, outcome: reported.append((i, outcome)))
+        assert receiver.closed.wait(10)
+        assert receiver.close_info.kind is session.CloseKind.INTERNAL_ERROR
+        assert receiver.close_reason == ("connection closed: internal error: "
+                                         "OSError(28, 'No space left on device')")
+    assert log.saved == [sent[0].name]
+    assert [i for i, _ in reported] == [0, 1, 2]
+    assert isinstance(reported[0][1], session.FileResult)
+    assert reported[0][1].name == sent[0].name
+    assert [type(o) for _, o in reported[1:]] == [session.NotDelivered] * 2
+    assert [o.detail for _, o in reported[1:]] == ["peer reported an error: internal error"] * 2
+    # the first two were linked and flushed before the error, the third (if it had
+    # ended) was finished all the same: whole files only, no temp file left
+    names = files_in(received)
+    assert names in ([p.name for p in sent[:2]], [p.name for p in sent])
+    assert all(sha(received / p.name) == sha(p) for p in sent[:len(names)])
+
+
+def test_no_thread_for_the_finishers_ends_the_session_and_the_sender_is_told(
+        tmp_path: Path, monkeypatch):
+    """The disk thread hands each ended file to the finishers; when their threads
+    cannot start (the process is out of threads) the session ends with an internal
+    error at once, and the disk thread lives on to give back the buffers it holds."""
+    monkeypatch.setattr(session, "SAVED_TIMEOUT", 60.0)  # what a stuck sender would wait
+
+    def no_threads(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(session.IncomingFile, "_finishers", no_threads)
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 2, 20_000)
+    reported: list = []
+    with wired(tmp_path, received) as (sender, receiver):
+        with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
+                                                         "error$"):
+            sender.send_files([str(p) for p in sent],
+                              report=lambda i, outcome: reported.append((i, outcome)))
+        assert receiver.closed.wait(10)
+        assert receiver.close_reason == ("connection closed: internal error: "
+                                         "RuntimeError(\"can't start new thread\")")
+    # the reader has ended (and stopped the disk thread): every buffer came back
+    assert not receiver._reader.is_alive()
+    assert receiver._in.free.qsize() == session.DATA_IN_FLIGHT + 1
+    assert [(i, type(o), o.detail) for i, o in reported] == [
+        (i, session.NotDelivered, "peer reported an error: internal error") for i in (0, 1)]
+    assert files_in(received) == []
+
+
 # --- cut short -----------------------------------------------------------------------------
 def _batch(env: Env) -> tuple[list[Path], Path, Path]:
     """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""
