@@ -490,7 +490,8 @@ class Events:
 
     def file_aborted(self, conn: Connection, name: str, received: int, why: str) -> None:
         """The session ended while a file was coming in: nothing of it was kept.
-        Reported just before closed()."""
+        Reported just before closed() (just after it when a finisher or the disk thread
+        ended the session with an internal error)."""
         self.out(f"[{conn.label}] receiving '{neutralise(name)}' aborted after "
                  f"{human_size(received)}: {neutralise(why)}; nothing saved")
 
@@ -803,8 +804,10 @@ class DiskWriter:
                 else:
                     self._write(*job)
             except Exception as e:  # e.g. no thread for the finishers: this thread goes on,
-                # or the reader would wait forever for the buffers queued behind it
-                self._on_failure(e)
+                # or the reader would wait forever for the buffers queued behind it (even
+                # when saying so fails too: stdout full is one way to get here)
+                with contextlib.suppress(Exception):
+                    self._on_failure(e)
             finally:
                 self._jobs.task_done()
         self._jobs.task_done()
@@ -1029,27 +1032,38 @@ class IncomingFile:
         again after it is done, so none is left behind)."""
         with self._lock:
             self._ready[op] = report
+        error = None
         while self._report_lock.acquire(blocking=False):
             try:
-                self._complete_ready()
+                error = self._complete_ready() or error
             finally:
                 self._report_lock.release()
             with self._lock:
                 if not self._head_ready():
-                    return
+                    break
+        if error is not None:  # raised once no file is left to this finisher
+            raise error
 
     def _head_ready(self) -> bool:
         """Whether the next file to complete is flushed (called under _lock)."""
         return bool(self._ending) and self._ending[0] in self._ready
 
-    def _complete_ready(self) -> None:
+    def _complete_ready(self) -> Exception | None:
+        """Complete every file whose turn it is; the first unexpected exception (a bug,
+        a line that cannot be written) is returned once all of them are done: one
+        file's failure must not leave the others linked but unreported, or never
+        completed."""
         done = []  # every file whose turn it is: linked now, one directory fsync for all
+        error = None
         while True:
             with self._lock:
                 if not self._head_ready():
                     break
                 report = self._ready.pop(self._ending.popleft())
-            done.append(report())
+            try:
+                done.append(report())
+            except Exception as e:
+                error = error or e
         dir_error = None
         if any(linked for _, linked in done):
             try:
@@ -1058,7 +1072,11 @@ class IncomingFile:
                 dir_error = transfer.Rejected(Reason.WRITE_FAILED,
                                               f"cannot flush the directory: {e.strerror}")
         for report, _ in done:
-            report(dir_error)
+            try:
+                report(dir_error)
+            except Exception as e:
+                error = error or e
+        return error
 
     def _send_quietly(self, msg) -> None:
         try:
@@ -1105,6 +1123,10 @@ class IncomingFile:
         self._disk.stop()
         if self._pool is not None:  # files that ended are finished: verified and durable
             self._pool.shutdown(wait=True)
+        for op in list(self._files):  # ended but never completed, as a finisher failed:
+            target = self._forget(op)  # not saved, so nothing of it stays
+            if target is not None:
+                target.file.abort()
 
 
 class OutgoingFile:
@@ -1623,6 +1645,7 @@ class Connection:
         self._in = IncomingFile(self)
         self.replies = Replies(self)
         self.closed = threading.Event()
+        self._end_lock = threading.Lock()
         self.close_reason = ""  # for people; logic looks at close_info
         self._seen_close: Close | None = None  # what ended the reader or the writer
         self._local_close: Close | None = None  # begin_close, when we ended it first
@@ -1747,14 +1770,17 @@ class Connection:
 
     # closing ---------------------------------------------------------------------------
     def _end(self, close: Close) -> None:
-        if self.closed.is_set():
-            return
-        self._seen_close = self._seen_close or close
-        self.close_reason = self.close_reason or close.detail
-        self.closed.set()
+        # the reader, the writer, a finisher or the disk thread may end it at once: one wins
+        with self._end_lock:
+            if self.closed.is_set():
+                return
+            self._seen_close = self._seen_close or close
+            self.close_reason = self.close_reason or close.detail
+            say = not self._closing  # decided before anyone woken by `closed` begins a close
+            self.closed.set()
         self.replies.queue.put(None)
         self._sending.end()
-        if not self._closing:
+        if say:
             self.events.closed(self, self.close_reason)
 
     @property

@@ -7,6 +7,8 @@ import threading
 from collections import deque
 from types import SimpleNamespace
 
+import pytest
+
 import session
 import transfer
 
@@ -82,3 +84,45 @@ def test_a_failed_directory_flush_fails_every_file_of_its_group(tmp_path, monkey
     assert [op for _, op, _ in saved] == [1, 2]
     assert all(isinstance(err, transfer.Rejected) and "cannot flush the directory" in err.detail
                for _, _, err in saved)
+
+
+def its_line_cannot_be_written():
+    raise OSError(28, "No space left on device")
+
+
+def test_a_report_that_fails_does_not_stop_the_rest_of_its_group(tmp_path, monkeypatch):
+    """File 1's report raises (its line cannot be written) after a failed directory
+    flush: file 2's report still runs (it removes its link, as that flush failed),
+    and the exception comes out once the group is done."""
+    order: list = []
+
+    def cannot(d):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(transfer, "flush_dir", cannot)
+    inc, complete = completions(tmp_path, order)
+    inc._in_order(2, complete(2))
+    with pytest.raises(OSError, match="No space left on device"):
+        inc._in_order(1, complete(1, then=its_line_cannot_be_written))
+    assert [e[:2] for e in order] == [("linked", 1), ("linked", 2), ("saved", 1), ("saved", 2)]
+    assert isinstance(order[-1][2], transfer.Rejected)
+    assert not inc._ready and list(inc._ending) == [3]
+
+
+def test_a_finisher_whose_report_fails_still_completes_the_file_left_to_it(tmp_path,
+                                                                           monkeypatch):
+    """File 2 is left to file 1's finisher while it reports, and that report then
+    raises: the finisher still looks again and completes file 2 before it raises."""
+    order: list = []
+    monkeypatch.setattr(transfer, "flush_dir", lambda d: order.append("flush"))
+    inc, complete = completions(tmp_path, order)
+
+    def second_finisher_then_fail():
+        inc._in_order(2, complete(2))  # the lock is held: left to the first finisher
+        its_line_cannot_be_written()
+
+    with pytest.raises(OSError, match="No space left on device"):
+        inc._in_order(1, complete(1, then=second_finisher_then_fail))
+    assert order == [("linked", 1), "flush", ("saved", 1, None),
+                     ("linked", 2), "flush", ("saved", 2, None)]
+    assert not inc._ready and list(inc._ending) == [3]

@@ -262,13 +262,26 @@ class UnwritableLog(Quiet):
         self.saved.append(Path(path).name)
 
 
+@pytest.fixture(params=[True, False], ids=["O_TMPFILE", "named-fallback"])
+def unnamed(request, monkeypatch) -> bool:
+    """Both ways a receiver keeps an incoming file: unnamed, or a named temp file."""
+    monkeypatch.setattr(session.transfer, "USE_O_TMPFILE", request.param)
+    return request.param
+
+
+def left_behind(receiver: session.Connection, received: Path) -> tuple:
+    """What a finished session must not leave: files it still tracks, descriptors
+    open into the received directory."""
+    return dict(receiver._in._files), _receiving_fds(os.getpid(), received)
+
+
 def test_a_failure_while_finishing_a_file_ends_the_session_and_the_sender_is_told(
-        tmp_path: Path, monkeypatch):
+        tmp_path: Path, monkeypatch, unnamed):
     """An unexpected error on a finisher thread (here: the second file's saved line
     cannot be written) ends the session as one on the reader thread does: the
     sender gets the Error at once and reports every file still unanswered as not
     delivered, instead of waiting (SAVED_TIMEOUT, 600 s) for replies that never come.
-    Nothing partial stays."""
+    Nothing partial stays, and nothing stays open."""
     monkeypatch.setattr(session, "SAVED_TIMEOUT", 60.0)  # what a stuck sender would wait
     received = tmp_path / "received"
     received.mkdir()
@@ -291,18 +304,27 @@ def test_a_failure_while_finishing_a_file_ends_the_session_and_the_sender_is_tol
     assert reported[0][1].name == sent[0].name
     assert [type(o) for _, o in reported[1:]] == [session.NotDelivered] * 2
     assert [o.detail for _, o in reported[1:]] == ["peer reported an error: internal error"] * 2
-    # the first two were linked and flushed before the error, the third (if it had
-    # ended) was finished all the same: whole files only, no temp file left
+    # the first two were linked and flushed before the error; the third, if it had ended,
+    # is either finished all the same or not there: whole files only, no temp file left
     names = files_in(received)
     assert names in ([p.name for p in sent[:2]], [p.name for p in sent])
     assert all(sha(received / p.name) == sha(p) for p in sent[:len(names)])
+    assert left_behind(receiver, received) == ({}, [])
 
 
+class ClosedUnwritable(Quiet):
+    def closed(self, conn, why: str) -> None:
+        raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+@pytest.mark.parametrize("closed_line", ["written", "unwritable"])
 def test_no_thread_for_the_finishers_ends_the_session_and_the_sender_is_told(
-        tmp_path: Path, monkeypatch):
+        tmp_path: Path, monkeypatch, unnamed, closed_line):
     """The disk thread hands each ended file to the finishers; when their threads
     cannot start (the process is out of threads) the session ends with an internal
-    error at once, and the disk thread lives on to give back the buffers it holds."""
+    error at once, and the disk thread lives on to give back the buffers it holds,
+    even when the line that says the session closed cannot be written either.  The
+    ended files are not saved, and nothing of them stays."""
     monkeypatch.setattr(session, "SAVED_TIMEOUT", 60.0)  # what a stuck sender would wait
 
     def no_threads(self):
@@ -314,7 +336,8 @@ def test_no_thread_for_the_finishers_ends_the_session_and_the_sender_is_told(
     (tmp_path / "out").mkdir()
     sent = photos(tmp_path / "out", 2, 20_000)
     reported: list = []
-    with wired(tmp_path, received) as (sender, receiver):
+    events = ClosedUnwritable() if closed_line == "unwritable" else Quiet()
+    with wired(tmp_path, received, server_events=events) as (sender, receiver):
         with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
                                                          "error$"):
             sender.send_files([str(p) for p in sent],
@@ -328,6 +351,32 @@ def test_no_thread_for_the_finishers_ends_the_session_and_the_sender_is_told(
     assert [(i, type(o), o.detail) for i, o in reported] == [
         (i, session.NotDelivered, "peer reported an error: internal error") for i in (0, 1)]
     assert files_in(received) == []
+    assert left_behind(receiver, received) == ({}, [])
+
+
+def test_a_close_begun_by_a_thread_the_end_wakes_does_not_hide_why_it_ended(tmp_path: Path):
+    """Whether the session says why it ended is decided before `closed` wakes anyone:
+    the server's session thread, woken by it, begins its own close at once, and the
+    line must still be said (once)."""
+    said: list[str] = []
+
+    class Said(Quiet):
+        def closed(self, conn, why: str) -> None:
+            said.append(why)
+
+    with wired(tmp_path, tmp_path, server_events=Said()) as (_, receiver):
+        real_set = receiver.closed.set
+
+        def set_and_begin_close() -> None:  # the woken thread runs first
+            real_set()
+            receiver._closing = True
+
+        receiver.closed.set = set_and_begin_close
+        end = session.Close(session.CloseKind.INTERNAL_ERROR, session.Side.LOCAL,
+                            "connection closed: internal error: RuntimeError('x')")
+        receiver._end(end)
+        receiver._end(end)  # a second end (another thread's) changes nothing
+    assert said == ["connection closed: internal error: RuntimeError('x')"]
 
 
 # --- cut short -----------------------------------------------------------------------------
