@@ -770,6 +770,13 @@ class PlainBuffer:
         # type byte and op id before the page: FileData's data starts on it
         self.plain = memoryview(self._map)[PAGE - 1 - OP_ID.size :]
 
+    def close(self) -> None:
+        """Unmap it: its pages go back now, not when the collector gets round to the
+        ended session's reference cycles (a busy server kept hundreds of MiB so)."""
+        self.plain.release()
+        with contextlib.suppress(BufferError):  # a view of it still alive: left to the GC
+            self._map.close()
+
 
 class DiskWriter:
     """Hashes and writes received chunks, and finishes ended files (fsync, link), on
@@ -911,8 +918,9 @@ class IncomingFile:
         # plaintext buffers for received records: one being filled by the reader,
         # the others queued for the disk thread (page-aligned payloads)
         self.free: queue.Queue = queue.Queue()
-        for _ in range(DATA_IN_FLIGHT + 1):
-            self.free.put(PlainBuffer())
+        self._buffers = [PlainBuffer() for _ in range(DATA_IN_FLIGHT + 1)]
+        for buf in self._buffers:
+            self.free.put(buf)
         self._disk = DiskWriter(self.free, f"disk {conn.label}", conn._fail)
         self._files: dict[int, _Receiving] = {}  # by operation id
         self._pool: ThreadPoolExecutor | None = None
@@ -1127,6 +1135,8 @@ class IncomingFile:
             target = self._forget(op)  # not saved, so nothing of it stays
             if target is not None:
                 target.file.abort()
+        for buf in self._buffers:  # nothing reads into them any more
+            buf.close()
 
 
 class OutgoingFile:
@@ -1502,6 +1512,7 @@ class RecordReader:
             if last_word is not None:
                 conn._send_quietly(last_word)
         finally:
+            conn._note_close(close)  # before the clean-up, which takes a while
             conn._in.aborted(conn.close_info or close)
             conn._end(close)
 
@@ -1515,6 +1526,9 @@ class RecordReader:
             msg = conn._core.open_record(body, buf.plain)
             with conn._seal_lock:
                 events = conn._core.receive(msg)
+                for event in events:  # why, known before a send can find the core closed
+                    if isinstance(event, SessionEnded):
+                        conn._note_close(event.close)
         except BaseException:
             if isinstance(msg, FileData):
                 msg.data.release()
@@ -1718,6 +1732,7 @@ class Connection:
     def _fail(self, e: Exception) -> None:
         """End the session for an exception on one of its threads (the reader's way)."""
         close, last_word = reader_close(e)
+        self._note_close(close)  # first: the peer may hang up as soon as it reads the Error
         if last_word is not None:
             self._send_quietly(last_word)
         self._end(close)
@@ -1769,6 +1784,14 @@ class Connection:
         return batch.outcomes
 
     # closing ---------------------------------------------------------------------------
+    def _note_close(self, close: Close) -> None:
+        """Record what ended the session ahead of _end, so that a send or a wait that
+        finds it over meanwhile says why (not just "connection closed")."""
+        with self._end_lock:
+            if not self.closed.is_set():
+                self._seen_close = self._seen_close or close
+                self.close_reason = self.close_reason or close.detail
+
     def _end(self, close: Close) -> None:
         # the reader, the writer, a finisher or the disk thread may end it at once: one wins
         with self._end_lock:

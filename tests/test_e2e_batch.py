@@ -379,6 +379,44 @@ def test_a_close_begun_by_a_thread_the_end_wakes_does_not_hide_why_it_ended(tmp_
     assert said == ["connection closed: internal error: RuntimeError('x')"]
 
 
+def test_a_send_that_finds_the_session_over_says_why(tmp_path: Path, monkeypatch):
+    """The peer's goodbye has been read and the reader is still cleaning up (held
+    here) when a send finds the session over: it says why, not "connection closed"."""
+    entered, release = threading.Event(), threading.Event()
+    real_aborted = session.IncomingFile.aborted
+
+    def held(self, close) -> None:
+        entered.set()
+        release.wait(30)
+        real_aborted(self, close)
+
+    monkeypatch.setattr(session.IncomingFile, "aborted", held)
+    with wired(tmp_path, tmp_path) as (client, server):
+        try:
+            server.begin_close("bye now")
+            assert entered.wait(10)  # the client's reader read the goodbye
+            with pytest.raises(session.ConnectionLost, match=r"^peer said goodbye \(bye now\)$"):
+                client.send_text("too late")
+        finally:
+            release.set()
+
+
+def test_an_ended_session_unmaps_its_receive_buffers(tmp_path: Path):
+    """A session's plaintext buffers (one MiB each) are unmapped when it ends, not
+    when the collector gets round to its reference cycles."""
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 2, 20_000)
+    with wired(tmp_path, received) as (sender, receiver):
+        sender.send_files([str(p) for p in sent])
+        buffers = receiver._in._buffers
+        assert not any(b._map.closed for b in buffers)
+    assert len(buffers) == session.DATA_IN_FLIGHT + 1
+    assert all(b._map.closed for b in buffers)
+    assert files_in(received) == [p.name for p in sent]
+
+
 # --- cut short -----------------------------------------------------------------------------
 def _batch(env: Env) -> tuple[list[Path], Path, Path]:
     """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""
