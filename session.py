@@ -773,8 +773,8 @@ class PlainBuffer:
     def close(self) -> None:
         """Unmap it: its pages go back now, not when the collector gets round to the
         ended session's reference cycles (a busy server kept hundreds of MiB so)."""
-        self.plain.release()
-        with contextlib.suppress(BufferError):  # a view of it still alive: left to the GC
+        with contextlib.suppress(BufferError):  # a view of it still in use: left to the GC
+            self.plain.release()
             self._map.close()
 
 
@@ -1513,8 +1513,10 @@ class RecordReader:
                 conn._send_quietly(last_word)
         finally:
             conn._note_close(close)  # before the clean-up, which takes a while
-            conn._in.aborted(conn.close_info or close)
-            conn._end(close)
+            try:
+                conn._in.aborted(conn.close_info or close)
+            finally:  # even if the clean-up fails (a temp file that cannot be removed)
+                conn._end(close)
 
     def _read_one(self, frames: FrameReader) -> Close | None:
         """Receive one record and act on it; the Close when the peer ended the session."""

@@ -417,6 +417,24 @@ def test_an_ended_session_unmaps_its_receive_buffers(tmp_path: Path):
     assert files_in(received) == [p.name for p in sent]
 
 
+def test_a_clean_up_that_fails_still_ends_the_session(tmp_path: Path, monkeypatch):
+    """The reader's clean-up at the end (abort the incoming files, stop the disk
+    thread, unmap the buffers) raises: the session still ends, and the error is not
+    hidden (it reaches threading.excepthook, which prints it)."""
+    def cannot(self, close) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(session.IncomingFile, "aborted", cannot)
+    unhandled: list = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    with wired(tmp_path, tmp_path) as (client, server):
+        server.begin_close("bye now")
+        assert client.closed.wait(10)
+        assert client.close_reason == "peer said goodbye (bye now)"
+    assert [(a.thread.name, type(a.exc_value)) for a in unhandled] == [
+        ("reader server", OSError), ("reader client", OSError)]
+
+
 # --- cut short -----------------------------------------------------------------------------
 def _batch(env: Env) -> tuple[list[Path], Path, Path]:
     """Two small photos, a big sparse one (400 MiB of zeros after a JPEG start), a small one."""
