@@ -1791,16 +1791,19 @@ class Connection:
         finds it over meanwhile says why (not just "connection closed")."""
         with self._end_lock:
             if not self.closed.is_set():
-                self._seen_close = self._seen_close or close
-                self.close_reason = self.close_reason or close.detail
+                self._record_close(close)
+
+    def _record_close(self, close: Close) -> None:
+        """The first close recorded stays (called under _end_lock)."""
+        self._seen_close = self._seen_close or close
+        self.close_reason = self.close_reason or close.detail
 
     def _end(self, close: Close) -> None:
         # the reader, the writer, a finisher or the disk thread may end it at once: one wins
         with self._end_lock:
             if self.closed.is_set():
                 return
-            self._seen_close = self._seen_close or close
-            self.close_reason = self.close_reason or close.detail
+            self._record_close(close)
             say = not self._closing  # decided before anyone woken by `closed` begins a close
             self.closed.set()
         self.replies.queue.put(None)
