@@ -35,6 +35,10 @@ def completions(tmp_path, order: list):
     return inc, complete
 
 
+def dir_flush_fails(directory):
+    raise OSError(5, "Input/output error")
+
+
 def test_files_are_completed_in_the_order_they_ended_whoever_flushed_first(tmp_path, monkeypatch):
     order: list = []
     flushes = []
@@ -72,11 +76,7 @@ def test_a_file_left_to_a_busy_finisher_is_completed_by_it(tmp_path, monkeypatch
 
 def test_a_failed_directory_flush_fails_every_file_of_its_group(tmp_path, monkeypatch):
     order: list = []
-
-    def cannot(d):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(transfer, "flush_dir", cannot)
+    monkeypatch.setattr(transfer, "flush_dir", dir_flush_fails)
     inc, complete = completions(tmp_path, order)
     inc._in_order(2, complete(2))
     inc._in_order(1, complete(1))
@@ -95,11 +95,7 @@ def test_a_report_that_fails_does_not_stop_the_rest_of_its_group(tmp_path, monke
     flush: file 2's report still runs (it removes its link, as that flush failed),
     and the exception comes out once the group is done."""
     order: list = []
-
-    def cannot(d):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(transfer, "flush_dir", cannot)
+    monkeypatch.setattr(transfer, "flush_dir", dir_flush_fails)
     inc, complete = completions(tmp_path, order)
     inc._in_order(2, complete(2))
     with pytest.raises(OSError, match="No space left on device"):

@@ -269,6 +269,25 @@ def unnamed(request, monkeypatch) -> bool:
     return request.param
 
 
+def received_and_sent(tmp_path: Path, n: int) -> tuple[Path, list[Path]]:
+    """An empty directory to receive into, and n photos of 20 kB to send."""
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    return received, photos(tmp_path / "out", n, 20_000)
+
+
+def send_until_internal_error(sender: session.Connection, sent: list[Path]) -> list:
+    """send_files, cut short by the receiver's internal error; the (index, outcome)
+    pairs it reported."""
+    reported: list = []
+    with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
+                                                     "error$"):
+        sender.send_files([str(p) for p in sent],
+                          report=lambda i, outcome: reported.append((i, outcome)))
+    return reported
+
+
 def left_behind(receiver: session.Connection, received: Path) -> tuple:
     """What a finished session must not leave: files it still tracks, descriptors
     open into the received directory."""
@@ -283,17 +302,10 @@ def test_a_failure_while_finishing_a_file_ends_the_session_and_the_sender_is_tol
     delivered, instead of waiting (SAVED_TIMEOUT, 600 s) for replies that never come.
     Nothing partial stays, and nothing stays open."""
     monkeypatch.setattr(session, "SAVED_TIMEOUT", 60.0)  # what a stuck sender would wait
-    received = tmp_path / "received"
-    received.mkdir()
-    (tmp_path / "out").mkdir()
-    sent = photos(tmp_path / "out", 3, 20_000)
+    received, sent = received_and_sent(tmp_path, 3)
     log = UnwritableLog()
-    reported: list = []
     with wired(tmp_path, received, server_events=log) as (sender, receiver):
-        with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
-                                                         "error$"):
-            sender.send_files([str(p) for p in sent],
-                              report=lambda i, outcome: reported.append((i, outcome)))
+        reported = send_until_internal_error(sender, sent)
         assert receiver.closed.wait(10)
         assert receiver.close_info.kind is session.CloseKind.INTERNAL_ERROR
         assert receiver.close_reason == ("connection closed: internal error: "
@@ -331,17 +343,10 @@ def test_no_thread_for_the_finishers_ends_the_session_and_the_sender_is_told(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(session.IncomingFile, "_finishers", no_threads)
-    received = tmp_path / "received"
-    received.mkdir()
-    (tmp_path / "out").mkdir()
-    sent = photos(tmp_path / "out", 2, 20_000)
-    reported: list = []
+    received, sent = received_and_sent(tmp_path, 2)
     events = ClosedUnwritable() if closed_line == "unwritable" else Quiet()
     with wired(tmp_path, received, server_events=events) as (sender, receiver):
-        with pytest.raises(session.ConnectionLost, match="^peer reported an error: internal "
-                                                         "error$"):
-            sender.send_files([str(p) for p in sent],
-                              report=lambda i, outcome: reported.append((i, outcome)))
+        reported = send_until_internal_error(sender, sent)
         assert receiver.closed.wait(10)
         assert receiver.close_reason == ("connection closed: internal error: "
                                          "RuntimeError(\"can't start new thread\")")
@@ -404,10 +409,7 @@ def test_a_send_that_finds_the_session_over_says_why(tmp_path: Path, monkeypatch
 def test_an_ended_session_unmaps_its_receive_buffers(tmp_path: Path):
     """A session's plaintext buffers (one MiB each) are unmapped when it ends, not
     when the collector gets round to its reference cycles."""
-    received = tmp_path / "received"
-    received.mkdir()
-    (tmp_path / "out").mkdir()
-    sent = photos(tmp_path / "out", 2, 20_000)
+    received, sent = received_and_sent(tmp_path, 2)
     with wired(tmp_path, received) as (sender, receiver):
         sender.send_files([str(p) for p in sent])
         buffers = receiver._in._buffers
