@@ -442,6 +442,7 @@ class FileResult:
     sha256: bytes
     seconds: float
     note: str = ""  # the sender's "without metadata" / "as is"
+    metadata: str = ""  # the receiver's metadata_note: what the saved photo carries
 
     def summary(self, verb: str, sent_name: str = "") -> str:
         """One line; `sent_name` is the sender's name for the file, named first when
@@ -456,11 +457,14 @@ class FileResult:
                 + (f", saved as '{neutralise(self.name)}'" if renamed else ""))
 
 
-def metadata_note(path: str | os.PathLike) -> str:
+def metadata_note(path: str | os.PathLike, incoming: transfer.IncomingFile | None = None
+                  ) -> str:
     """What a received photo carries, for its saved line (the receiver never strips:
-    this is how it sees whether the sender did)."""
+    this is how it sees whether the sender did).  From the first bytes `incoming` kept
+    when they hold all of its segments, else read back from path."""
     try:
-        carries = transfer.read_photo(path).carries
+        photo = incoming.photo() if incoming is not None else None
+        carries = (photo or transfer.read_photo(path)).carries
     except (transfer.MetadataError, OSError):
         return "metadata not readable"
     return f"carries {transfer.describe(carries)}" if carries else "no metadata"
@@ -482,7 +486,7 @@ class Events:
         self.out(f"[{conn.label}] receiving '{neutralise(name)}' ({human_size(size)})")
 
     def file_saved(self, conn: Connection, path: str, result: FileResult) -> None:
-        self.out(f"[{conn.label}] {result.summary('saved')} ({metadata_note(path)}) "
+        self.out(f"[{conn.label}] {result.summary('saved')} ({result.metadata}) "
                  f"at {neutralise(path)}")
 
     def file_failed(self, conn: Connection, name: str, why: str) -> None:
@@ -1013,17 +1017,19 @@ class IncomingFile:
             self._forget(op)
             return self._failed_report(op, incoming.name, r), False
         self._forget(op)
-        result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started)
+        path = os.path.join(incoming.directory, saved)
+        result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started,
+                            metadata=metadata_note(path, incoming))
 
         def report(dir_error: transfer.Rejected | None) -> None:
             if dir_error is not None:  # linked, but the link may not survive a crash:
                 # not saved, so it must not stay (DESIGN 3.8: whole and durable, or nothing)
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(incoming.directory, saved))
+                    os.unlink(path)
                 self._failed_report(op, incoming.name, dir_error)(None)
                 return
             # said here first: what the sender does after our reply is shown after it
-            conn.events.file_saved(conn, os.path.join(incoming.directory, saved), result)
+            conn.events.file_saved(conn, path, result)
             self._send_quietly(FileSaved(op, digest, saved))
         return report, True
 

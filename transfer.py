@@ -40,6 +40,9 @@ DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses in whole bl
 # smaller files go through the page cache: for them O_DIRECT saves no measurable
 # kernel time and costs four fcntl calls (on, then off again for the unaligned tail)
 DIRECT_MIN = 4 << 20
+# a received file's first bytes kept in memory: the saved line's metadata note is read
+# from them (a photo's segments before its image data rarely pass 64 KiB), not from disk
+HEAD_KEPT = 64 << 10
 
 
 class Rejected(TransferRejected):
@@ -168,7 +171,7 @@ class IncomingFile:
         self._flush_error: OSError | None = None  # see flush
         self._flushed_whole = False  # flush made it all durable, final mode included
         self._hash = hashlib.sha256()
-        self._head = b""
+        self._head = b""  # the first HEAD_KEPT bytes: the JPEG check, then photo()
         self._fd: int | None = None
         self.temp: Path | None = None
         self._check_offer(max_size)
@@ -229,9 +232,11 @@ class IncomingFile:
         if self.received + len(chunk) > self.size:
             self.abort()
             raise RemoteProtocolError("file data beyond the announced size")
-        if len(self._head) < len(JPEG_SOI):
-            self._head += bytes(chunk[: len(JPEG_SOI) - len(self._head)])
-            if len(self._head) == len(JPEG_SOI) and self._head != JPEG_SOI:
+        if len(self._head) < HEAD_KEPT:
+            checked = len(self._head) >= len(JPEG_SOI)
+            self._head += bytes(chunk[: HEAD_KEPT - len(self._head)])
+            if not checked and len(self._head) >= len(JPEG_SOI) and \
+                    self._head[: len(JPEG_SOI)] != JPEG_SOI:
                 self.abort()
                 raise Rejected(Reason.NOT_JPEG, "not a JPEG (no FF D8 FF start-of-image marker)")
         self._hash.update(chunk)
@@ -260,6 +265,15 @@ class IncomingFile:
                 self._flushed_whole = whole
             except OSError as e:
                 self._flush_error = e
+
+    def photo(self) -> Photo | None:
+        """What the received photo carries, walked over its first bytes as they came in
+        (read_photo without reading the file back: its saved line costs no syscall);
+        None when its segments run past them.  MetadataError as read_photo."""
+        try:
+            return parse_photo(_Prefix(self._head), self.size)
+        except _PastPrefix:
+            return None
 
     def finish(self, sender_sha256: bytes, sync_dir: bool = True) -> tuple[str, bytes]:
         """Flush, verify and move into place; returns (saved name, SHA-256).  Without
@@ -483,6 +497,26 @@ def read_photo(path: str | os.PathLike) -> Photo:
     """Walk a JPEG's segments up to its first scan; MetadataError when it cannot."""
     with open(path, "rb", buffering=0) as f:
         return parse_photo(f, os.fstat(f.fileno()).st_size)
+
+
+class _PastPrefix(Exception):
+    """parse_photo wanted bytes beyond those kept in memory"""
+
+
+class _Prefix:
+    """seek/read over a file's first bytes (what parse_photo calls); a read past them
+    raises _PastPrefix.  The size checks stay parse_photo's, against the whole file."""
+
+    def __init__(self, head: bytes) -> None:
+        self._head, self._pos = head, 0
+
+    def seek(self, pos: int) -> None:
+        self._pos = pos
+
+    def read(self, n: int) -> bytes:
+        if self._pos + n > len(self._head):
+            raise _PastPrefix
+        return self._head[self._pos : self._pos + n]
 
 
 def describe(carries: tuple[str, ...], limit: int | None = None) -> str:
