@@ -1165,8 +1165,11 @@ class OutgoingFile:
         conn, plain, pool = self._conn, self._plain, self._pool
         h = hashlib.sha256()
         sent = 0
-        with transfer.open_outgoing(out) as f, \
-                (conn.events.progress(out.size, f"sending {out.name[:30]}") if bar is None
+        try:
+            f = transfer.open_outgoing(out)
+        except OSError as e:  # gone or unreadable since it was checked, but offered
+            raise self._cancel(op, out, e) from e
+        with f, (conn.events.progress(out.size, f"sending {out.name[:30]}") if bar is None
                  else contextlib.nullcontext(bar)) as bar:
             while sent < out.size:
                 conn._check_interrupted()
@@ -1175,7 +1178,10 @@ class OutgoingFile:
                     conn.send(FileCancel(op, Reason.CANCELLED, "receiver failed"))
                     raise transfer.Rejected(failure.reason,
                                             f"peer could not save it: {failure.detail}")
-                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                try:
+                    n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                except OSError as e:
+                    raise self._cancel(op, out, e) from e
                 if not n:
                     conn.send(FileCancel(op, Reason.CANCELLED, "file shrank while being sent"))
                     raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
@@ -1186,6 +1192,11 @@ class OutgoingFile:
                 bar.update(n)
         conn.send(FileEnd(op, h.digest()))
         return h.digest()
+
+    def _cancel(self, op: int, out: transfer.Outgoing, e: OSError) -> transfer.Rejected:
+        """The file cannot be read any more: the receiver drops it; why it was not sent."""
+        self._conn.send(FileCancel(op, Reason.CANCELLED, "sender cannot read the file"))
+        return transfer.Rejected(Reason.UNSPECIFIED, f"{out.path}: {e.strerror or e}")
 
     def _free_cipher_buffer(self) -> memoryview:
         # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat

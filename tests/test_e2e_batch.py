@@ -21,6 +21,7 @@ from test_local_safety import _receiving_fds
 
 import crypt
 import session
+import transfer
 
 N = 200
 SIZE = 200_000
@@ -260,6 +261,61 @@ class UnwritableLog(Quiet):
         if len(self.saved) == 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.saved.append(Path(path).name)
+
+
+class Failures(Quiet):
+    def __init__(self) -> None:
+        self.failed: list = []
+
+    def file_failed(self, conn, name: str, why: str) -> None:
+        self.failed.append((name, why))
+
+
+class FailingReads:
+    """An outgoing file whose reads fail (EIO), as a dying disk's would."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def __enter__(self) -> FailingReads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def readinto(self, view) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("how, why", [("gone", "No such file or directory"),
+                                      ("unreadable", "Input/output error")])
+def test_a_checked_file_that_cannot_be_read_at_its_turn_is_cancelled_and_the_rest_arrive(
+        tmp_path: Path, monkeypatch, how: str, why: str):
+    """client.py checks every file before it connects and then sends what it checked:
+    one that is gone (or cannot be read) by its turn is cancelled, the receiver keeps
+    nothing of it, and the files after it are delivered."""
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 3, 20_000)
+    checked = [transfer.check_outgoing(p) for p in sent]
+    if how == "gone":
+        sent[1].unlink()
+    else:
+        real = transfer.open_outgoing
+        monkeypatch.setattr(transfer, "open_outgoing", lambda out: (
+            FailingReads(real(out)) if out.path == sent[1] else real(out)))
+    events = Failures()
+    with wired(tmp_path, received, server_events=events) as (sender, _):
+        outcomes = sender.send_files(checked)
+        assert sender.send_text("after") is None  # the session goes on
+    assert [o.name for o in (outcomes[0], outcomes[2])] == ["p000.jpg", "p002.jpg"]
+    assert isinstance(outcomes[1], transfer.Rejected)
+    assert outcomes[1].detail == f"{sent[1]}: {why}"
+    assert events.failed == [("p001.jpg", "sender cancelled: sender cannot read the file")]
+    assert files_in(received) == ["p000.jpg", "p002.jpg"]
+    for p in (sent[0], sent[2]):
+        assert sha(received / p.name) == sha(p)
 
 
 @pytest.fixture(params=[True, False], ids=["O_TMPFILE", "named-fallback"])
