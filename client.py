@@ -309,15 +309,11 @@ def connect_and_handshake(args, identity, kem, home: Path, ask):
 
 
 # --- batch and interactive modes --------------------------------------------------------------
-def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = False,
-              checked: dict | None = None) -> int:
+def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = False) -> int:
     """Texts and files in the order given; consecutive files go as one pipelined
     batch.  One line per text and per file; exit 5 at the end if any was not
-    delivered.  A lost session (or an interrupt) still reports every file.
-    `checked` maps a path to its transfer.Outgoing from refuse_batch_locally: a
-    file checked before connecting is not checked (opened, stripped) again."""
+    delivered.  A lost session (or an interrupt) still reports every file."""
     code = EXIT_OK
-    checked = checked or {}
     several = sum(kind == "file" for kind, _ in batch) > 1  # lines then name their file
     for kind, value in group_batch(batch):
         if kind == "text":
@@ -341,8 +337,7 @@ def run_batch(conn: session.Connection, batch, max_size: int, strip: bool = Fals
                 print(outcome.summary("sent", Path(paths[index]).name), flush=True)
 
         try:
-            outcomes = conn.send_files([checked.get(path, path) for path in value], max_size,
-                                       strip=strip, report=report)
+            outcomes = conn.send_files(value, max_size, strip=strip, report=report)
         except session.ConnectionLost:
             return EXIT_UNDELIVERED  # every file was reported, the lost ones with why
         if any(isinstance(o, transfer.Rejected) for o in outcomes):
@@ -464,7 +459,7 @@ def run(args) -> int:
     batch = expand_batch(getattr(args, "batch", None) or [])
     interactive = not batch
     ask = ask_user if interactive and sys.stdin.isatty() else None
-    checked = refuse_batch_locally(batch, args)
+    refuse_batch_locally(batch, args)
     prepare_received_dir(args.received_dir)
     hs, sock, core = connect_and_handshake(args, identity, kem, home, ask)
     if args.verbose or interactive:
@@ -478,7 +473,7 @@ def run(args) -> int:
                               interrupted=interrupt.event)
     interrupt.install()
     conn.start()
-    return run_session(conn, args, batch, interrupt, checked)
+    return run_session(conn, args, batch, interrupt)
 
 
 def open_identity(args) -> tuple[Path, crypt.Identity]:
@@ -489,11 +484,8 @@ def open_identity(args) -> tuple[Path, crypt.Identity]:
     return home, identity
 
 
-def refuse_batch_locally(batch: list, args) -> dict:
-    """What --send-text/--send-file could never deliver fails before connecting.
-    Returns each file's checked transfer.Outgoing (stripped with --strip-metadata),
-    by its path, for the batch to send as checked."""
-    checked = {}
+def refuse_batch_locally(batch: list, args) -> None:
+    """What --send-text/--send-file could never deliver fails before connecting."""
     for kind, value in batch:
         if kind == "text" and len(value.encode("utf-8")) > MAX_TEXT:
             raise Fatal(EXIT_UNDELIVERED, f"text not sent: longer than {MAX_TEXT} bytes")
@@ -501,11 +493,9 @@ def refuse_batch_locally(batch: list, args) -> dict:
             try:
                 out = transfer.check_outgoing(value, args.max_file_size)
                 if args.strip_metadata:  # a photo we cannot strip is not sent as is
-                    out = session.stripped_outgoing(out)
+                    session.stripped_outgoing(out)
             except transfer.Rejected as e:
                 raise Fatal(EXIT_UNDELIVERED, f"file not sent: {e.detail}") from e
-            checked[value] = out
-    return checked
 
 
 def prepare_received_dir(received_dir) -> None:
@@ -524,13 +514,13 @@ def announce(args, hs) -> None:
     print(f"verification code: {hs.code}  (compare with the server's)")
 
 
-def run_session(conn: session.Connection, args, batch: list, interrupt: session.Interrupt,
-                checked: dict | None = None) -> int:
+def run_session(conn: session.Connection, args, batch: list, interrupt: session.Interrupt
+                ) -> int:
     """The batch or the menu; then goodbye in every case.  The exit code."""
     code = EXIT_INTERRUPTED
     try:
         if batch:
-            code = run_batch(conn, batch, args.max_file_size, args.strip_metadata, checked)
+            code = run_batch(conn, batch, args.max_file_size, args.strip_metadata)
         else:
             code = run_interactive(conn, args, interrupt)
     except KeyboardInterrupt:
