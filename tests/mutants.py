@@ -454,11 +454,9 @@ MUTANTS: list[dict] = [
                 "test_client_menu_names_what_photos_carry_and_asks_before_a_location_leaves"]),
     dict(id="strip-refuses-unparseable", file="client.py",
          property="3.11 --strip-metadata refuses a photo it cannot parse (batch)",
-         original="                    out = session.stripped_outgoing(out)",
+         original="                    session.stripped_outgoing(out)",
          replacement="                    pass",
-         tests=[METADATA + "test_batch_strip_metadata_refuses_a_photo_it_cannot_parse",
-                METADATA + "test_batch_strip_metadata_sends_the_stripped_bytes_and_both_"
-                "sides_say_so"]),
+         tests=[METADATA + "test_batch_strip_metadata_refuses_a_photo_it_cannot_parse"]),
     # --- issue 15: several files in flight ------------------------------------------------------
     dict(id="file-window", file="session_core.py",
          property="3.7 bounded resources: an offer beyond the file window is a protocol error",
