@@ -1171,6 +1171,7 @@ class OutgoingFile:
             raise self._cancel(op, out, e) from e
         with f, (conn.events.progress(out.size, f"sending {out.name[:30]}") if bar is None
                  else contextlib.nullcontext(bar)) as bar:
+            self._unchanged(op, out, f, "since it was checked")
             while sent < out.size:
                 conn._check_interrupted()
                 failure = early_failure()
@@ -1190,8 +1191,17 @@ class OutgoingFile:
                 conn.send(FileData(op, plain[:n]), out=buf, on_sent=lambda b=buf: pool.put(b))
                 sent += n
                 bar.update(n)
+            self._unchanged(op, out, f, "while sending")  # grown, or edited in place
         conn.send(FileEnd(op, h.digest()))
         return h.digest()
+
+    def _unchanged(self, op: int, out: transfer.Outgoing, f, when: str) -> None:
+        """Cancel a file that is no longer the one checked at its offer."""
+        try:
+            transfer.unchanged(out, os.fstat(f.fileno()), when)
+        except transfer.Rejected:
+            self._conn.send(FileCancel(op, Reason.CANCELLED, "file changed while being sent"))
+            raise
 
     def _cancel(self, op: int, out: transfer.Outgoing, e: OSError) -> transfer.Rejected:
         """The file cannot be read any more: the receiver drops it; why it was not sent."""

@@ -67,6 +67,20 @@ class Outgoing:
     name: str
     size: int  # of the bytes to send
     pieces: tuple | None = None  # set when sent without metadata (see without_metadata)
+    stamp: tuple | None = None  # file_stamp when checked: only that file goes, unchanged
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file from its replacement or an edit of it (device, inode, size,
+    mtime): a file checked or planned at its offer may be streamed much later."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def unchanged(out: Outgoing, st: os.stat_result, when: str) -> None:
+    """Rejected when the file is no longer the one checked: its size, or the plan of
+    its stripped copy, would not be its own (a truncated or a metadata-leaking copy)."""
+    if out.stamp is not None and file_stamp(st) != out.stamp:
+        raise Rejected(Reason.CANCELLED, f"{out.path} changed {when}")
 
 
 def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZE) -> Outgoing:
@@ -91,7 +105,7 @@ def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZ
         raise Rejected(Reason.UNSPECIFIED, f"{p}: {e.strerror}") from e
     if head != JPEG_SOI:
         raise Rejected(Reason.NOT_JPEG, f"{p}: not a JPEG (no FF D8 FF start-of-image marker)")
-    return Outgoing(p, p.name, st.st_size)
+    return Outgoing(p, p.name, st.st_size, stamp=file_stamp(st))
 
 
 def list_assets(directory: str | os.PathLike) -> list[tuple[Path, int]]:
@@ -737,9 +751,13 @@ def _ifd_pointer(order: str, typ: int, count: int, value: bytes) -> int:
 
 
 def without_metadata(out: Outgoing) -> Outgoing:
-    """The same outgoing file, to be sent stripped: its size is the stripped size."""
-    photo = read_photo(out.path)
-    return Outgoing(out.path, out.name, photo.stripped_size, photo.pieces)
+    """The same outgoing file, to be sent stripped: its size is the stripped size.
+    The plan is made from the file that was checked, or Rejected."""
+    with open(out.path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        unchanged(out, st, "since it was checked")
+        photo = parse_photo(f, st.st_size)
+    return Outgoing(out.path, out.name, photo.stripped_size, photo.pieces, out.stamp)
 
 
 def open_outgoing(out: Outgoing):
@@ -764,6 +782,9 @@ class PieceReader:
 
     def __exit__(self, *exc) -> None:
         self._f.close()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def readinto(self, view) -> int:
         """At most len(view) bytes, never across a piece boundary; 0 at the end or
