@@ -185,7 +185,7 @@ class IncomingFile:
         self._flush_error: OSError | None = None  # see flush
         self._flushed_whole = False  # flush made it all durable, final mode included
         self._hash = hashlib.sha256()
-        self._head = b""  # the first HEAD_KEPT bytes: the JPEG check, then photo()
+        self._head = bytearray()  # the first HEAD_KEPT bytes: the JPEG check, then photo()
         self._fd: int | None = None
         self.temp: Path | None = None
         self._check_offer(max_size)
@@ -248,7 +248,7 @@ class IncomingFile:
             raise RemoteProtocolError("file data beyond the announced size")
         if len(self._head) < HEAD_KEPT:
             checked = len(self._head) >= len(JPEG_SOI)
-            self._head += bytes(chunk[: HEAD_KEPT - len(self._head)])
+            self._head += chunk[: HEAD_KEPT - len(self._head)]  # in place: tiny chunks too
             if not checked and len(self._head) >= len(JPEG_SOI) and \
                     self._head[: len(JPEG_SOI)] != JPEG_SOI:
                 self.abort()
@@ -521,7 +521,7 @@ class _Prefix:
     """seek/read over a file's first bytes (what parse_photo calls); a read past them
     raises _PastPrefix.  The size checks stay parse_photo's, against the whole file."""
 
-    def __init__(self, head: bytes) -> None:
+    def __init__(self, head: bytes | bytearray) -> None:
         self._head, self._pos = head, 0
 
     def seek(self, pos: int) -> None:
@@ -530,7 +530,7 @@ class _Prefix:
     def read(self, n: int) -> bytes:
         if self._pos + n > len(self._head):
             raise _PastPrefix
-        return self._head[self._pos : self._pos + n]
+        return bytes(self._head[self._pos : self._pos + n])
 
 
 def describe(carries: tuple[str, ...], limit: int | None = None) -> str:
