@@ -100,7 +100,7 @@ class ServerEvents(session.Events):
         return super().progress(total, desc, files)
 
     def file_saved(self, conn, path, result):
-        self.out(f"[{conn.label}] {result.summary('received')} ({session.metadata_note(path)}), "
+        self.out(f"[{conn.label}] {result.summary('received')} ({result.metadata}), "
                  f"saved at {neutralise(path)}")
 
     def closed(self, conn, why):

@@ -442,6 +442,7 @@ class FileResult:
     sha256: bytes
     seconds: float
     note: str = ""  # the sender's "without metadata" / "as is"
+    metadata: str = ""  # the receiver's metadata_note: what the saved photo carries
 
     def summary(self, verb: str, sent_name: str = "") -> str:
         """One line; `sent_name` is the sender's name for the file, named first when
@@ -456,11 +457,14 @@ class FileResult:
                 + (f", saved as '{neutralise(self.name)}'" if renamed else ""))
 
 
-def metadata_note(path: str | os.PathLike) -> str:
+def metadata_note(path: str | os.PathLike, incoming: transfer.IncomingFile | None = None
+                  ) -> str:
     """What a received photo carries, for its saved line (the receiver never strips:
-    this is how it sees whether the sender did)."""
+    this is how it sees whether the sender did).  From the first bytes `incoming` kept
+    when they hold all of its segments, else read back from path."""
     try:
-        carries = transfer.read_photo(path).carries
+        photo = incoming.photo() if incoming is not None else None
+        carries = (photo or transfer.read_photo(path)).carries
     except (transfer.MetadataError, OSError):
         return "metadata not readable"
     return f"carries {transfer.describe(carries)}" if carries else "no metadata"
@@ -482,7 +486,7 @@ class Events:
         self.out(f"[{conn.label}] receiving '{neutralise(name)}' ({human_size(size)})")
 
     def file_saved(self, conn: Connection, path: str, result: FileResult) -> None:
-        self.out(f"[{conn.label}] {result.summary('saved')} ({metadata_note(path)}) "
+        self.out(f"[{conn.label}] {result.summary('saved')} ({result.metadata}) "
                  f"at {neutralise(path)}")
 
     def file_failed(self, conn: Connection, name: str, why: str) -> None:
@@ -1013,17 +1017,19 @@ class IncomingFile:
             self._forget(op)
             return self._failed_report(op, incoming.name, r), False
         self._forget(op)
-        result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started)
+        path = os.path.join(incoming.directory, saved)
+        result = FileResult(saved, incoming.size, digest, time.monotonic() - target.started,
+                            metadata=metadata_note(path, incoming))
 
         def report(dir_error: transfer.Rejected | None) -> None:
             if dir_error is not None:  # linked, but the link may not survive a crash:
                 # not saved, so it must not stay (DESIGN 3.8: whole and durable, or nothing)
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(incoming.directory, saved))
+                    os.unlink(path)
                 self._failed_report(op, incoming.name, dir_error)(None)
                 return
             # said here first: what the sender does after our reply is shown after it
-            conn.events.file_saved(conn, os.path.join(incoming.directory, saved), result)
+            conn.events.file_saved(conn, path, result)
             self._send_quietly(FileSaved(op, digest, saved))
         return report, True
 
@@ -1159,9 +1165,13 @@ class OutgoingFile:
         conn, plain, pool = self._conn, self._plain, self._pool
         h = hashlib.sha256()
         sent = 0
-        with transfer.open_outgoing(out) as f, \
-                (conn.events.progress(out.size, f"sending {out.name[:30]}") if bar is None
+        try:
+            f = transfer.open_outgoing(out)
+        except OSError as e:  # gone or unreadable since it was checked, but offered
+            raise self._cancel(op, out, e) from e
+        with f, (conn.events.progress(out.size, f"sending {out.name[:30]}") if bar is None
                  else contextlib.nullcontext(bar)) as bar:
+            self._unchanged(op, out, f, "since it was checked")
             while sent < out.size:
                 conn._check_interrupted()
                 failure = early_failure()
@@ -1169,7 +1179,10 @@ class OutgoingFile:
                     conn.send(FileCancel(op, Reason.CANCELLED, "receiver failed"))
                     raise transfer.Rejected(failure.reason,
                                             f"peer could not save it: {failure.detail}")
-                n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                try:
+                    n = f.readinto(plain[: min(CHUNK_SIZE, out.size - sent)])
+                except OSError as e:
+                    raise self._cancel(op, out, e) from e
                 if not n:
                     conn.send(FileCancel(op, Reason.CANCELLED, "file shrank while being sent"))
                     raise transfer.Rejected(Reason.CANCELLED, f"{out.path} changed while sending")
@@ -1178,8 +1191,22 @@ class OutgoingFile:
                 conn.send(FileData(op, plain[:n]), out=buf, on_sent=lambda b=buf: pool.put(b))
                 sent += n
                 bar.update(n)
+            self._unchanged(op, out, f, "while sending")  # grown, or edited in place
         conn.send(FileEnd(op, h.digest()))
         return h.digest()
+
+    def _unchanged(self, op: int, out: transfer.Outgoing, f, when: str) -> None:
+        """Cancel a file that is no longer the one checked at its offer."""
+        try:
+            transfer.unchanged(out, os.fstat(f.fileno()), when)
+        except transfer.Rejected:
+            self._conn.send(FileCancel(op, Reason.CANCELLED, "file changed while being sent"))
+            raise
+
+    def _cancel(self, op: int, out: transfer.Outgoing, e: OSError) -> transfer.Rejected:
+        """The file cannot be read any more: the receiver drops it; why it was not sent."""
+        self._conn.send(FileCancel(op, Reason.CANCELLED, "sender cannot read the file"))
+        return transfer.Rejected(Reason.UNSPECIFIED, f"{out.path}: {e.strerror or e}")
 
     def _free_cipher_buffer(self) -> memoryview:
         # at most DATA_IN_FLIGHT records wait for the writer: memory stays flat

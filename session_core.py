@@ -325,6 +325,9 @@ class _Outgoing:
         self.files: dict[int, _OutFile] = {}
         self.next_op = 0  # our last file operation's id
         self._sent_op = -1  # our last offered id
+        # transfers we cancelled while the receiver could still fail them: its FileFailed
+        # may cross our FileCancel, and is then dropped (see crossed)
+        self.cancelled: set[int] = set()
         # our own sending window (files, bytes): at most the protocol's
         self.window = (min(window[0], WINDOW_FILES), min(window[1], WINDOW_BYTES))
 
@@ -352,7 +355,16 @@ class _Outgoing:
             else:
                 self.files[msg.op].state = Outbound.SAVED
         else:  # FileCancel
-            del self.files[msg.op]
+            if self.files.pop(msg.op).state is not Outbound.FAILED:
+                self.cancelled.add(msg.op)
+
+    def crossed(self, msg: FileFailed) -> bool:
+        """Whether msg is a FileFailed the receiver sent before it read our FileCancel of
+        that transfer (PROTOCOL.md 11.2): the cancel ended it, so it is not an answer."""
+        if msg.op not in self.cancelled:
+            return False
+        self.cancelled.discard(msg.op)
+        return True
 
     def offer_fits(self, size: int) -> bool:
         """Our next FileOffer of `size` bytes stays within our window."""
@@ -381,8 +393,12 @@ class _Outgoing:
             if not isinstance(msg, FileFailed):
                 raise RemoteProtocolError(f"unexpected {name} during a transfer")
             current.state = Outbound.FAILED
+            self.cancelled = {op for op in self.cancelled if op > msg.op}  # as below
         elif current.state is Outbound.SAVED:
             del self.files[msg.op]
+            # the receiver answered this stream, so it read every FileCancel sent before
+            # it: no FileFailed can cross those any more
+            self.cancelled = {op for op in self.cancelled if op > msg.op}
             if not isinstance(msg, FileSaved | FileFailed):
                 raise RemoteProtocolError(f"expected FileSaved, got {name}")
         else:
@@ -524,6 +540,8 @@ class SessionCore:
             return [TextReceived(msg.msg_id, msg.text)]
         if isinstance(msg, FileOffer | FileData | FileEnd | FileCancel):
             return self._incoming.receive(msg)
+        if isinstance(msg, FileFailed) and self._outgoing.crossed(msg):
+            return []
         if isinstance(msg, _REPLIES):
             if not self.texts and not self.outbound:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__}: nothing is waiting "

@@ -40,6 +40,9 @@ DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses in whole bl
 # smaller files go through the page cache: for them O_DIRECT saves no measurable
 # kernel time and costs four fcntl calls (on, then off again for the unaligned tail)
 DIRECT_MIN = 4 << 20
+# a received file's first bytes kept in memory: the saved line's metadata note is read
+# from them (a photo's segments before its image data rarely pass 64 KiB), not from disk
+HEAD_KEPT = 64 << 10
 
 
 class Rejected(TransferRejected):
@@ -64,6 +67,20 @@ class Outgoing:
     name: str
     size: int  # of the bytes to send
     pieces: tuple | None = None  # set when sent without metadata (see without_metadata)
+    stamp: tuple | None = None  # file_stamp when checked: only that file goes, unchanged
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file from its replacement or an edit of it (device, inode, size,
+    mtime): a file checked or planned at its offer may be streamed much later."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def unchanged(out: Outgoing, st: os.stat_result, when: str) -> None:
+    """Rejected when the file is no longer the one checked: its size, or the plan of
+    its stripped copy, would not be its own (a truncated or a metadata-leaking copy)."""
+    if out.stamp is not None and file_stamp(st) != out.stamp:
+        raise Rejected(Reason.CANCELLED, f"{out.path} changed {when}")
 
 
 def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZE) -> Outgoing:
@@ -88,7 +105,7 @@ def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZ
         raise Rejected(Reason.UNSPECIFIED, f"{p}: {e.strerror}") from e
     if head != JPEG_SOI:
         raise Rejected(Reason.NOT_JPEG, f"{p}: not a JPEG (no FF D8 FF start-of-image marker)")
-    return Outgoing(p, p.name, st.st_size)
+    return Outgoing(p, p.name, st.st_size, stamp=file_stamp(st))
 
 
 def list_assets(directory: str | os.PathLike) -> list[tuple[Path, int]]:
@@ -168,7 +185,7 @@ class IncomingFile:
         self._flush_error: OSError | None = None  # see flush
         self._flushed_whole = False  # flush made it all durable, final mode included
         self._hash = hashlib.sha256()
-        self._head = b""
+        self._head = bytearray()  # the first HEAD_KEPT bytes: the JPEG check, then photo()
         self._fd: int | None = None
         self.temp: Path | None = None
         self._check_offer(max_size)
@@ -229,9 +246,11 @@ class IncomingFile:
         if self.received + len(chunk) > self.size:
             self.abort()
             raise RemoteProtocolError("file data beyond the announced size")
-        if len(self._head) < len(JPEG_SOI):
-            self._head += bytes(chunk[: len(JPEG_SOI) - len(self._head)])
-            if len(self._head) == len(JPEG_SOI) and self._head != JPEG_SOI:
+        if len(self._head) < HEAD_KEPT:
+            checked = len(self._head) >= len(JPEG_SOI)
+            self._head += chunk[: HEAD_KEPT - len(self._head)]  # in place: tiny chunks too
+            if not checked and len(self._head) >= len(JPEG_SOI) and \
+                    self._head[: len(JPEG_SOI)] != JPEG_SOI:
                 self.abort()
                 raise Rejected(Reason.NOT_JPEG, "not a JPEG (no FF D8 FF start-of-image marker)")
         self._hash.update(chunk)
@@ -260,6 +279,15 @@ class IncomingFile:
                 self._flushed_whole = whole
             except OSError as e:
                 self._flush_error = e
+
+    def photo(self) -> Photo | None:
+        """What the received photo carries, walked over its first bytes as they came in
+        (read_photo without reading the file back: its saved line costs no syscall);
+        None when its segments run past them.  MetadataError as read_photo."""
+        try:
+            return parse_photo(_Prefix(self._head), self.size)
+        except _PastPrefix:
+            return None
 
     def finish(self, sender_sha256: bytes, sync_dir: bool = True) -> tuple[str, bytes]:
         """Flush, verify and move into place; returns (saved name, SHA-256).  Without
@@ -485,6 +513,26 @@ def read_photo(path: str | os.PathLike) -> Photo:
         return parse_photo(f, os.fstat(f.fileno()).st_size)
 
 
+class _PastPrefix(Exception):
+    """parse_photo wanted bytes beyond those kept in memory"""
+
+
+class _Prefix:
+    """seek/read over a file's first bytes (what parse_photo calls); a read past them
+    raises _PastPrefix.  The size checks stay parse_photo's, against the whole file."""
+
+    def __init__(self, head: bytes | bytearray) -> None:
+        self._head, self._pos = head, 0
+
+    def seek(self, pos: int) -> None:
+        self._pos = pos
+
+    def read(self, n: int) -> bytes:
+        if self._pos + n > len(self._head):
+            raise _PastPrefix
+        return bytes(self._head[self._pos : self._pos + n])
+
+
 def describe(carries: tuple[str, ...], limit: int | None = None) -> str:
     """"GPS location, camera serial"; past `limit` items, "... and 2 more"."""
     if limit is None or len(carries) <= limit:
@@ -703,9 +751,13 @@ def _ifd_pointer(order: str, typ: int, count: int, value: bytes) -> int:
 
 
 def without_metadata(out: Outgoing) -> Outgoing:
-    """The same outgoing file, to be sent stripped: its size is the stripped size."""
-    photo = read_photo(out.path)
-    return Outgoing(out.path, out.name, photo.stripped_size, photo.pieces)
+    """The same outgoing file, to be sent stripped: its size is the stripped size.
+    The plan is made from the file that was checked, or Rejected."""
+    with open(out.path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        unchanged(out, st, "since it was checked")
+        photo = parse_photo(f, st.st_size)
+    return Outgoing(out.path, out.name, photo.stripped_size, photo.pieces, out.stamp)
 
 
 def open_outgoing(out: Outgoing):
@@ -730,6 +782,9 @@ class PieceReader:
 
     def __exit__(self, *exc) -> None:
         self._f.close()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def readinto(self, view) -> int:
         """At most len(view) bytes, never across a piece boundary; 0 at the end or

@@ -457,6 +457,18 @@ MUTANTS: list[dict] = [
          original="                    session.stripped_outgoing(out)",
          replacement="                    pass",
          tests=[METADATA + "test_batch_strip_metadata_refuses_a_photo_it_cannot_parse"]),
+    dict(id="strip-plan-of-another-file", file="transfer.py",
+         property="3.11 a photo replaced after its check is not stripped by its old plan",
+         original='        unchanged(out, st, "since it was checked")',
+         replacement="        pass",
+         tests=["tests/test_e2e_batch.py::"
+                "test_a_strip_plan_is_made_only_for_the_file_that_was_checked"]),
+    dict(id="send-a-changed-file", file="session.py",
+         property="3.8 a file that grew or changed after its check is not sent cut or mixed",
+         original="            transfer.unchanged(out, os.fstat(f.fileno()), when)",
+         replacement="            pass",
+         tests=["tests/test_e2e_batch.py::"
+                "test_a_file_changed_after_its_check_is_cancelled_not_sent_as_another"]),
     # --- issue 15: several files in flight ------------------------------------------------------
     dict(id="file-window", file="session_core.py",
          property="3.7 bounded resources: an offer beyond the file window is a protocol error",

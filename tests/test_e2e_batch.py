@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import test_metadata
 from conftest import PY, ROOT, Env, Proc, child_env, files_in, handshake_pair, jpeg_of_size
 from test_local_safety import _receiving_fds
 
 import crypt
 import session
+import transfer
 
 N = 200
 SIZE = 200_000
@@ -260,6 +262,132 @@ class UnwritableLog(Quiet):
         if len(self.saved) == 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.saved.append(Path(path).name)
+
+
+class Failures(Quiet):
+    def __init__(self) -> None:
+        self.failed: list = []
+
+    def file_failed(self, conn, name: str, why: str) -> None:
+        self.failed.append((name, why))
+
+
+class FailingReads:
+    """An outgoing file whose reads fail (EIO), as a dying disk's would."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def __enter__(self) -> FailingReads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def readinto(self, view) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+class GrowsWhileRead(FailingReads):
+    """An outgoing file that someone appends to while it is read (a copy still going)."""
+
+    def __init__(self, f, path: Path) -> None:
+        super().__init__(f)
+        self._path = path
+
+    def readinto(self, view) -> int:
+        n = self._f.readinto(view)
+        with open(self._path, "ab") as more:
+            more.write(b"more")
+        return n
+
+
+@pytest.mark.parametrize("how, why", [("gone", "No such file or directory"),
+                                      ("unreadable", "Input/output error")])
+def test_a_checked_file_that_cannot_be_read_at_its_turn_is_cancelled_and_the_rest_arrive(
+        tmp_path: Path, monkeypatch, how: str, why: str):
+    """client.py checks every file before it connects and then sends what it checked:
+    one that is gone (or cannot be read) by its turn is cancelled, the receiver keeps
+    nothing of it, and the files after it are delivered."""
+    received = tmp_path / "received"
+    received.mkdir()
+    (tmp_path / "out").mkdir()
+    sent = photos(tmp_path / "out", 3, 20_000)
+    checked = [transfer.check_outgoing(p) for p in sent]
+    if how == "gone":
+        sent[1].unlink()
+    else:
+        real = transfer.open_outgoing
+        monkeypatch.setattr(transfer, "open_outgoing", lambda out: (
+            FailingReads(real(out)) if out.path == sent[1] else real(out)))
+    events = Failures()
+    with wired(tmp_path, received, server_events=events) as (sender, _):
+        outcomes = sender.send_files(checked)
+        assert sender.send_text("after") is None  # the session goes on
+    assert [o.name for o in (outcomes[0], outcomes[2])] == ["p000.jpg", "p002.jpg"]
+    assert isinstance(outcomes[1], transfer.Rejected)
+    assert outcomes[1].detail == f"{sent[1]}: {why}"
+    assert events.failed == [("p001.jpg", "sender cancelled: sender cannot read the file")]
+    assert files_in(received) == ["p000.jpg", "p002.jpg"]
+    for p in (sent[0], sent[2]):
+        assert sha(received / p.name) == sha(p)
+
+
+def jpeg_with_location(path: Path) -> Path:
+    return test_metadata.photo(path)
+
+
+def plain_photo(path: Path) -> Path:
+    """A real photo (one --strip-metadata can plan), with EXIF but no location."""
+    return test_metadata.photo(path, everything=False, size=(32, 24))
+
+
+@pytest.mark.parametrize("how", ["grown", "replaced", "stripped-then-replaced",
+                                 "grown-while-sent"])
+def test_a_file_changed_after_its_check_is_cancelled_not_sent_as_another(
+        tmp_path: Path, monkeypatch, how: str):
+    """A file is checked (and, with --strip-metadata, planned) at its offer and streamed
+    later: if it grew, was replaced or edited by then (or while it streams), the sender
+    cancels it rather than send a cut copy, or the old strip plan over new bytes with a
+    location in them."""
+    received = tmp_path / "received"
+    received.mkdir()
+    a, b = plain_photo(tmp_path / "out" / "a.jpg"), plain_photo(tmp_path / "out" / "b.jpg")
+    checked = transfer.check_outgoing(a)
+    strip = how == "stripped-then-replaced"
+    if strip:
+        checked = session.stripped_outgoing(checked)
+    if how == "grown":
+        with open(a, "ab") as f:
+            f.write(b"rest of the photo")
+    elif how in ("replaced", "stripped-then-replaced"):
+        os.replace(jpeg_with_location(tmp_path / "new" / a.name), a)
+    else:
+        real = transfer.open_outgoing
+        monkeypatch.setattr(transfer, "open_outgoing", lambda out: (
+            GrowsWhileRead(real(out), a) if out.path == a else real(out)))
+    when = "while sending" if how == "grown-while-sent" else "since it was checked"
+    events = Failures()
+    with wired(tmp_path, received, server_events=events) as (sender, _):
+        outcomes = sender.send_files([checked, b], strip=strip)
+    assert isinstance(outcomes[0], transfer.Rejected)
+    assert outcomes[0].detail == f"{a} changed {when}"
+    assert outcomes[1].name == b.name
+    assert events.failed == [(a.name, "sender cancelled: file changed while being sent")]
+    assert files_in(received) == [b.name]  # what was sent of it (stripped or not), whole
+    assert sha(received / b.name) == outcomes[1].sha256.hex()
+
+
+def test_a_strip_plan_is_made_only_for_the_file_that_was_checked(tmp_path: Path):
+    a = plain_photo(tmp_path / "a.jpg")
+    checked = transfer.check_outgoing(a)
+    assert session.stripped_outgoing(checked).pieces  # the file as checked is planned
+    os.replace(jpeg_with_location(tmp_path / "new" / a.name), a)
+    with pytest.raises(transfer.Rejected, match="changed since it was checked"):
+        session.stripped_outgoing(checked)
 
 
 @pytest.fixture(params=[True, False], ids=["O_TMPFILE", "named-fallback"])

@@ -597,3 +597,77 @@ def test_mangled_mpf_indexes_and_truncated_multi_picture_files_never_crash(patch
     for rel, value in patches:
         data[start + rel: start + rel + 4] = struct.pack(">I", value)
     check_parse(bytes(data[:cut]))
+
+
+# --- the receiver's note comes from the bytes it kept, not from reading the file back ------
+def receive(directory: Path, data: bytes, chunk: int = 1 << 20) -> tuple[transfer.IncomingFile,
+                                                                            Path]:
+    """data received as IncomingFile does it, in chunks; the file and where it was saved."""
+    incoming = transfer.IncomingFile(directory, "photo.jpg", len(data))
+    for at in range(0, len(data), chunk):
+        incoming.write(data[at: at + chunk])
+    saved, _digest = incoming.finish(hashlib.sha256(data).digest())
+    return incoming, directory / saved
+
+
+def test_the_saved_line_describes_a_photo_from_its_kept_bytes_without_reading_it_back(
+        tmp_path: Path, monkeypatch):
+    data = photo(tmp_path / "src" / "a.jpg").read_bytes()
+    assert first_scan(data) < transfer.HEAD_KEPT
+    incoming, path = receive(tmp_path, data, chunk=1000)
+    expected = session.metadata_note(path)
+    assert expected == ("carries GPS location, camera serial, camera make/model, thumbnail, "
+                        "other EXIF, XMP, IPTC, comment")
+
+    def no_read_back(path):
+        raise AssertionError(f"{path} was read back")
+    monkeypatch.setattr(transfer, "read_photo", no_read_back)
+    assert session.metadata_note(path, incoming) == expected
+
+
+def test_a_header_longer_than_the_kept_bytes_is_read_back_from_the_saved_file(tmp_path: Path,
+                                                                               monkeypatch):
+    # two 60 KiB comments before the scan: the walk leaves the first 64 KiB
+    data = insert_segments(photo(tmp_path / "src" / "a.jpg", everything=False).read_bytes(),
+                           (0xFE, b"c" * 60_000), (0xFE, b"d" * 60_000))
+    assert first_scan(data) > transfer.HEAD_KEPT
+    incoming, path = receive(tmp_path, data)
+    assert incoming.photo() is None
+    read_back = []
+    real = transfer.read_photo
+    monkeypatch.setattr(transfer, "read_photo", lambda p: read_back.append(p) or real(p))
+    assert session.metadata_note(path, incoming) == (
+        "carries GPS location, camera serial, camera make/model, thumbnail, other EXIF, "
+        "comment")
+    assert read_back == [path]
+
+
+@pytest.mark.filterwarnings("ignore:Image appears to be a malformed MPO file")
+def test_extra_images_are_named_from_the_kept_bytes_or_the_file_alike(tmp_path: Path):
+    # the MPF check looks at the photo's end, past the kept bytes of a large file
+    primary = photo(tmp_path / "p.jpg", everything=False).read_bytes()
+    for extra in (b"\xff\xd8\xff\xd9", os.urandom(100_000)):
+        data = with_mpf(primary, extra)
+        incoming, path = receive(tmp_path, data)
+        assert session.metadata_note(path, incoming) == session.metadata_note(path)
+        assert "extra images" in session.metadata_note(path)
+        path.unlink()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, HEADER_END + 8), st.integers(0, 255)), max_size=8),
+       st.integers(3, len(GOOD)), st.sampled_from([8, 100, 1 << 16]))
+def test_the_kept_bytes_give_the_note_the_file_gives(tmp_path_factory, flips, cut, kept):
+    # any header, cut anywhere, with any number of bytes kept: the same note either way
+    data = bytearray(GOOD)
+    for at, value in flips:
+        data[at] = value
+    data = bytes(data[:cut])
+    if not data.startswith(transfer.JPEG_SOI):
+        return  # refused as not a JPEG before any of this
+    directory = tmp_path_factory.mktemp("kept")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transfer, "HEAD_KEPT", kept)
+        incoming, path = receive(directory, data, chunk=37)
+    assert session.metadata_note(path, incoming) == session.metadata_note(path)

@@ -273,6 +273,64 @@ def test_file_cancel_during_the_data(wire: Wire):
     assert wire.server.inbound == {}
 
 
+def in_flight(sender: SessionCore, msg) -> list:
+    """msg sealed and on its way: its records, to be opened later (a crossing)."""
+    return [body(pieces) for pieces in sender.seal(msg, NOW)]
+
+
+def arrive(receiver: SessionCore, records: list) -> list:
+    return [e for record in records for e in receiver.receive(receiver.open_record(record))]
+
+
+@pytest.mark.parametrize("data", [b"", b"abc"], ids=["before-any-data", "during-the-data"])
+def test_a_file_failed_that_crosses_our_cancel_is_ignored(wire: Wire, data: bytes):
+    """PROTOCOL.md 11.2: the receiver fails the file while our FileCancel is on its way;
+    its FileFailed then ends nothing and is dropped, once, and the session goes on."""
+    offer_accepted(wire, 10)
+    if data:
+        wire.send(wire.client, FileData(1, data))
+    failed = in_flight(wire.server, FileFailed(1, Reason.NO_SPACE, "full"))
+    # the receiver was draining: the cancel ends it without a second line or a reply
+    assert wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable")) == \
+        [FileCancelled(1, "", "unreadable")]
+    assert wire.server.inbound == {}
+    assert arrive(wire.client, failed) == []
+    assert wire.client.state is State.OPEN and wire.client.outbound == {}
+    offer_accepted(wire, 3, op=2, name="b.jpg")  # the next file goes as usual
+    assert stream(wire, 2, jpeg(3))[-1] == FileEnded(2, b"h" * 32)
+    [reply] = wire.send(wire.server, FileSaved(2, b"h" * 32, "b.jpg"))
+    assert wire.client.check_reply(reply.msg) == FileSaved(2, b"h" * 32, "b.jpg")
+    with pytest.raises(RemoteProtocolError, match="unexpected FileFailed: nothing is waiting"):
+        wire.forge(wire.server, FileFailed(1, Reason.NO_SPACE, "again"))  # once only
+
+
+def test_a_file_failed_for_a_transfer_cancelled_after_its_failure_is_the_peers_error(
+        wire: Wire):
+    # the cancel answered the FileFailed that came: a second one crosses nothing
+    offer_accepted(wire, 10)
+    wire.send(wire.client, FileData(1, b"abc"))
+    [early] = wire.send(wire.server, FileFailed(1, Reason.NOT_JPEG, "not a JPEG"))
+    wire.client.check_reply(early.msg)
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "receiver failed"))
+    with pytest.raises(RemoteProtocolError, match="unexpected FileFailed: nothing is waiting"):
+        wire.forge(wire.server, FileFailed(1, Reason.NOT_JPEG, "again"))
+
+
+def test_a_cancelled_transfer_is_forgotten_once_a_later_stream_is_answered(wire: Wire):
+    # the receiver answered file 2's stream, so it read our FileCancel of file 1 before:
+    # a FileFailed for 1 now can have crossed nothing
+    offer_accepted(wire, 10)
+    offer_accepted(wire, 3, op=2, name="b.jpg")
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable"))
+    stream(wire, 2, jpeg(3))
+    offer_accepted(wire, 3, op=3, name="c.jpg")  # so that a reply is awaited
+    [reply] = wire.send(wire.server, FileSaved(2, b"h" * 32, "b.jpg"))
+    wire.client.check_reply(reply.msg)
+    [late] = wire.forge(wire.server, FileFailed(1, Reason.NO_SPACE, "late"))
+    with pytest.raises(RemoteProtocolError, match="no file operation 1 is waiting"):
+        wire.client.check_reply(late.msg)
+
+
 def test_file_cancel_without_a_transfer_is_a_protocol_error(wire: Wire):
     with pytest.raises(RemoteProtocolError, match="FileCancel without a transfer"):
         wire.forge(wire.client, FileCancel(1, Reason.CANCELLED, "x"))
