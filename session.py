@@ -1335,6 +1335,8 @@ class _Batch:
 
     def _handle(self, reply) -> None:
         reply = self.conn.replies.check(reply)  # matched to its operation by the core
+        if reply is None:  # a FileFailed that crossed our FileCancel: no answer
+            return
         entry = self._ops[reply.op]
         if isinstance(reply, FileAccept):
             return
@@ -1777,9 +1779,11 @@ class Connection:
         with self.replies.operation():
             msg_id = self._core.text_id()
             self.send(Text(msg_id, text))
-            self.replies.check(self.replies.get(timeout), msg_id=msg_id)
+            while self.replies.check(self.replies.get(timeout), msg_id=msg_id) is None:
+                pass  # a FileFailed that crossed our FileCancel: not this text's answer
 
-    def send_file(self, path: str, max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
+    def send_file(self, path: str | transfer.Outgoing,
+                  max_size: int = transfer.DEFAULT_MAX_FILE_SIZE, *,
                   strip: bool = False) -> FileResult:
         """Offer, stream and confirm one JPG (without its metadata when strip);
         raises transfer.Rejected when refused (locally or by the peer) or when the

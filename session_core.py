@@ -325,9 +325,10 @@ class _Outgoing:
         self.files: dict[int, _OutFile] = {}
         self.next_op = 0  # our last file operation's id
         self._sent_op = -1  # our last offered id
-        # transfers we cancelled while the receiver could still fail them: its FileFailed
-        # may cross our FileCancel, and is then dropped (see crossed)
-        self.cancelled: set[int] = set()
+        # transfers we cancelled before a FileFailed for them was taken as the answer: one
+        # the receiver sent before it read our FileCancel is dropped (see crossed); by id,
+        # the last id we had offered when we cancelled it (see _forget_crossings)
+        self.cancelled: dict[int, int] = {}
         # our own sending window (files, bytes): at most the protocol's
         self.window = (min(window[0], WINDOW_FILES), min(window[1], WINDOW_BYTES))
 
@@ -356,15 +357,20 @@ class _Outgoing:
                 self.files[msg.op].state = Outbound.SAVED
         else:  # FileCancel
             if self.files.pop(msg.op).state is not Outbound.FAILED:
-                self.cancelled.add(msg.op)
+                self.cancelled[msg.op] = self._sent_op
 
     def crossed(self, msg: FileFailed) -> bool:
         """Whether msg is a FileFailed the receiver sent before it read our FileCancel of
-        that transfer (PROTOCOL.md 11.2): the cancel ended it, so it is not an answer."""
-        if msg.op not in self.cancelled:
-            return False
-        self.cancelled.discard(msg.op)
-        return True
+        that transfer (PROTOCOL.md 11.2), arrived before or after the cancel went out:
+        the cancel ended the transfer, so it is no answer.  Once per transfer."""
+        return self.cancelled.pop(msg.op, None) is not None
+
+    def _forget_crossings(self, op: int, ended: bool) -> None:
+        """The receiver replied to our operation op: it had read every FileCancel we sent
+        before op's offer (or, for the answer to op's stream, before op's FileEnd), so
+        no FileFailed can cross those any more."""
+        self.cancelled = {x: last for x, last in self.cancelled.items()
+                          if op <= last and not (ended and op > x)}
 
     def offer_fits(self, size: int) -> bool:
         """Our next FileOffer of `size` bytes stays within our window."""
@@ -379,9 +385,12 @@ class _Outgoing:
         """A reply to one of our file operations fits what that operation waits for."""
         name = type(msg).__name__
         current = self.files.get(msg.op) if hasattr(msg, "op") else None
+        if current is None and isinstance(msg, FileFailed) and self.crossed(msg):
+            return None  # it came before our FileCancel went out, and was read after
         if current is None:
             raise RemoteProtocolError(f"unexpected {name}: no file operation "
                                       f"{getattr(msg, 'op', '')} is waiting for a reply")
+        self._forget_crossings(msg.op, ended=current.state is Outbound.SAVED)
         if current.state is Outbound.ACCEPT:
             if isinstance(msg, FileReject):
                 del self.files[msg.op]
@@ -393,12 +402,8 @@ class _Outgoing:
             if not isinstance(msg, FileFailed):
                 raise RemoteProtocolError(f"unexpected {name} during a transfer")
             current.state = Outbound.FAILED
-            self.cancelled = {op for op in self.cancelled if op > msg.op}  # as below
         elif current.state is Outbound.SAVED:
             del self.files[msg.op]
-            # the receiver answered this stream, so it read every FileCancel sent before
-            # it: no FileFailed can cross those any more
-            self.cancelled = {op for op in self.cancelled if op > msg.op}
             if not isinstance(msg, FileSaved | FileFailed):
                 raise RemoteProtocolError(f"expected FileSaved, got {name}")
         else:
@@ -577,8 +582,11 @@ class SessionCore:
     @_step
     def check_reply(self, msg, *, msg_id: int | None = None):
         """The reply our waiting operation reads; a reply that does not fit it is
-        the peer's protocol error (PROTOCOL.md 11.2).  Returns msg."""
+        the peer's protocol error (PROTOCOL.md 11.2).  Returns msg, or None for a
+        FileFailed that crossed our FileCancel (dropped: wait for the next reply)."""
         if msg_id is not None:
+            if isinstance(msg, FileFailed) and self._outgoing.crossed(msg):
+                return None  # a cancelled file's, queued before our text went out
             self.texts.discard(msg_id)
             if not isinstance(msg, Delivered) or msg.msg_id != msg_id:
                 raise RemoteProtocolError(f"expected Delivered({msg_id}), got {msg}")

@@ -304,6 +304,76 @@ def test_a_file_failed_that_crosses_our_cancel_is_ignored(wire: Wire, data: byte
         wire.forge(wire.server, FileFailed(1, Reason.NO_SPACE, "again"))  # once only
 
 
+def test_a_crossing_file_failed_is_dropped_once_only(wire: Wire):
+    offer_accepted(wire, 10)
+    wire.send(wire.client, FileData(1, b"abc"))
+    failed = in_flight(wire.server, FileFailed(1, Reason.NO_SPACE, "full"))
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable"))
+    assert arrive(wire.client, failed) == []
+    with pytest.raises(RemoteProtocolError, match="unexpected FileFailed: nothing is waiting"):
+        wire.forge(wire.server, FileFailed(1, Reason.NO_SPACE, "again"))
+
+
+def test_a_file_failed_read_before_our_cancel_but_checked_after_it_is_no_answer(wire: Wire):
+    # the reader queued the FileFailed; the sender, not having looked, cancels (a read
+    # error): the queued FileFailed is then dropped when it is checked, not an error
+    offer_accepted(wire, 10)
+    offer_accepted(wire, 3, op=2, name="b.jpg")
+    wire.send(wire.client, FileData(1, b"abc"))
+    [queued] = wire.send(wire.server, FileFailed(1, Reason.NOT_JPEG, "not a JPEG"))
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable"))
+    assert wire.client.check_reply(queued.msg) is None
+    stream(wire, 2, jpeg(3))
+    [reply] = wire.send(wire.server, FileSaved(2, b"h" * 32, "b.jpg"))
+    assert wire.client.check_reply(reply.msg) == FileSaved(2, b"h" * 32, "b.jpg")
+    assert wire.client.outbound == {}
+
+
+def test_a_queued_crossing_file_failed_does_not_answer_our_next_text(wire: Wire):
+    offer_accepted(wire, 10)
+    wire.send(wire.client, FileData(1, b"abc"))
+    [queued] = wire.send(wire.server, FileFailed(1, Reason.NOT_JPEG, "not a JPEG"))
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable"))
+    wire.client.operation_over()
+    wire.send(wire.client, Text(1, "after"))
+    assert wire.client.check_reply(queued.msg, msg_id=1) is None
+    [delivered] = wire.send(wire.server, Delivered(1))
+    assert wire.client.check_reply(delivered.msg, msg_id=1) == Delivered(1)
+
+
+def test_a_later_transfer_failed_before_its_data_does_not_forget_a_crossing(wire: Wire):
+    # the receiver may fail file 2 at once, before it reads our cancel of file 1: that
+    # says nothing about whether its FileFailed of file 1 is still on its way
+    offer_accepted(wire, 10)
+    offer_accepted(wire, 3, op=2, name="b.jpg")
+    wire.send(wire.client, FileData(1, b"abc"))
+    failed_2 = in_flight(wire.server, FileFailed(2, Reason.NO_SPACE, "full"))
+    failed_1 = in_flight(wire.server, FileFailed(1, Reason.NO_SPACE, "full"))
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable"))
+    [reply] = arrive(wire.client, failed_2)
+    wire.client.check_reply(reply.msg)
+    assert arrive(wire.client, failed_1) == []
+    assert wire.client.state is State.OPEN
+
+
+def test_an_answered_earlier_stream_does_not_forget_a_later_crossing(wire: Wire):
+    # file 3 is cancelled while the FileSaved of files 1 and 2 are on their way: those
+    # answers say the receiver read their ends, not file 3's cancel
+    for op in (1, 2, 3):
+        offer_accepted(wire, 3, op=op, name=f"{op}.jpg")
+    stream(wire, 1, jpeg(3))
+    stream(wire, 2, jpeg(3))
+    wire.send(wire.client, FileData(3, b"\xff\xd8"))
+    on_the_way = [in_flight(wire.server, FileSaved(op, b"h" * 32, f"{op}.jpg")) for op in (1, 2)]
+    failed_3 = in_flight(wire.server, FileFailed(3, Reason.NO_SPACE, "full"))
+    wire.send(wire.client, FileCancel(3, Reason.CANCELLED, "unreadable"))
+    for records in on_the_way:
+        [reply] = arrive(wire.client, records)
+        wire.client.check_reply(reply.msg)
+    assert arrive(wire.client, failed_3) == []
+    assert wire.client.state is State.OPEN
+
+
 def test_a_file_failed_for_a_transfer_cancelled_after_its_failure_is_the_peers_error(
         wire: Wire):
     # the cancel answered the FileFailed that came: a second one crosses nothing
