@@ -70,10 +70,11 @@ class Outgoing:
     stamp: tuple | None = None  # file_stamp when checked: only that file goes, unchanged
 
 
-def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
     """What tells a file from its replacement or an edit of it (device, inode, size,
-    mtime): a file checked or planned at its offer may be streamed much later."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    mtime, and ctime, which an editor that restores the mtime cannot set back): a
+    file checked or planned at its offer may be streamed much later."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def unchanged(out: Outgoing, st: os.stat_result, when: str) -> None:
@@ -81,6 +82,21 @@ def unchanged(out: Outgoing, st: os.stat_result, when: str) -> None:
     its stripped copy, would not be its own (a truncated or a metadata-leaking copy)."""
     if out.stamp is not None and file_stamp(st) != out.stamp:
         raise Rejected(Reason.CANCELLED, f"{out.path} changed {when}")
+
+
+def open_regular(path: str | os.PathLike):
+    """A raw binary file for reading path, which must be a regular file.  Opened without
+    blocking first: a FIFO put in a checked file's place would block open() until
+    someone writes to it, and Ctrl-C cannot end that wait (the handler only sets a flag)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZE) -> Outgoing:
@@ -99,7 +115,7 @@ def check_outgoing(path: str | os.PathLike, max_size: int = DEFAULT_MAX_FILE_SIZ
     if st.st_size > max_size:
         raise Rejected(Reason.TOO_LARGE, f"{p}: {st.st_size} bytes exceeds the limit of {max_size}")
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:
             head = f.read(len(JPEG_SOI))
     except OSError as e:
         raise Rejected(Reason.UNSPECIFIED, f"{p}: {e.strerror}") from e
@@ -753,7 +769,7 @@ def _ifd_pointer(order: str, typ: int, count: int, value: bytes) -> int:
 def without_metadata(out: Outgoing) -> Outgoing:
     """The same outgoing file, to be sent stripped: its size is the stripped size.
     The plan is made from the file that was checked, or Rejected."""
-    with open(out.path, "rb", buffering=0) as f:
+    with open_regular(out.path) as f:
         st = os.fstat(f.fileno())
         unchanged(out, st, "since it was checked")
         photo = parse_photo(f, st.st_size)
@@ -763,7 +779,7 @@ def without_metadata(out: Outgoing) -> Outgoing:
 def open_outgoing(out: Outgoing):
     """A raw file object for the bytes to send: the file, or its stripped version."""
     if out.pieces is None:
-        return open(out.path, "rb", buffering=0)
+        return open_regular(out.path)
     return PieceReader(out.path, out.pieces)
 
 
@@ -772,7 +788,7 @@ class PieceReader:
     never more than one caller's buffer in memory."""
 
     def __init__(self, path: Path, pieces: tuple) -> None:
-        self._f = open(path, "rb", buffering=0)
+        self._f = open_regular(path)
         self._pieces = list(pieces)
         self._i = 0
         self._done = 0  # bytes of the current piece already served
