@@ -602,9 +602,10 @@ def parse_picks(text: str, count: int) -> list[int] | None:
 
 
 def choose_jpgs(assets_dir: Path, max_size: int, prompt,
-                strip: bool = False) -> list[tuple[Path, bool, str]] | None:
-    """[(path, strip?, note)] of the photos the user picked: one by number or path,
-    or several (`1,3-5`, `all`); None when nothing is to be sent (said why)."""
+                strip: bool = False) -> list[tuple[transfer.Outgoing, bool, str]] | None:
+    """[(checked transfer.Outgoing, strip?, note)] of the photos the user picked: one
+    by number or path, or several (`1,3-5`, `all`); None when nothing is to be sent
+    (said why).  Each goes only while it is the file checked here."""
     assets = transfer.list_assets(assets_dir)
     for i, (path, size) in enumerate(assets, 1):
         print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
@@ -623,7 +624,7 @@ def choose_jpgs(assets_dir: Path, max_size: int, prompt,
     for number in picks:
         path = assets[number - 1][0]
         try:
-            transfer.check_outgoing(path, max_size)
+            out = transfer.check_outgoing(path, max_size)
             decision = metadata_choice(path, strip, prompt)
         except transfer.Rejected as e:
             print(f"not sent: {neutralise(e.detail)}")
@@ -631,25 +632,35 @@ def choose_jpgs(assets_dir: Path, max_size: int, prompt,
         if decision is None:
             print(f"not sent: {neutralise(path.name)}")
             continue
-        chosen.append((path, *decision))
+        chosen.append((out, *decision))
     return chosen or None
+
+
+def as_chosen(out: transfer.Outgoing, stripped: bool) -> transfer.Outgoing:
+    """A photo picked in the menu (checked then, its metadata decided then), to be sent
+    as decided: only the file that was checked goes (see transfer.unchanged)."""
+    return stripped_outgoing(out) if stripped else out
 
 
 def send_jpg_batch(conn: Connection, choices: list, max_size: int, *, busy=None,
                    who: str = "") -> int:
     """Send several chosen photos pipelined; one summary line, and one line per
     photo that was not delivered.  The number delivered."""
-    outs, notes = [], {}
-    for path, stripped, note in choices:
-        out = transfer.check_outgoing(path, max_size)
-        outs.append(stripped_outgoing(out) if stripped else out)
-        notes[len(outs) - 1] = note
+    outcomes: list = [None] * len(choices)
+    outs, sent = [], []  # what goes, and at which index of choices
+    for index, (out, stripped, _note) in enumerate(choices):
+        try:
+            outs.append(as_chosen(out, stripped))
+            sent.append(index)
+        except transfer.Rejected as e:  # e.g. changed since it was picked
+            outcomes[index] = e
     started = time.monotonic()
 
     def work() -> list:
         return conn.send_files(outs, max_size)
     try:
-        outcomes = (busy or (lambda f: f()))(work)
+        for index, outcome in zip(sent, (busy or (lambda f: f()))(work), strict=True):
+            outcomes[index] = outcome
     except (ConnectionLost, ProtocolError, KeyboardInterrupt) as e:
         print(f"{who}not sent: {e or 'interrupted'}")
         return 0
@@ -659,15 +670,16 @@ def send_jpg_batch(conn: Connection, choices: list, max_size: int, *, busy=None,
     rate = f", {human_size(total / seconds)}/s" if seconds > 0 and total >= 1024 else ""
     print(f"{who}sent {len(delivered)} of {len(outcomes)} photos: {human_size(total)} in "
           f"{seconds:.2f} s{rate}")
-    for (path, _, _), outcome in zip(choices, outcomes, strict=True):
+    for (out, _, _), outcome in zip(choices, outcomes, strict=True):
         if not isinstance(outcome, FileResult):
-            print(f"{who}not sent: {neutralise(path.name)}: {neutralise(outcome.detail)}")
+            print(f"{who}not sent: {neutralise(out.name)}: {neutralise(outcome.detail)}")
     return len(delivered)
 
 
 def choose_jpg(assets_dir: Path, max_size: int, prompt,
-               strip: bool = False) -> tuple[Path, bool, str] | None:
-    """(path, strip?, note) of the photo the user picked, or None (said why)."""
+               strip: bool = False) -> tuple[transfer.Outgoing, bool, str] | None:
+    """(checked transfer.Outgoing, strip?, note) of the photo the user picked, or None
+    (said why)."""
     assets = transfer.list_assets(assets_dir)
     for i, (path, size) in enumerate(assets, 1):
         print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
@@ -677,7 +689,7 @@ def choose_jpg(assets_dir: Path, max_size: int, prompt,
 
 
 def _one_jpg(choice: str, assets: list, max_size: int, prompt,
-             strip: bool) -> tuple[Path, bool, str] | None:
+             strip: bool) -> tuple[transfer.Outgoing, bool, str] | None:
     if not choice:
         return None
     if choice.isdigit() and 0 < int(choice) <= len(assets):
@@ -689,7 +701,7 @@ def _one_jpg(choice: str, assets: list, max_size: int, prompt,
     else:
         path = Path(choice).expanduser()
     try:
-        transfer.check_outgoing(path, max_size)
+        out = transfer.check_outgoing(path, max_size)
         decision = metadata_choice(path, strip, prompt)
     except transfer.Rejected as e:
         print(f"not sent: {neutralise(e.detail)}")
@@ -697,17 +709,17 @@ def _one_jpg(choice: str, assets: list, max_size: int, prompt,
     if decision is None:
         print("not sent")
         return None
-    return (path, *decision)
+    return (out, *decision)
 
 
-def send_jpg(conn: Connection, path: Path, stripped: bool, note: str, max_size: int, *,
-             busy=None, who: str = "") -> bool:
+def send_jpg(conn: Connection, out: transfer.Outgoing, stripped: bool, note: str,
+             max_size: int, *, busy=None, who: str = "") -> bool:
     """Send one chosen photo and print one line about it (`who: ` first when given)."""
     def work() -> FileResult:
-        return conn.send_file(str(path), max_size, strip=stripped)
+        return conn.send_file(as_chosen(out, stripped), max_size)
     try:
         result = (busy or (lambda f: f()))(work)
-        print(who + dataclasses.replace(result, note=note).summary("sent", path.name))
+        print(who + dataclasses.replace(result, note=note).summary("sent", out.name))
         return True
     except transfer.Rejected as e:
         print(f"{who}not sent: {neutralise(e.detail)}")
@@ -1200,7 +1212,7 @@ class OutgoingFile:
         try:
             transfer.unchanged(out, os.fstat(f.fileno()), when)
         except transfer.Rejected:
-            self._conn.send(FileCancel(op, Reason.CANCELLED, "file changed while being sent"))
+            self._conn.send(FileCancel(op, Reason.CANCELLED, "file changed after its check"))
             raise
 
     def _cancel(self, op: int, out: transfer.Outgoing, e: OSError) -> transfer.Rejected:

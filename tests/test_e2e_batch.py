@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -306,12 +307,13 @@ class GrowsWhileRead(FailingReads):
 
 
 @pytest.mark.parametrize("how, why", [("gone", "No such file or directory"),
-                                      ("unreadable", "Input/output error")])
+                                      ("unreadable", "Input/output error"),
+                                      ("a-fifo-now", "not a regular file")])
 def test_a_checked_file_that_cannot_be_read_at_its_turn_is_cancelled_and_the_rest_arrive(
         tmp_path: Path, monkeypatch, how: str, why: str):
-    """client.py checks every file before it connects and then sends what it checked:
-    one that is gone (or cannot be read) by its turn is cancelled, the receiver keeps
-    nothing of it, and the files after it are delivered."""
+    """A file checked at its offer that is gone (or cannot be read) when its stream
+    begins is cancelled, the receiver keeps nothing of it, and the files after it are
+    delivered."""
     received = tmp_path / "received"
     received.mkdir()
     (tmp_path / "out").mkdir()
@@ -319,6 +321,9 @@ def test_a_checked_file_that_cannot_be_read_at_its_turn_is_cancelled_and_the_res
     checked = [transfer.check_outgoing(p) for p in sent]
     if how == "gone":
         sent[1].unlink()
+    elif how == "a-fifo-now":  # its open would wait for a writer, and Ctrl-C with it
+        sent[1].unlink()
+        os.mkfifo(sent[1])
     else:
         real = transfer.open_outgoing
         monkeypatch.setattr(transfer, "open_outgoing", lambda out: (
@@ -341,12 +346,12 @@ def jpeg_with_location(path: Path) -> Path:
 
 
 def plain_photo(path: Path) -> Path:
-    """A real photo (one --strip-metadata can plan), with EXIF but no location."""
+    """A real photo, one --strip-metadata can plan (its EXIF carries a location)."""
     return test_metadata.photo(path, everything=False, size=(32, 24))
 
 
 @pytest.mark.parametrize("how", ["grown", "replaced", "stripped-then-replaced",
-                                 "grown-while-sent"])
+                                 "replaced-same-size", "edited-mtime-kept", "grown-while-sent"])
 def test_a_file_changed_after_its_check_is_cancelled_not_sent_as_another(
         tmp_path: Path, monkeypatch, how: str):
     """A file is checked (and, with --strip-metadata, planned) at its offer and streamed
@@ -365,6 +370,17 @@ def test_a_file_changed_after_its_check_is_cancelled_not_sent_as_another(
             f.write(b"rest of the photo")
     elif how in ("replaced", "stripped-then-replaced"):
         os.replace(jpeg_with_location(tmp_path / "new" / a.name), a)
+    elif how == "replaced-same-size":  # another file (inode) of the same size
+        data = bytearray(a.read_bytes())
+        data[-3] ^= 0xFF
+        (tmp_path / "other.jpg").write_bytes(data)
+        os.replace(tmp_path / "other.jpg", a)
+    elif how == "edited-mtime-kept":  # in place, same size, mtime set back (touch -r)
+        st = a.stat()
+        with open(a, "r+b") as f:
+            f.seek(st.st_size - 3)
+            f.write(b"\0")
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:
         real = transfer.open_outgoing
         monkeypatch.setattr(transfer, "open_outgoing", lambda out: (
@@ -376,7 +392,7 @@ def test_a_file_changed_after_its_check_is_cancelled_not_sent_as_another(
     assert isinstance(outcomes[0], transfer.Rejected)
     assert outcomes[0].detail == f"{a} changed {when}"
     assert outcomes[1].name == b.name
-    assert events.failed == [(a.name, "sender cancelled: file changed while being sent")]
+    assert events.failed == [(a.name, "sender cancelled: file changed after its check")]
     assert files_in(received) == [b.name]  # what was sent of it (stripped or not), whole
     assert sha(received / b.name) == outcomes[1].sha256.hex()
 
@@ -388,6 +404,42 @@ def test_a_strip_plan_is_made_only_for_the_file_that_was_checked(tmp_path: Path)
     os.replace(jpeg_with_location(tmp_path / "new" / a.name), a)
     with pytest.raises(transfer.Rejected, match="changed since it was checked"):
         session.stripped_outgoing(checked)
+
+
+def test_a_menu_pick_goes_only_as_the_file_it_was_when_its_metadata_was_decided(
+        tmp_path: Path, capsys):
+    """The menu decides each picked photo's metadata when it is picked (and asks when
+    one carries a location): a photo re-saved with a location while the user answers
+    about the next one is not sent as is, unasked."""
+    from PIL import Image
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    plain = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(plain, "JPEG")
+    (assets / "1.jpg").write_bytes(plain.getvalue())  # nothing to ask about
+    test_metadata.photo(assets / "2.jpg")  # carries a location: the menu asks
+
+    def prompt(question: str) -> str:
+        if question.startswith("number or path"):
+            return "all"
+        # asked about 2.jpg: meanwhile 1.jpg is re-saved with a location
+        os.replace(test_metadata.photo(tmp_path / "new" / "1.jpg"), assets / "1.jpg")
+        return "1"  # 2.jpg without metadata
+
+    choices = session.choose_jpgs(assets, transfer.DEFAULT_MAX_FILE_SIZE, prompt)
+    assert [(out.name, strip, note) for out, strip, note in choices] == [
+        ("1.jpg", False, ""), ("2.jpg", True, "without metadata")]
+    received = tmp_path / "received"
+    received.mkdir()
+    with wired(tmp_path, received) as (sender, _):
+        assert session.send_jpg_batch(sender, choices, transfer.DEFAULT_MAX_FILE_SIZE) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [lines[-2], f"not sent: 1.jpg: {assets / '1.jpg'} changed since it "
+                                     f"was checked"]
+    assert lines[-2].startswith("sent 1 of 2 photos: ")
+    assert files_in(received) == ["2.jpg"]
+    assert session.metadata_note(received / "2.jpg") == "no metadata"
 
 
 @pytest.fixture(params=[True, False], ids=["O_TMPFILE", "named-fallback"])
