@@ -676,18 +676,6 @@ def send_jpg_batch(conn: Connection, choices: list, max_size: int, *, busy=None,
     return len(delivered)
 
 
-def choose_jpg(assets_dir: Path, max_size: int, prompt,
-               strip: bool = False) -> tuple[transfer.Outgoing, bool, str] | None:
-    """(checked transfer.Outgoing, strip?, note) of the photo the user picked, or None
-    (said why)."""
-    assets = transfer.list_assets(assets_dir)
-    for i, (path, size) in enumerate(assets, 1):
-        print(f"  {i}) {neutralise(path.name)} ({human_size(size)}){carried_suffix(path)}")
-    if not assets:
-        print(f"  (no JPGs in {assets_dir}; type a path)")
-    return _one_jpg(prompt("number or path: ").strip(), assets, max_size, prompt, strip)
-
-
 def _one_jpg(choice: str, assets: list, max_size: int, prompt,
              strip: bool) -> tuple[transfer.Outgoing, bool, str] | None:
     if not choice:

@@ -367,8 +367,8 @@ class _Outgoing:
 
     def _forget_crossings(self, op: int, ended: bool) -> None:
         """The receiver replied to our operation op: it had read every FileCancel we sent
-        before op's offer (or, for the answer to op's stream, before op's FileEnd), so
-        no FileFailed can cross those any more."""
+        before op's offer (and, when it saved op, before op's FileEnd), so no FileFailed
+        can cross those any more."""
         self.cancelled = {x: last for x, last in self.cancelled.items()
                           if op <= last and not (ended and op > x)}
 
@@ -390,7 +390,9 @@ class _Outgoing:
         if current is None:
             raise RemoteProtocolError(f"unexpected {name}: no file operation "
                                       f"{getattr(msg, 'op', '')} is waiting for a reply")
-        self._forget_crossings(msg.op, ended=current.state is Outbound.SAVED)
+        # only a FileSaved says the receiver read op's FileEnd (a FileFailed may precede it)
+        self._forget_crossings(msg.op, ended=current.state is Outbound.SAVED
+                               and isinstance(msg, FileSaved))
         if current.state is Outbound.ACCEPT:
             if isinstance(msg, FileReject):
                 del self.files[msg.op]

@@ -525,7 +525,7 @@ class Photo:
 
 def read_photo(path: str | os.PathLike) -> Photo:
     """Walk a JPEG's segments up to its first scan; MetadataError when it cannot."""
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path) as f:
         return parse_photo(f, os.fstat(f.fileno()).st_size)
 
 

@@ -356,6 +356,22 @@ def test_a_later_transfer_failed_before_its_data_does_not_forget_a_crossing(wire
     assert wire.client.state is State.OPEN
 
 
+def test_a_later_file_failed_before_reading_its_end_does_not_forget_a_crossing(wire: Wire):
+    # file 2 is failed at once, before the receiver reads our cancel of file 1 and our
+    # end of file 2: only a FileSaved says it read that end
+    offer_accepted(wire, 10)
+    offer_accepted(wire, 3, op=2, name="b.jpg")
+    wire.send(wire.client, FileData(1, b"abc"))
+    failed_2 = in_flight(wire.server, FileFailed(2, Reason.NO_SPACE, "full"))
+    failed_1 = in_flight(wire.server, FileFailed(1, Reason.NO_SPACE, "full"))
+    wire.send(wire.client, FileCancel(1, Reason.CANCELLED, "unreadable"))
+    stream(wire, 2, jpeg(3))  # our FileEnd(2) goes out: file 2 waits for its answer
+    [reply] = arrive(wire.client, failed_2)
+    wire.client.check_reply(reply.msg)
+    assert arrive(wire.client, failed_1) == []
+    assert wire.client.state is State.OPEN
+
+
 def test_an_answered_earlier_stream_does_not_forget_a_later_crossing(wire: Wire):
     # file 3 is cancelled while the FileSaved of files 1 and 2 are on their way: those
     # answers say the receiver read their ends, not file 3's cancel
