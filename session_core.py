@@ -363,7 +363,7 @@ class _Outgoing:
         """Whether msg is a FileFailed the receiver sent before it read our FileCancel of
         that transfer (PROTOCOL.md 11.2), arrived before or after the cancel went out:
         the cancel ended the transfer, so it is no answer.  Once per transfer."""
-        return self.cancelled.pop(msg.op, None) is not None
+        return self.cancelled.pop(msg.op, None) is not None  # ids never repeat: not open
 
     def _forget_crossings(self, op: int, ended: bool) -> None:
         """The receiver replied to our operation op: it had read every FileCancel we sent
@@ -385,8 +385,6 @@ class _Outgoing:
         """A reply to one of our file operations fits what that operation waits for."""
         name = type(msg).__name__
         current = self.files.get(msg.op) if hasattr(msg, "op") else None
-        if current is None and isinstance(msg, FileFailed) and self.crossed(msg):
-            return None  # it came before our FileCancel went out, and was read after
         if current is None:
             raise RemoteProtocolError(f"unexpected {name}: no file operation "
                                       f"{getattr(msg, 'op', '')} is waiting for a reply")
@@ -586,9 +584,9 @@ class SessionCore:
         """The reply our waiting operation reads; a reply that does not fit it is
         the peer's protocol error (PROTOCOL.md 11.2).  Returns msg, or None for a
         FileFailed that crossed our FileCancel (dropped: wait for the next reply)."""
+        if isinstance(msg, FileFailed) and self._outgoing.crossed(msg):
+            return None  # it came before our FileCancel went out, and is read after it
         if msg_id is not None:
-            if isinstance(msg, FileFailed) and self._outgoing.crossed(msg):
-                return None  # a cancelled file's, queued before our text went out
             self.texts.discard(msg_id)
             if not isinstance(msg, Delivered) or msg.msg_id != msg_id:
                 raise RemoteProtocolError(f"expected Delivered({msg_id}), got {msg}")
